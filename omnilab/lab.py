@@ -1,0 +1,311 @@
+"""OmniLab: the one object a user holds — prepare, generate, trace, intervene, stream."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+
+from . import conversation as conv
+from .errors import ConversationError
+from .models.loading import Loaded, load_model
+from .models.loading import save as save_checkpoint
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24_000  # code2wav output
+SAMPLES_PER_FRAME = 1_920  # 80 ms at 24 kHz: one talker frame (12.5 Hz)
+VIDEO_FPS = 2.0  # frames sampled per second of video, as in Qwen's cookbooks
+PRESET_SPEECH_FRAMES = 48  # random-weight talkers never emit EOS: cap their speech (3.84 s)
+DEFAULT_SYSTEM = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+RANDOM_WEIGHTS_NOTE = (
+    "random-weight model of the real Qwen3-Omni architecture: its text and speech are noise; "
+    "load real weights with omnilab.load('Qwen/Qwen3-Omni-30B-A3B-Instruct')"
+)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One assistant turn.
+
+    text: the decoded reply (special tokens removed); token_ids: the generated thinker ids (the
+    end-of-turn token included when it was produced); audio: float32 mono at `sample_rate`, or None;
+    codes: the talker's codec frames [frames, 16] (codebook 0 from the talker, 1-15 from the code
+    predictor), or None; trace: the Trace when tracing was asked for.
+    """
+
+    text: str
+    token_ids: list[int]
+    audio: np.ndarray | None
+    sample_rate: int
+    codes: np.ndarray | None
+    model_id: str
+    random_weights: bool
+    trace: object | None = None
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self.audio is None else len(self.audio) / self.sample_rate
+
+
+class OmniLab:
+    """A Qwen3-Omni model with its processor, and the instruments around it."""
+
+    def __init__(self, loaded: Loaded):
+        self._loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.model_id = loaded.model_id
+        self.random_weights = loaded.random_weights
+        self._video_size = loaded.video_size
+
+    def __repr__(self) -> str:
+        note = " (random weights)" if self.random_weights else ""
+        return f"OmniLab({self.model_id!r}{note}, talker={self.has_talker})"
+
+    # -- what the model is -------------------------------------------------------------------
+    @property
+    def has_talker(self) -> bool:
+        return bool(getattr(self.model, "has_talker", False))
+
+    @property
+    def thinker(self) -> torch.nn.Module:
+        return self.model.thinker if hasattr(self.model, "thinker") else self.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.thinker.get_input_embeddings().weight.device
+
+    @property
+    def speakers(self) -> list[str]:
+        if not self.has_talker:
+            return []
+        return sorted(name.capitalize() for name in self.model.config.talker_config.speaker_id)
+
+    def card(self):
+        """The architecture card of this model (a DataFrame)."""
+        from .models.card import card
+
+        return card(self.model)
+
+    def save(self, directory: str | Path) -> Path:
+        """Save model and processor so that `omnilab.load(directory)` gives this model back."""
+        return save_checkpoint(self._loaded, directory)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def prepare(self, conversation, *, use_audio_in_video: bool = False, add_generation_prompt: bool = True) -> BatchFeature:
+        """The exact model inputs (a BatchFeature) that `generate` uses for `conversation`."""
+        return self._prepare(conversation, use_audio_in_video, add_generation_prompt)[0]
+
+    def _prepare(self, conversation, use_audio_in_video: bool, add_generation_prompt: bool = True):
+        gathered = conv.gather(conversation, use_audio_in_video=use_audio_in_video, video_fps=VIDEO_FPS)
+        text = self.processor.apply_chat_template(
+            gathered.messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        kwargs: dict = {"return_tensors": "pt", "padding": True}
+        if gathered.images:
+            kwargs["images"] = gathered.images
+        if gathered.videos:
+            kwargs["videos"] = [v.frames for v in gathered.videos]
+            videos_kwargs = {"fps": VIDEO_FPS, "do_sample_frames": False}
+            if self._video_size is not None:
+                videos_kwargs["size"] = self._video_size
+            kwargs["videos_kwargs"] = videos_kwargs
+        if gathered.audio:
+            kwargs["audio"] = gathered.audio
+        if use_audio_in_video and gathered.videos:
+            kwargs["load_audio_from_video"] = True
+            kwargs["audio_from_video_indices"] = gathered.audio_from_video
+        inputs = self.processor(text=text, **kwargs)
+        return inputs.to(self.device), gathered
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(
+        self,
+        conversation,
+        *,
+        speaker: str = "Ethan",
+        return_audio: bool | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.8,
+        top_k: int = 20,
+        max_speech_frames: int | None = None,
+        speech_do_sample: bool | None = None,
+        use_audio_in_video: bool = False,
+        seed: int | None = None,
+        trace: bool | object = False,
+    ) -> Reply:
+        """Generate one assistant turn for `conversation` (text, and speech unless return_audio=False).
+
+        Greedy by default, text and speech alike (reproducible); `do_sample=True` samples both
+        unless `speech_do_sample` says otherwise. `trace=True` (or a capture spec) attaches a Trace.
+        """
+        if trace:
+            capture = None if trace is True else trace
+            with self.trace(capture=capture) as tracer:
+                reply = self.generate(
+                    conversation, speaker=speaker, return_audio=return_audio, max_new_tokens=max_new_tokens,
+                    do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                    max_speech_frames=max_speech_frames, speech_do_sample=speech_do_sample,
+                    use_audio_in_video=use_audio_in_video, seed=seed,
+                )
+            return replace(reply, trace=tracer.trace)
+        return_audio = self.has_talker if return_audio is None else return_audio
+        if return_audio and not self.has_talker:
+            raise ConversationError(
+                f"model '{self.model_id}' has no talker (a Thinking or Captioner checkpoint, or loaded "
+                "with talker=False), so it cannot speak; pass return_audio=False"
+            )
+        if return_audio:
+            self.speaker_id(speaker)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConversationError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        inputs, gathered = self._prepare(conversation, use_audio_in_video)
+        kwargs = self.generation_kwargs(
+            inputs, speaker=speaker, return_audio=return_audio, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+            max_speech_frames=max_speech_frames, speech_do_sample=speech_do_sample,
+            use_audio_in_video=use_audio_in_video,
+        )
+        prompt_length = inputs["input_ids"].shape[1]
+        with self._seeded(seed), self._recording_codes(return_audio) as codes, torch.inference_mode():
+            from .instrument.tracer import active_tracer
+
+            tracer = active_tracer(self)
+            if tracer is not None:
+                tracer.begin(inputs, gathered, prompt_length=prompt_length, use_audio_in_video=use_audio_in_video)
+            result = self.model.generate(**kwargs) if hasattr(self.model, "thinker") else self.model.generate(
+                **{k: v for k, v in kwargs.items() if not k.startswith(("talker_", "return_audio", "speaker"))}
+            )
+        if return_audio:
+            sequences, waveform = result
+            audio = waveform.reshape(-1).float().cpu().numpy().astype(np.float32)
+            frames = np.stack(codes, axis=0) if codes else np.zeros((0, self.num_codebooks), dtype=np.int64)
+        else:
+            sequences = result.sequences if hasattr(result, "sequences") else result
+            audio, frames = None, None
+        token_ids = sequences[0, prompt_length:].tolist()
+        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+        reply = Reply(text, token_ids, audio, SAMPLE_RATE, frames, self.model_id, self.random_weights)
+        if tracer is not None:
+            tracer.end(reply)
+        return reply
+
+    def generation_kwargs(self, inputs, *, speaker="Ethan", return_audio=True, max_new_tokens=64,
+                          do_sample=False, temperature=0.7, top_p=0.8, top_k=20, max_speech_frames=None,
+                          speech_do_sample=None, use_audio_in_video=False) -> dict:
+        """The keyword arguments of `model.generate` for these inputs and options."""
+        kwargs = dict(inputs)
+        kwargs.update(
+            thinker_max_new_tokens=max_new_tokens,
+            thinker_do_sample=do_sample,
+            use_audio_in_video=use_audio_in_video,
+            return_audio=return_audio,
+        )
+        if do_sample:
+            kwargs.update(thinker_temperature=temperature, thinker_top_p=top_p, thinker_top_k=top_k)
+        if return_audio:
+            frames = max_speech_frames or (PRESET_SPEECH_FRAMES if self.random_weights else 4096)
+            kwargs.update(speaker=speaker, talker_max_new_tokens=int(frames),
+                          talker_do_sample=do_sample if speech_do_sample is None else speech_do_sample)
+        return kwargs
+
+    @property
+    def num_codebooks(self) -> int:
+        return int(self.model.config.talker_config.num_code_groups) if self.has_talker else 0
+
+    def speaker_id(self, speaker: str) -> int:
+        """The talker's id of `speaker` (Ethan, Chelsie, Aiden), or a clear error."""
+        speakers = self.model.config.talker_config.speaker_id if self.has_talker else {}
+        if not isinstance(speaker, str) or speaker.lower() not in speakers:
+            raise ConversationError(
+                f"unknown speaker {speaker!r}; this model speaks as {', '.join(self.speakers) or 'nobody'}"
+            )
+        return int(speakers[speaker.lower()])
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        if seed is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    @contextlib.contextmanager
+    def _recording_codes(self, active: bool) -> Iterator[list[np.ndarray]]:
+        """Collect each talker frame's 16 codes (the talker's output carries them; generate drops them)."""
+        frames: list[np.ndarray] = []
+        if not active:
+            yield frames
+            return
+
+        def hook(module, args, output):
+            codes = output.hidden_states[-1] if output.hidden_states is not None else None
+            if codes is not None:
+                frames.append(codes[0].detach().cpu().numpy().astype(np.int64))
+
+        handle = self.model.talker.register_forward_hook(hook)
+        try:
+            yield frames
+        finally:
+            handle.remove()
+
+    # -- instruments (defined in omnilab.instrument) ------------------------------------------------
+    def trace(self, capture=None, **options):
+        """A context that records what the model does inside every forward it runs (see Tracer)."""
+        from .instrument.tracer import Tracer
+
+        return Tracer(self, capture=capture, **options)
+
+    def intervene(self, **spec):
+        """A context that changes routing or positions while it is open (see omnilab.instrument.interventions)."""
+        from .instrument.interventions import Intervention
+
+        return Intervention(self, **spec)
+
+    def sites(self):
+        """The registry of named hook sites of this model (a DataFrame)."""
+        from .instrument.sites import find_sites, sites_frame
+
+        return sites_frame(find_sites(self.model))
+
+    def stream(self, conversation, **options):
+        """Stream a reply: text deltas, audio chunks and trace events as they are made."""
+        from .streaming import stream
+
+        return stream(self, conversation, **options)
+
+
+def load(
+    name: str = "tiny",
+    *,
+    seed: int = 0,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+    experts_implementation: str | None = None,
+    talker: bool = True,
+) -> OmniLab:
+    """Load a preset ("tiny", "small": random weights, offline) or a checkpoint (hub id or local path).
+
+    `dtype`, `device_map`, `attn_implementation` and `experts_implementation` go to `from_pretrained`
+    (the experts implementation defaults to the fastest the device supports); `talker=False` skips
+    the talker and code2wav to save memory.
+    """
+    loaded = load_model(
+        name, seed=seed, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
+        experts_implementation=experts_implementation, talker=talker,
+    )
+    return OmniLab(loaded)

@@ -1,0 +1,1 @@
+"""omnilab.models."""

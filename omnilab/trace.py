@@ -1,0 +1,216 @@
+"""The Trace: what one run of Qwen3-Omni did inside, as tidy tables.
+
+Tables (pandas DataFrames; the same columns in Parquet, readable without omnilab):
+
+tokens        one row per token of each component's sequence
+    component  str    "thinker" | "talker"
+    phase      str    "prefill" | "decode"
+    step       int32  decode step (0 for prefill tokens)
+    pos        int32  index in the component's sequence (the key of every other table)
+    token_id   int64  thinker: vocabulary id; talker: codec id of codebook 0 (-1 where the input is an embedding)
+    text       str    the token's text piece (thinker), "" elsewhere
+    modality   str    "text" | "audio" | "image" | "video" | "speech"
+    item       int32  index of the media item of that modality (-1 for text)
+    t, h, w    int64  the TM-RoPE position ids the model used (temporal, height, width)
+    seconds    float  t / position_id_per_seconds for audio/image/video tokens, NaN for text
+    frame      int32  audio: 80 ms frame; video: temporal grid index; speech: talker frame; -1 else
+routing       one row per (token, layer, rank): component, layer, pos, phase, rank, expert, weight
+              (expert uint8/int16, weight float16 — ≤ 3 bytes per (token, layer, k) as stored)
+router_stats  one row per (token, layer): component, layer, pos, phase, entropy (nats, of the full
+              router softmax), topk_mass (softmax probability of the chosen k experts)
+router_logits optional (capture "logits"): component, layer, pos, expert, logit (float16)
+codes         one row per (frame, codebook): frame, codebook (0 talker, 1-15 code predictor), code
+attention     optional: component, layer, head, query_pos, key_pos, weight (the chosen layers/heads)
+spans         contiguous runs of one modality in the thinker's sequence: component, modality, item, start, end (end exclusive)
+timings       one row per stage: stage, seconds, calls (thinker_prefill, thinker_decode, talker_prefill,
+              talker_decode, code_predictor, code2wav)
+
+`meta` holds model_id, config_hash, omnilab_version, schema_version, capture, random_weights,
+num_experts/top_k per component, position_id_per_seconds, sample_rate and the reply text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import TraceError
+
+SCHEMA_VERSION = 1
+TABLES = ("tokens", "routing", "router_stats", "router_logits", "codes", "attention", "spans", "timings")
+COMPONENTS = ("thinker", "talker")
+PHASES = ("prefill", "decode")
+MODALITIES = ("text", "audio", "image", "video", "speech")
+
+# Column order and dtypes of every table (pandas dtypes); an empty table still has its columns.
+COLUMNS: dict[str, dict[str, str]] = {
+    "tokens": {
+        "component": "object", "phase": "object", "step": "int32", "pos": "int32", "token_id": "int64",
+        "text": "object", "modality": "object", "item": "int32", "t": "int64", "h": "int64", "w": "int64",
+        "seconds": "float64", "frame": "int32",
+    },
+    "routing": {
+        "component": "object", "layer": "int16", "pos": "int32", "phase": "object", "rank": "int8",
+        "expert": "int16", "weight": "float16",
+    },
+    "router_stats": {
+        "component": "object", "layer": "int16", "pos": "int32", "phase": "object",
+        "entropy": "float32", "topk_mass": "float32",
+    },
+    "router_logits": {"component": "object", "layer": "int16", "pos": "int32", "expert": "int16", "logit": "float16"},
+    "codes": {"frame": "int32", "codebook": "int8", "code": "int32"},
+    "attention": {
+        "component": "object", "layer": "int16", "head": "int16", "query_pos": "int32", "key_pos": "int32",
+        "weight": "float32",
+    },
+    "spans": {"component": "object", "modality": "object", "item": "int32", "start": "int32", "end": "int32"},
+    "timings": {"stage": "object", "seconds": "float64", "calls": "int32"},
+}
+
+
+def empty(table: str) -> pd.DataFrame:
+    """An empty table with the right columns and dtypes."""
+    return pd.DataFrame({c: pd.Series(dtype=d) for c, d in COLUMNS[table].items()})
+
+
+def conform(table: str, frame: pd.DataFrame | None) -> pd.DataFrame:
+    """`frame` with exactly the documented columns, in order, with their dtypes."""
+    if frame is None or len(frame) == 0:
+        return empty(table)
+    missing = [c for c in COLUMNS[table] if c not in frame.columns]
+    if missing:
+        raise TraceError(f"table '{table}' lacks columns {missing}")
+    out = frame[list(COLUMNS[table])].copy()
+    for column, dtype in COLUMNS[table].items():
+        if dtype == "object":
+            out[column] = out[column].astype(str).astype(object)
+        elif str(out[column].dtype) != dtype:
+            out[column] = out[column].astype(dtype)
+    return out.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What one run did inside: tables (see the module docstring), the reply's audio, and metadata."""
+
+    tokens: pd.DataFrame = field(default_factory=lambda: empty("tokens"))
+    routing: pd.DataFrame = field(default_factory=lambda: empty("routing"))
+    router_stats: pd.DataFrame = field(default_factory=lambda: empty("router_stats"))
+    router_logits: pd.DataFrame = field(default_factory=lambda: empty("router_logits"))
+    codes: pd.DataFrame = field(default_factory=lambda: empty("codes"))
+    attention: pd.DataFrame = field(default_factory=lambda: empty("attention"))
+    spans: pd.DataFrame = field(default_factory=lambda: empty("spans"))
+    timings: pd.DataFrame = field(default_factory=lambda: empty("timings"))
+    audio: np.ndarray | None = None
+    sample_rate: int = 24_000
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, *, audio=None, sample_rate: int = 24_000, meta: dict | None = None, **tables) -> Trace:
+        """A Trace whose tables are conformed to the schema (missing ones empty)."""
+        unknown = set(tables) - set(TABLES)
+        if unknown:
+            raise TraceError(f"unknown trace tables {sorted(unknown)}; the tables are {', '.join(TABLES)}")
+        conformed = {name: conform(name, tables.get(name)) for name in TABLES}
+        meta = {"schema_version": SCHEMA_VERSION, **(meta or {})}
+        return cls(**conformed, audio=audio, sample_rate=sample_rate, meta=meta)
+
+    def table(self, name: str) -> pd.DataFrame:
+        if name not in TABLES:
+            raise TraceError(f"unknown table {name!r}; the tables are {', '.join(TABLES)}")
+        return getattr(self, name)
+
+    @property
+    def text(self) -> str:
+        return self.meta.get("text", "")
+
+    def routing_with_tokens(self) -> pd.DataFrame:
+        """The routing table joined with each token's modality, text, token id and item."""
+        keys = self.tokens[["component", "pos", "modality", "text", "token_id", "item"]].drop_duplicates(
+            ["component", "pos"], keep="last"
+        )
+        return self.routing.merge(keys, on=["component", "pos"], how="left")
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write one Parquet file (zstd) per table, audio.npy and meta.json into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in TABLES:
+            table = pa.Table.from_pandas(getattr(self, name), preserve_index=False)
+            _atomic_parquet(table, directory / f"{name}.parquet")
+        if self.audio is not None:
+            tmp = directory / "audio.npy.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(self.audio, dtype=np.float32))
+            os.replace(tmp, directory / "audio.npy")
+        elif (directory / "audio.npy").exists():
+            (directory / "audio.npy").unlink()
+        meta = {**self.meta, "schema_version": SCHEMA_VERSION, "sample_rate": self.sample_rate}
+        tmp = directory / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, default=_json_default))
+        os.replace(tmp, directory / "meta.json")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Trace:
+        """Read a trace saved by `save`; a missing, truncated or foreign file gets a TraceError naming it."""
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not directory.is_dir():
+            raise TraceError(f"no trace at '{directory}': not a directory")
+        if not meta_path.is_file():
+            raise TraceError(f"'{directory}' is not an omnilab trace: meta.json is missing")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TraceError(f"'{meta_path}' is damaged: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or "schema_version" not in meta:
+            raise TraceError(f"'{meta_path}' is not omnilab trace metadata (no schema_version)")
+        if meta["schema_version"] != SCHEMA_VERSION:
+            raise TraceError(
+                f"trace '{directory}' has schema version {meta['schema_version']}; this omnilab reads "
+                f"version {SCHEMA_VERSION}; re-record it or use the omnilab version that wrote it"
+            )
+        tables = {}
+        for name in TABLES:
+            path = directory / f"{name}.parquet"
+            if not path.is_file():
+                raise TraceError(f"trace '{directory}' is incomplete: {path.name} is missing")
+            try:
+                frame = pq.read_table(path).to_pandas()
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise TraceError(f"'{path}' is damaged or not Parquet: {exc}") from None
+            tables[name] = conform(name, frame)
+        audio_path = directory / "audio.npy"
+        audio = None
+        if audio_path.is_file():
+            try:
+                audio = np.load(audio_path, allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise TraceError(f"'{audio_path}' is damaged: {exc}") from None
+        sample_rate = int(meta.get("sample_rate", 24_000))
+        return cls(**tables, audio=audio, sample_rate=sample_rate, meta=meta)
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
