@@ -1,0 +1,459 @@
+"""The Tracer: record routing, positions, codes, attention and stage timings of every forward.
+
+    with lab.trace(capture=("routing", "positions", "codes", "timings")) as tr:
+        reply = lab.generate(conversation)
+    tr.trace.routing
+
+Hooks are installed on enter and all removed on exit. Everything recorded is what the model itself
+computed: the router's own top-k output, the position ids handed to the rotary embedding, the
+codes the talker produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import __version__
+from ..errors import InterventionError
+from ..trace import Trace
+from .context import ForwardTracker
+from .sites import component_module, find_sites, rotary
+
+DEFAULT_CAPTURE = ("routing", "positions", "codes", "timings")
+CAPTURES = ("routing", "positions", "codes", "timings", "attention", "logits")
+AUDIO_ID, IMAGE_ID, VIDEO_ID = 151675, 151655, 151656
+VISION_START_ID, AUDIO_START_ID = 151652, 151669
+
+
+def active_tracer(lab):
+    """The innermost open Tracer of `lab`, or None."""
+    stack = getattr(lab, "_tracers", None)
+    return stack[-1] if stack else None
+
+
+def config_hash(model) -> str:
+    """A short stable hash of the model's config (identifies the architecture a trace came from)."""
+    text = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Tracer:
+    """Records what the model does inside while the context is open; `.trace` after exit."""
+
+    def __init__(self, lab, capture=None, *, attention_layers: dict | None = None, heads=None):
+        capture = tuple(DEFAULT_CAPTURE if capture is None else ((capture,) if isinstance(capture, str) else capture))
+        unknown = set(capture) - set(CAPTURES)
+        if unknown:
+            raise InterventionError(f"unknown capture {sorted(unknown)}; choose from {', '.join(CAPTURES)}")
+        if "attention" in capture and not attention_layers:
+            attention_layers = {"thinker": [0]}
+        self.lab = lab
+        self.model = lab.model
+        self.capture = capture
+        self.attention_layers = attention_layers or {}
+        self.heads = heads
+        self.trace: Trace | None = None
+        self._handles: list = []
+        self._tracker = ForwardTracker(self.model)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._routing = []  # (component, layer, Forward, indices, weights, entropy, mass, logits|None)
+        self._positions = defaultdict(dict)  # component -> start -> [3, L] int64
+        self._ids = defaultdict(dict)  # component -> start -> (phase, step, ids | None, length)
+        self._codes: list[np.ndarray] = []
+        self._attention = []
+        self._times = defaultdict(float)
+        self._calls = defaultdict(int)
+        self._t0 = {}
+        self._prompt = None  # set by begin()
+        self._reply = None
+
+    # -- context -----------------------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        self._reset()
+        self._tracker.install()
+        self._install()
+        if not hasattr(self.lab, "_tracers"):
+            self.lab._tracers = []
+        self.lab._tracers.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.lab._tracers.remove(self)
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._tracker.remove()
+            self._restore_attention()
+        self.trace = self._build()
+
+    # -- called by OmniLab.generate ---------------------------------------------------------------
+    def begin(self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool) -> None:
+        self._prompt = {"length": prompt_length, "items": gathered.items, "use_audio_in_video": use_audio_in_video}
+
+    def end(self, reply) -> None:
+        self._reply = reply
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _install(self) -> None:
+        sites = find_sites(self.model)
+        if "routing" in self.capture or "logits" in self.capture:
+            for site in sites:
+                if site.kind == "router" and site.component in ("thinker", "talker"):
+                    self._handles.append(site.module.register_forward_hook(self._router_hook(site.component, site.layer)))
+        # Positions key the tokens table, so they are recorded whatever the capture (one small copy per forward).
+        for component in ("thinker", "talker"):
+            module = rotary(self.model, component)
+            if module is not None:
+                self._handles.append(module.register_forward_pre_hook(self._rotary_hook(component)))
+        for component in ("thinker", "talker"):
+            module = component_module(self.model, component)
+            if module is not None:
+                self._handles.append(module.register_forward_hook(self._ids_hook(component)))
+        if "codes" in self.capture and getattr(self.model, "has_talker", False):
+            self._handles.append(self.model.talker.register_forward_hook(self._codes_hook))
+        if "timings" in self.capture:
+            self._install_timers()
+        if "attention" in self.capture:
+            self._install_attention(sites)
+
+    def _router_hook(self, component: str, layer: int):
+        keep_logits = "logits" in self.capture
+
+        def hook(module, args, output):
+            logits, weights, indices = output
+            forward = self._tracker.current.get(component)
+            if forward is None:
+                return
+            with torch.no_grad():
+                probs = torch.softmax(logits.float(), dim=-1)
+                entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+                mass = probs.gather(-1, indices).sum(-1)
+            self._routing.append((
+                component, layer, forward.start, forward.phase,
+                indices.detach().to("cpu", torch.int16).numpy(),
+                weights.detach().to("cpu", torch.float16).numpy(),
+                entropy.cpu().numpy().astype(np.float32), mass.cpu().numpy().astype(np.float32),
+                logits.detach().to("cpu", torch.float16).numpy() if keep_logits else None,
+            ))
+
+        return hook
+
+    def _rotary_hook(self, component: str):
+        def hook(module, args):
+            position_ids = args[1] if len(args) > 1 else None
+            forward = self._tracker.current.get(component)
+            if position_ids is None or forward is None:
+                return
+            pos = position_ids.detach()
+            if pos.dim() == 2:  # [B, L]: plain 1-D positions
+                pos = pos.unsqueeze(0).expand(3, -1, -1)
+            self._positions[component][forward.start] = pos[:3, 0].to("cpu", torch.int64).numpy()
+
+        return hook
+
+    def _ids_hook(self, component: str):
+        def hook(module, args, output):
+            forward = self._tracker.current.get(component)
+            if forward is None:
+                return
+            ids = forward.input_ids
+            if component == "talker" and forward.phase == "prefill":
+                ids = self._tracker.talker_input_ids
+            ids = None if ids is None else ids.detach().cpu().numpy().astype(np.int64)
+            self._ids[component][forward.start] = (forward.phase, forward.step, ids, forward.length)
+
+        return hook
+
+    def _codes_hook(self, module, args, output):
+        codes = output.hidden_states[-1] if output.hidden_states is not None else None
+        if codes is not None:
+            self._codes.append(codes[0].detach().cpu().numpy().astype(np.int64))
+
+    def _install_timers(self) -> None:
+        def timed(stage_of, module):
+            def pre(mod, args, kwargs):
+                self._t0[id(mod)] = time.perf_counter()
+
+            def post(mod, args, kwargs, output):
+                elapsed = time.perf_counter() - self._t0.pop(id(mod), time.perf_counter())
+                stage = stage_of()
+                self._times[stage] += elapsed
+                self._calls[stage] += 1
+
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(post, with_kwargs=True))
+
+        for component in ("thinker", "talker"):
+            module = component_module(self.model, component)
+            if module is not None:
+                timed(lambda c=component: f"{c}_{self._tracker.current[c].phase}", module)
+        if getattr(self.model, "has_talker", False):
+            timed(lambda: "code_predictor", self.model.talker.code_predictor)
+            timed(lambda: "code2wav", self.model.code2wav)
+
+    # -- attention (opt-in) -------------------------------------------------------------------------
+    def _install_attention(self, sites) -> None:
+        self._saved_attn = {}
+        wanted = {(c, int(layer)) for c, layers in self.attention_layers.items() for layer in layers}
+        found = {(s.component, s.layer): s for s in sites if s.kind == "attention"}
+        missing = wanted - set(found)
+        if missing:
+            raise InterventionError(f"no attention site for {sorted(missing)}; see lab.sites()")
+        for component in {c for c, _ in wanted}:
+            module = component_module(self.model, component) if component in ("thinker", "talker") else None
+            if module is None:
+                raise InterventionError(f"attention capture covers thinker and talker layers; got {component!r}")
+            text_model = module.model.language_model if component == "thinker" else module.model
+            self._saved_attn[component] = (text_model, text_model.config._attn_implementation)
+            text_model.set_attn_implementation("eager")
+        for component, layer in sorted(wanted):
+            self._handles.append(found[(component, layer)].module.register_forward_hook(self._attention_hook(component, layer)))
+
+    def _attention_hook(self, component: str, layer: int):
+        def hook(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            forward = self._tracker.current.get(component)
+            if weights is None or forward is None:
+                return
+            w = weights[0].detach().float().cpu().numpy()  # [H, Lq, Lk]
+            heads = range(w.shape[0]) if self.heads is None else self.heads
+            self._attention.append((component, layer, forward.start, [(h, w[h]) for h in heads]))
+
+        return hook
+
+    def _restore_attention(self) -> None:
+        for text_model, implementation in getattr(self, "_saved_attn", {}).values():
+            text_model.set_attn_implementation(implementation)
+        self._saved_attn = {}
+
+    # -- tables ----------------------------------------------------------------------------------
+    def _build(self) -> Trace:
+        tokens = self._tokens_table()
+        tables = {"tokens": tokens, "spans": _spans(tokens)}
+        if self._routing:
+            tables.update(self._routing_tables())
+        if self._codes:
+            codes = np.stack(self._codes)
+            frames, books = np.meshgrid(np.arange(codes.shape[0]), np.arange(codes.shape[1]), indexing="ij")
+            tables["codes"] = pd.DataFrame({"frame": frames.ravel(), "codebook": books.ravel(), "code": codes.ravel()})
+        if self._attention:
+            tables["attention"] = self._attention_table()
+        if "timings" in self.capture:
+            tables["timings"] = self._timings_table()
+        reply = self._reply
+        model = self.model
+        config = model.config
+        meta = {
+            "model_id": self.lab.model_id,
+            "random_weights": self.lab.random_weights,
+            "config_hash": config_hash(model),
+            "omnilab_version": __version__,
+            "capture": list(self.capture),
+            "position_id_per_seconds": _pps(model),
+            "text": reply.text if reply is not None else "",
+            "components": self._component_meta(),
+            "items": self._prompt["items"] if self._prompt else [],
+            "use_audio_in_video": bool(self._prompt and self._prompt["use_audio_in_video"]),
+        }
+        audio = reply.audio if reply is not None else None
+        return Trace.build(audio=audio, sample_rate=24_000, meta=meta, **tables)
+
+    def _component_meta(self) -> dict:
+        out = {}
+        for component in ("thinker", "talker"):
+            module = component_module(self.model, component)
+            if module is None:
+                continue
+            text_config = module.config.text_config if hasattr(module.config, "text_config") else module.config
+            out[component] = {
+                "layers": int(text_config.num_hidden_layers),
+                "num_experts": int(text_config.num_experts),
+                "top_k": int(text_config.num_experts_per_tok),
+            }
+        return out
+
+    def _tokens_table(self) -> pd.DataFrame:
+        frames = []
+        for component in ("thinker", "talker"):
+            rows = self._ids.get(component, {})
+            if not rows:
+                continue
+            starts = sorted(rows)
+            ids, phase, step, pos, t, h, w = [], [], [], [], [], [], []
+            for start in starts:
+                ph, st, row_ids, length = rows[start]
+                if row_ids is None:
+                    row_ids = np.full(length, -1, dtype=np.int64)
+                positions = self._positions[component].get(start)
+                if positions is None:
+                    positions = np.tile(np.arange(start, start + length), (3, 1))
+                ids.append(row_ids[:length])
+                phase += [ph] * length
+                step.append(np.full(length, st))
+                pos.append(np.arange(start, start + length))
+                t.append(positions[0]), h.append(positions[1]), w.append(positions[2])
+            frame = pd.DataFrame({
+                "component": component, "phase": phase, "step": np.concatenate(step), "pos": np.concatenate(pos),
+                "token_id": np.concatenate(ids), "t": np.concatenate(t), "h": np.concatenate(h), "w": np.concatenate(w),
+            })
+            if component == "thinker":
+                frame = self._append_unfed_tokens(frame)
+            frames.append(_annotate(frame, component, self.lab.processor.tokenizer, _pps(self.model)))
+        if not frames:
+            return pd.DataFrame(columns=["component"])
+        return pd.concat(frames, ignore_index=True)
+
+    def _append_unfed_tokens(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Generated tokens that were never fed back (the last one) still belong in the trace."""
+        reply = self._reply
+        if reply is None or self._prompt is None:
+            return frame
+        length = self._prompt["length"]
+        wanted = np.arange(length, length + len(reply.token_ids))
+        missing = wanted[~np.isin(wanted, frame["pos"].to_numpy())]
+        if len(missing) == 0:
+            return frame
+        last = frame.iloc[-1]
+        extra = pd.DataFrame({
+            "component": "thinker", "phase": "decode",
+            "step": (missing - length + 1).astype(np.int64),
+            "pos": missing,
+            "token_id": np.asarray(reply.token_ids, dtype=np.int64)[missing - length],
+            "t": last["t"] + (missing - last["pos"]), "h": last["h"] + (missing - last["pos"]),
+            "w": last["w"] + (missing - last["pos"]),
+        })
+        return pd.concat([frame, extra], ignore_index=True)
+
+    def _routing_tables(self) -> dict[str, pd.DataFrame]:
+        parts, stats, logits = [], [], []
+        for component, layer, start, phase, indices, weights, entropy, mass, raw in self._routing:
+            n, k = indices.shape
+            pos = np.arange(start, start + n, dtype=np.int32)
+            parts.append(pd.DataFrame({
+                "component": component, "layer": np.int16(layer), "pos": np.repeat(pos, k), "phase": phase,
+                "rank": np.tile(np.arange(k, dtype=np.int8), n), "expert": indices.ravel(), "weight": weights.ravel(),
+            }))
+            stats.append(pd.DataFrame({
+                "component": component, "layer": np.int16(layer), "pos": pos, "phase": phase,
+                "entropy": entropy, "topk_mass": mass,
+            }))
+            if raw is not None:
+                e = raw.shape[1]
+                logits.append(pd.DataFrame({
+                    "component": component, "layer": np.int16(layer), "pos": np.repeat(pos, e),
+                    "expert": np.tile(np.arange(e, dtype=np.int16), n), "logit": raw.ravel(),
+                }))
+        order = ["component", "layer", "pos", "rank"]
+        out = {
+            "routing": pd.concat(parts, ignore_index=True).sort_values(order, kind="stable"),
+            "router_stats": pd.concat(stats, ignore_index=True).sort_values(order[:3], kind="stable"),
+        }
+        if logits:
+            out["router_logits"] = pd.concat(logits, ignore_index=True).sort_values(["component", "layer", "pos", "expert"])
+        return out
+
+    def _attention_table(self) -> pd.DataFrame:
+        parts = []
+        for component, layer, start, heads in self._attention:
+            for head, weights in heads:
+                lq, lk = weights.shape
+                q, k = np.meshgrid(np.arange(start, start + lq), np.arange(lk), indexing="ij")
+                parts.append(pd.DataFrame({
+                    "component": component, "layer": layer, "head": head,
+                    "query_pos": q.ravel(), "key_pos": k.ravel(), "weight": weights.ravel(),
+                }))
+        return pd.concat(parts, ignore_index=True)
+
+    def _timings_table(self) -> pd.DataFrame:
+        # The code predictor runs between talker forwards (while preparing the next step's inputs),
+        # so the stages do not nest and each is its own time.
+        times = dict(self._times)
+        stages = ["thinker_prefill", "thinker_decode", "talker_prefill", "talker_decode", "code_predictor", "code2wav"]
+        rows = [(s, times[s], self._calls[s]) for s in stages if s in times]
+        return pd.DataFrame(rows, columns=["stage", "seconds", "calls"])
+
+
+def _pps(model) -> float:
+    thinker = model.thinker if hasattr(model, "thinker") else model
+    return float(thinker.config.position_id_per_seconds)
+
+
+def _annotate(frame: pd.DataFrame, component: str, tokenizer, pps: float) -> pd.DataFrame:
+    """Add text, modality, item, seconds and frame to a component's token rows (sorted by pos)."""
+    frame = frame.sort_values("pos", kind="stable").reset_index(drop=True)
+    ids = frame["token_id"].to_numpy()
+    n = len(frame)
+    modality = np.full(n, "text", dtype=object)
+    modality[ids == AUDIO_ID] = "audio"
+    modality[ids == IMAGE_ID] = "image"
+    modality[ids == VIDEO_ID] = "video"
+    if component == "talker":
+        modality[frame["phase"].to_numpy() == "decode"] = "speech"
+    # A media item is a run of its modality's tokens inside one <|vision_start|>/<|audio_start|> block.
+    block = np.cumsum((ids == VISION_START_ID) | (ids == AUDIO_START_ID))
+    item = np.full(n, -1, dtype=np.int32)
+    frame_index = np.full(n, -1, dtype=np.int32)
+    seconds = np.full(n, np.nan)
+    t = frame["t"].to_numpy()
+    for kind in ("audio", "image", "video"):
+        where = np.flatnonzero(modality == kind)
+        if len(where) == 0:
+            continue
+        blocks = block[where]
+        _, item_of = np.unique(blocks, return_inverse=True)
+        item[where] = item_of
+        for index in np.unique(item_of):
+            members = where[item_of == index]
+            # In a use_audio_in_video block, audio and video share the block's start time.
+            block_members = np.flatnonzero((block == blocks[item_of == index][0]) & np.isin(modality, ["audio", "video", "image"]))
+            t0 = t[block_members].min()
+            seconds[members] = (t[members] - t0) / pps
+            if kind == "audio":
+                frame_index[members] = np.arange(len(members))
+            elif kind == "video":
+                _, frame_index[members] = np.unique(t[members], return_inverse=True)
+            else:
+                frame_index[members] = 0
+    if component == "talker":
+        speech = modality == "speech"
+        frame_index[speech] = frame["step"].to_numpy()[speech] - 1
+    text = np.full(n, "", dtype=object)
+    if component == "thinker":
+        pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+        text = np.array([tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces], dtype=object)
+    frame["text"] = text
+    frame["modality"] = modality
+    frame["item"] = item
+    frame["seconds"] = seconds
+    frame["frame"] = frame_index
+    return frame
+
+
+def _spans(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Contiguous runs of one modality (and item) in each component's sequence."""
+    if len(tokens) == 0 or "modality" not in tokens:
+        return pd.DataFrame(columns=["component", "modality", "item", "start", "end"])
+    rows = []
+    for component, group in tokens.groupby("component", sort=False):
+        group = group.sort_values("pos")
+        key = group["modality"].astype(str) + ":" + group["item"].astype(str)
+        change = key.ne(key.shift()).to_numpy()
+        starts = np.flatnonzero(change)
+        ends = np.append(starts[1:], len(group))
+        pos = group["pos"].to_numpy()
+        mods = group["modality"].to_numpy()
+        items = group["item"].to_numpy()
+        for s, e in zip(starts, ends, strict=True):
+            rows.append((component, mods[s], int(items[s]), int(pos[s]), int(pos[e - 1]) + 1))
+    return pd.DataFrame(rows, columns=["component", "modality", "item", "start", "end"])
