@@ -1,0 +1,190 @@
+"""Interventions at the router (experts are fused weights) and at the rotary inputs.
+
+    with lab.intervene(ablate={"thinker": {10: [3, 7]}}, modality="audio"): ...   # no audio token reaches 3, 7
+    with lab.intervene(force={"talker": {2: [5]}}): ...                            # every token takes expert 5
+    with lab.intervene(positions="temporal_only"): ...                              # h = w = t
+    with lab.intervene(replay=trace): ...                                           # route exactly as recorded
+
+A router hook re-selects the top-k from the router's own softmax, with ablated experts excluded,
+forced experts included, or the recorded experts taken; the weights are the router's probabilities
+of the chosen experts, renormalized where the router renormalizes (`norm_topk_prob`). Hooks run
+before any recording hook, so a trace records what the model really used. Everything is removed
+on exit; contexts nest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..errors import InterventionError
+from .context import ForwardTracker
+from .sites import find_sites, rotary
+
+AUDIO_ID, IMAGE_ID, VIDEO_ID = 151675, 151655, 151656
+MODALITY_IDS = {"audio": AUDIO_ID, "image": IMAGE_ID, "video": VIDEO_ID}
+MODALITIES = ("text", "audio", "image", "video", "speech")
+
+
+class Intervention:
+    """A context manager that changes routing and/or positions while it is open."""
+
+    def __init__(self, lab, *, ablate: dict | None = None, force: dict | None = None, modality: str | None = None,
+                 positions: str | Callable | None = None, replay=None):
+        if not any(x is not None for x in (ablate, force, positions, replay)):
+            raise InterventionError("nothing to do: give ablate=, force=, positions= or replay=")
+        if modality is not None and modality not in MODALITIES:
+            raise InterventionError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
+        if isinstance(positions, str) and positions != "temporal_only":
+            raise InterventionError(f"unknown positions {positions!r}; use 'temporal_only' or a callable on (t, h, w)")
+        self.lab = lab
+        self.model = lab.model
+        self.modality = modality
+        self.positions = positions
+        self._routers = {(s.component, s.layer): s.module for s in find_sites(self.model) if s.kind == "router"}
+        self.ablate = self._check(ablate or {}, "ablate")
+        self.force = self._check(force or {}, "force")
+        self.replay = self._replay_table(replay) if replay is not None else {}
+        self._tracker = ForwardTracker(self.model)
+        self._handles: list = []
+
+    def _check(self, spec: dict, what: str) -> dict:
+        out = {}
+        if not isinstance(spec, dict):
+            raise InterventionError(f"{what} is {{component: {{layer: [experts]}}}}; got {type(spec).__name__}")
+        for component, layers in spec.items():
+            if not isinstance(layers, dict):
+                raise InterventionError(f"{what}[{component!r}] is {{layer: [experts]}}")
+            for layer, experts in layers.items():
+                router = self._routers.get((component, int(layer)))
+                if router is None:
+                    have = sorted(layer for c, layer in self._routers if c == component)
+                    raise InterventionError(
+                        f"{what}: no {component} router at layer {layer}; "
+                        f"{component} has routers at layers {have[0]}..{have[-1]}" if have else
+                        f"{what}: this model has no {component} routers"
+                    )
+                experts = [int(e) for e in (experts if isinstance(experts, (list, tuple, set)) else [experts])]
+                bad = [e for e in experts if not 0 <= e < router.num_experts]
+                if bad:
+                    raise InterventionError(f"{what}: experts {bad} out of range at {component} layer {layer} "
+                                            f"(0..{router.num_experts - 1})")
+                if what == "force" and len(experts) > router.top_k:
+                    raise InterventionError(f"force: {len(experts)} experts at {component} layer {layer}, "
+                                            f"but each token takes only top-{router.top_k}")
+                out[(component, int(layer))] = experts
+        return out
+
+    def _replay_table(self, trace) -> dict:
+        routing = trace.routing
+        if len(routing) == 0:
+            raise InterventionError("replay: the trace has no routing (record it with capture=('routing', ...))")
+        table = {}
+        for (component, layer), group in routing.groupby(["component", "layer"], sort=False):
+            if (component, int(layer)) not in self._routers:
+                raise InterventionError(f"replay: the trace has {component} layer {layer}, which this model lacks")
+            group = group.sort_values(["pos", "rank"])
+            k = int(group["rank"].max()) + 1
+            pos = group["pos"].to_numpy()[::k]
+            experts = group["expert"].to_numpy().reshape(-1, k)
+            table[(component, int(layer))] = dict(zip(pos.tolist(), experts, strict=True))
+        return table
+
+    # -- context ---------------------------------------------------------------------------------
+    def __enter__(self) -> Intervention:
+        self._tracker.install()
+        try:
+            keys = set(self.ablate) | set(self.force) | set(self.replay)
+            for key in keys:
+                self._handles.append(self._routers[key].register_forward_hook(self._router_hook(*key), prepend=True))
+            if self.positions is not None:
+                for component in ("thinker", "talker"):
+                    module = rotary(self.model, component)
+                    if module is not None:
+                        self._handles.append(module.register_forward_pre_hook(self._rotary_hook, prepend=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._tracker.remove()
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _rows(self, component: str, n: int) -> torch.Tensor | None:
+        """Which rows of the current forward the intervention applies to (None: all)."""
+        if self.modality is None:
+            return None
+        forward = self._tracker.current.get(component)
+        ids = None
+        if forward is not None:
+            ids = forward.input_ids
+            if component == "talker" and forward.phase == "prefill":
+                ids = self._tracker.talker_input_ids
+            if component == "talker" and forward.phase == "decode":
+                return torch.full((n,), self.modality == "speech", dtype=torch.bool)
+        if ids is None or ids.numel() != n:
+            return torch.zeros(n, dtype=torch.bool)
+        ids = ids.reshape(-1).cpu()
+        if self.modality == "text":
+            media = (ids == AUDIO_ID) | (ids == IMAGE_ID) | (ids == VIDEO_ID)
+            return ~media
+        if self.modality == "speech":
+            return torch.zeros(n, dtype=torch.bool)
+        return ids == MODALITY_IDS[self.modality]
+
+    def _router_hook(self, component: str, layer: int):
+        key = (component, layer)
+
+        def hook(module, args, output):
+            logits, weights, indices = output
+            n, k = indices.shape
+            probs = torch.softmax(logits.float(), dim=-1)
+            rows = self._rows(component, n)
+            rows = torch.ones(n, dtype=torch.bool) if rows is None else rows
+            rows = rows.to(logits.device)
+            new_indices = indices
+            if key in self.ablate or key in self.force:
+                score = probs.clone()
+                if key in self.ablate:
+                    score[:, self.ablate[key]] = torch.where(
+                        rows[:, None], torch.full_like(score[:, self.ablate[key]], -1.0), score[:, self.ablate[key]]
+                    )
+                if key in self.force:
+                    score[:, self.force[key]] = torch.where(
+                        rows[:, None], torch.full_like(score[:, self.force[key]], 2.0), score[:, self.force[key]]
+                    )
+                new_indices = torch.topk(score, k, dim=-1).indices
+                new_indices = torch.where(rows[:, None], new_indices, indices)
+            if key in self.replay:
+                forward = self._tracker.current.get(component)
+                if forward is not None:
+                    recorded = self.replay[key]
+                    wanted = [recorded.get(p) for p in range(forward.start, forward.start + n)]
+                    if all(w is not None for w in wanted):
+                        new_indices = torch.as_tensor(np.stack(wanted), device=indices.device, dtype=indices.dtype)
+            new_weights = probs.gather(-1, new_indices)
+            if module.norm_topk_prob:
+                new_weights = new_weights / new_weights.sum(-1, keepdim=True)
+            return logits, new_weights.to(weights.dtype), new_indices
+
+        return hook
+
+    def _rotary_hook(self, module, args):
+        if len(args) < 2:
+            return None
+        x, position_ids = args[0], args[1]
+        t, h, w = position_ids[0], position_ids[1], position_ids[2]
+        if self.positions == "temporal_only":
+            new = torch.stack([t, t, t])
+        else:
+            result = self.positions(t, h, w)
+            if not (isinstance(result, (tuple, list)) and len(result) == 3):
+                raise InterventionError("a positions callable returns (t, h, w), each shaped like its input")
+            new = torch.stack([torch.as_tensor(r, device=t.device, dtype=t.dtype) for r in result])
+        return (x, new, *args[2:])
