@@ -130,4 +130,22 @@ def build_preset(name: str, seed: int = 0) -> Qwen3OmniMoeForConditionalGenerati
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3OmniMoeForConditionalGeneration(config)
+        _init_talker_experts(model)
     return model.eval()
+
+
+def _init_talker_experts(model: Qwen3OmniMoeForConditionalGeneration) -> None:
+    """Initialize what transformers 5.24 leaves uninitialized: the talker's routed experts and router.
+
+    `_init_weights` handles the thinker's sparse MoE block but not the talker's, so the talker's
+    fused expert weights stay `torch.empty` (whatever was in memory: not reproducible) and its
+    router weight stays zero (every expert ties). We draw them like the thinker's: normal(0, std).
+    """
+    std = model.config.talker_config.initializer_range
+    for layer in model.talker.model.layers:
+        mlp = layer.mlp
+        if hasattr(mlp, "experts") and hasattr(mlp, "gate"):
+            with torch.no_grad():
+                mlp.experts.gate_up_proj.normal_(0.0, std)
+                mlp.experts.down_proj.normal_(0.0, std)
+                mlp.gate.weight.normal_(0.0, std)
