@@ -1,0 +1,287 @@
+"""Instruments: what the trace holds equals what the model computes; interventions leave nothing behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import omnilab
+from omnilab.instrument.sites import find_sites
+
+GEN = {"max_new_tokens": 4, "max_speech_frames": 5}
+
+
+@pytest.fixture(scope="module")
+def traced(tiny, all_media_conversation):
+    return tiny.generate(all_media_conversation, trace=("routing", "positions", "codes", "timings"), **GEN)
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_sites_on_the_real_config_find_48_thinker_and_20_talker_routers():
+    from omnilab.models.card import meta_model, real_config
+
+    sites = find_sites(meta_model(real_config()))
+    routers = [s for s in sites if s.kind == "router"]
+    assert sum(s.component == "thinker" for s in routers) == 48
+    assert sum(s.component == "talker" for s in routers) == 20
+    assert routers[10].name == "thinker.model.language_model.layers.10.mlp.gate"
+
+
+def test_sites_table_lists_every_kind(tiny):
+    kinds = set(tiny.sites()["kind"])
+    assert {"router", "rotary", "attention", "audio_tower", "vision_tower", "codec_head", "code_predictor", "code2wav"} <= kinds
+
+
+def test_routing_equals_output_router_logits_in_prefill_and_decode(tiny, all_media_conversation):
+    inputs = tiny.prepare(all_media_conversation)
+    seen = {"thinker": [], "talker": []}
+
+    def keep(component):
+        def hook(module, args, output):
+            if getattr(output, "router_logits", None) is not None:
+                seen[component].append([logits.detach().clone() for logits in output.router_logits])
+
+        return hook
+
+    # The thinker returns its router logits (output_router_logits=True); the talker's output has no
+    # such field in transformers 5.24, so for it we collect the gate's logits with plain hooks.
+    talker_step: list = []
+
+    def talker_gate(module, args, output):
+        talker_step.append(output[0].detach().clone())
+
+    def talker_done(module, args, output):
+        seen["talker"].append(list(talker_step))
+        talker_step.clear()
+
+    handles = [tiny.model.thinker.register_forward_hook(keep("thinker"))]
+    handles += [layer.mlp.gate.register_forward_hook(talker_gate) for layer in tiny.model.talker.model.layers]
+    handles.append(tiny.model.talker.register_forward_hook(talker_done))
+    kwargs = tiny.generation_kwargs(inputs, max_new_tokens=3, max_speech_frames=3)
+    try:
+        with tiny.trace(capture=("routing",)) as tr, torch.no_grad():
+            tiny.model.generate(**kwargs, thinker_output_router_logits=True, talker_output_router_logits=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    routing = tr.trace.routing
+    for component, steps in seen.items():
+        module = getattr(tiny.model, component)
+        text = module.config.text_config
+        k = text.num_experts_per_tok
+        assert len(steps) >= 2  # prefill and at least one decode step
+        start = 0
+        for step in steps:
+            n = step[0].shape[0]
+            for layer, logits in enumerate(step):
+                probs = torch.softmax(logits.float(), -1)
+                weights, top = torch.topk(probs, k, -1)
+                if text.norm_topk_prob:
+                    weights = weights / weights.sum(-1, keepdim=True)
+                got = routing.query("component == @component and layer == @layer and @start <= pos < @start + @n")
+                got = got.sort_values(["pos", "rank"])
+                assert np.array_equal(got["expert"].to_numpy().reshape(n, k), top.numpy()), (component, layer, start)
+                assert np.allclose(got["weight"].to_numpy(np.float32).reshape(n, k), weights.numpy(), atol=1e-3)
+            start += n
+    assert set(routing["phase"]) == {"prefill", "decode"}
+
+
+def test_routing_weights_are_the_routers_own(traced, tiny):
+    routing = traced.trace.routing.query("component == 'thinker'")
+    sums = routing.groupby(["layer", "pos"])["weight"].sum().astype(float)
+    assert np.allclose(sums, 1.0, atol=5e-3)  # the thinker renormalizes its top-k (norm_topk_prob)
+    talker = traced.trace.routing.query("component == 'talker'")
+    assert talker["expert"].nunique() > tiny.model.config.talker_config.text_config.num_experts_per_tok
+
+
+def test_routing_is_compact_as_stored(traced):
+    routing = traced.trace.routing
+    assert routing["expert"].dtype == np.int16 and routing["weight"].dtype == np.float16
+    assert routing["expert"].max() < 256  # fits a uint8 in Parquet's dictionary/bit-packed encoding
+
+
+def test_positions_equal_get_rope_index(traced, tiny, all_media_conversation):
+    inputs = tiny.prepare(all_media_conversation)
+    thinker = tiny.model.thinker
+    positions, _ = thinker.model.get_rope_index(
+        inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), inputs["attention_mask"],
+        False, inputs["feature_attention_mask"].sum(-1), inputs.get("video_second_per_grid"),
+    )
+    tokens = traced.trace.tokens.query("component == 'thinker' and phase == 'prefill'").sort_values("pos")
+    assert np.array_equal(tokens[["t", "h", "w"]].to_numpy().T, positions[:, 0].numpy())
+
+
+def test_positions_with_use_audio_in_video_equal_get_rope_index(tiny, data_dir):
+    conversation = [{"role": "user", "content": [{"type": "video", "video": str(data_dir / "video.mp4")}]}]
+    inputs = tiny.prepare(conversation, use_audio_in_video=True)
+    with tiny.trace(capture=("positions",)) as tr, torch.no_grad():
+        tiny.model.thinker(**inputs, use_audio_in_video=True)
+    positions, _ = tiny.model.thinker.model.get_rope_index(
+        inputs["input_ids"], None, inputs["video_grid_thw"], inputs["attention_mask"], True,
+        inputs["feature_attention_mask"].sum(-1), inputs["video_second_per_grid"],
+    )
+    tokens = tr.trace.tokens.sort_values("pos")
+    assert np.array_equal(tokens[["t", "h", "w"]].to_numpy().T, positions[:, 0].numpy())
+    assert {"audio", "video"} <= set(tokens["modality"])
+
+
+def test_seconds_follow_position_id_per_seconds(traced, tiny):
+    pps = tiny.model.config.thinker_config.position_id_per_seconds
+    video = traced.trace.tokens.query("component == 'thinker' and modality == 'video'")
+    seconds = sorted(video["seconds"].unique())
+    # two temporal grids of 2 frames at 2 fps: one second apart
+    assert np.allclose(np.diff(seconds), 1.0 * pps / pps)
+    audio = traced.trace.tokens.query("component == 'thinker' and modality == 'audio'")
+    assert np.allclose(audio["seconds"].diff().dropna(), 1 / pps)
+
+
+def test_codes_equal_what_code2wav_decodes(tiny, all_media_conversation):
+    decoded = []
+    original = tiny.model.code2wav.chunked_decode
+
+    def spy(codes, *args, **kwargs):
+        decoded.append(codes.clone())
+        return original(codes, *args, **kwargs)
+
+    tiny.model.code2wav.chunked_decode = spy
+    try:
+        reply = tiny.generate(all_media_conversation, trace=True, **GEN)
+    finally:
+        del tiny.model.code2wav.chunked_decode
+    codes = reply.trace.codes.pivot(index="frame", columns="codebook", values="code").to_numpy()
+    assert np.array_equal(codes, decoded[0][0].T.numpy())
+    assert np.array_equal(codes, reply.codes)
+
+
+def test_every_generated_token_and_frame_appears_once(traced):
+    tokens = traced.trace.tokens
+    thinker = tokens.query("component == 'thinker'")
+    assert not thinker["pos"].duplicated().any()
+    generated = thinker.sort_values("pos")["token_id"].to_numpy()[-len(traced.token_ids):]
+    assert generated.tolist() == traced.token_ids
+    speech = tokens.query("component == 'talker' and modality == 'speech'")
+    assert sorted(speech["frame"]) == list(range(traced.codes.shape[0]))
+    assert len(traced.trace.codes) == traced.codes.size
+
+
+def test_timings_cover_every_stage(traced):
+    stages = set(traced.trace.timings["stage"])
+    assert {"thinker_prefill", "thinker_decode", "talker_prefill", "talker_decode", "code_predictor", "code2wav"} <= stages
+    assert (traced.trace.timings["seconds"] > 0).all()
+
+
+def test_attention_rows_sum_to_one_and_spans_cover_every_token(tiny, all_media_conversation):
+    with tiny.trace(capture=("attention",), attention_layers={"thinker": [0, 1]}) as tr:
+        tiny.generate(all_media_conversation, max_new_tokens=2, return_audio=False)
+    attention = tr.trace.attention
+    sums = attention.groupby(["layer", "head", "query_pos"])["weight"].sum()
+    assert np.allclose(sums, 1.0, atol=1e-4)
+    assert set(attention["layer"]) == {0, 1}
+    spans = tr.trace.spans.query("component == 'thinker'")
+    covered = np.zeros(spans["end"].max(), dtype=int)
+    for start, end in spans[["start", "end"]].itertuples(index=False):
+        covered[start:end] += 1
+    assert (covered == 1).all()
+    assert tiny.model.thinker.model.language_model.config._attn_implementation == "sdpa"
+
+
+def test_ablation_keeps_a_modality_away_from_experts_and_changes_the_output(tiny, all_media_conversation, traced):
+    thinker = traced.trace.routing_with_tokens().query("component == 'thinker' and layer == 1 and modality == 'audio'")
+    banned = thinker["expert"].value_counts().index[:2].tolist()
+    inputs = tiny.prepare(all_media_conversation)
+    with torch.no_grad():
+        bare = tiny.model.thinker(**inputs).logits
+    with tiny.intervene(ablate={"thinker": {1: banned}}, modality="audio"), tiny.trace(capture=("routing",)) as tr:
+        with torch.no_grad():
+            ablated = tiny.model.thinker(**inputs).logits
+    routed = tr.trace.routing_with_tokens().query("layer == 1")
+    assert not routed.query("modality == 'audio'")["expert"].isin(banned).any()
+    assert routed.query("modality != 'audio'")["expert"].isin(banned).any()
+    assert not torch.equal(bare, ablated)
+
+
+def test_force_puts_the_expert_in_every_tokens_top_k(tiny):
+    with tiny.intervene(force={"talker": {0: [5]}}), tiny.trace(capture=("routing",)) as tr:
+        tiny.generate("Hi", **GEN)
+    talker = tr.trace.routing.query("component == 'talker' and layer == 0")
+    assert talker.groupby("pos")["expert"].apply(lambda e: 5 in set(e)).all()
+
+
+def test_replay_reproduces_a_greedy_run(tiny, all_media_conversation, traced):
+    with tiny.intervene(replay=traced.trace):
+        again = tiny.generate(all_media_conversation, **GEN)
+    assert again.token_ids == traced.token_ids
+    assert np.array_equal(again.codes, traced.codes)
+
+
+def test_temporal_only_positions_reach_the_rotary_embedding(tiny, all_media_conversation):
+    with tiny.intervene(positions="temporal_only"), tiny.trace(capture=("positions",)) as tr:
+        tiny.generate(all_media_conversation, max_new_tokens=2, return_audio=False)
+    tokens = tr.trace.tokens
+    assert (tokens["h"] == tokens["t"]).all() and (tokens["w"] == tokens["t"]).all()
+
+
+def test_contexts_nest_and_leave_the_bare_model(tiny, all_media_conversation, traced):
+    inputs = tiny.prepare(all_media_conversation)
+    before = _hooks(tiny.model)
+    with torch.no_grad():
+        bare = tiny.model.thinker(**inputs).logits
+    with tiny.trace(capture=("routing", "attention"), attention_layers={"thinker": [0]}):
+        with tiny.intervene(ablate={"thinker": {0: [1, 2]}}), tiny.intervene(positions="temporal_only"):
+            with tiny.intervene(replay=traced.trace):
+                tiny.generate(all_media_conversation, **GEN)
+    assert _hooks(tiny.model) == before
+    with torch.no_grad():
+        after = tiny.model.thinker(**inputs).logits
+    assert torch.equal(bare, after)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"ablate": {"thinker": {99: [1]}}}, "no thinker router at layer 99"),
+        ({"ablate": {"thinker": {0: [1000]}}}, "out of range"),
+        ({"force": {"talker": {0: list(range(10))}}}, "top-"),
+        ({"positions": "sideways"}, "unknown positions"),
+        ({}, "nothing to do"),
+    ],
+)
+def test_bad_interventions_get_clear_errors(tiny, spec, match):
+    with pytest.raises(omnilab.InterventionError, match=match):
+        tiny.intervene(**spec)
+
+
+def test_save_load_round_trip_is_lossless(traced, tmp_path):
+    path = traced.trace.save(tmp_path / "run")
+    loaded = omnilab.Trace.load(path)
+    for name in ("tokens", "routing", "router_stats", "codes", "spans", "timings"):
+        a, b = getattr(traced.trace, name), getattr(loaded, name)
+        assert a.reset_index(drop=True).equals(b.reset_index(drop=True)), name
+    assert np.array_equal(loaded.audio, traced.trace.audio)
+    assert loaded.meta["config_hash"] == traced.trace.meta["config_hash"]
+
+
+def test_saved_trace_is_readable_by_duckdb_without_omnilab(traced, tmp_path):
+    import duckdb
+
+    path = traced.trace.save(tmp_path / "run")
+    count = duckdb.sql(f"select count(*) from '{path}/routing.parquet'").fetchall()[0][0]
+    assert count == len(traced.trace.routing)
+
+
+def test_truncated_or_foreign_trace_files_get_clear_errors(traced, tmp_path):
+    path = traced.trace.save(tmp_path / "run")
+    data = (path / "routing.parquet").read_bytes()
+    (path / "routing.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(omnilab.TraceError, match="routing.parquet"):
+        omnilab.Trace.load(path)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "meta.json").write_text('{"hello": 1}')
+    with pytest.raises(omnilab.TraceError, match="not omnilab trace metadata"):
+        omnilab.Trace.load(tmp_path / "foreign")
+    with pytest.raises(omnilab.TraceError, match="not a directory"):
+        omnilab.Trace.load(tmp_path / "nothing")
