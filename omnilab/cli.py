@@ -92,7 +92,7 @@ def _card(args) -> int:
     else:
         from . import load
 
-        frame = load(args.model, device_map="meta" if False else None).card()
+        frame = load(args.model).card()
     if args.json:
         print(frame.to_json(orient="records", indent=2))
     else:
