@@ -1,8 +1,8 @@
 """omnilab: a Jupyter-first research workbench for the Qwen3-Omni model family.
 
-    import omnilab
-    lab = omnilab.load()            # the embedded default: tiny, random weights, offline
-    reply = lab.generate([{"role": "user", "content": "Hello"}])
+import omnilab
+lab = omnilab.load()            # the embedded default: tiny, random weights, offline
+reply = lab.generate([{"role": "user", "content": "Hello"}])
 """
 
 from __future__ import annotations
@@ -47,6 +47,16 @@ def __getattr__(attr: str):
 
 
 __all__ = [
-    "ConversationError", "InterventionError", "MediaError", "ModelLoadError", "OmniLab", "OmnilabError",
-    "Reply", "Trace", "TraceError", "card", "load", "open_store",
+    "ConversationError",
+    "InterventionError",
+    "MediaError",
+    "ModelLoadError",
+    "OmniLab",
+    "OmnilabError",
+    "Reply",
+    "Trace",
+    "TraceError",
+    "card",
+    "load",
+    "open_store",
 ]

@@ -34,8 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("card", help="the architecture card of a model")
-    p.add_argument("--model", default="qwen3-omni-30b-a3b-instruct",
-                   help="tiny, small, a real config name (built on the meta device), a hub id or a path")
+    p.add_argument(
+        "--model",
+        default="qwen3-omni-30b-a3b-instruct",
+        help="tiny, small, a real config name (built on the meta device), a hub id or a path",
+    )
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(run=_card)
 
@@ -70,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="tiny")
     p.add_argument("--capture", default="routing,positions,codes")
-    p.add_argument("--generate", type=int, default=0, help="new tokens to generate per sample (0: prefill only)")
+    p.add_argument(
+        "--generate", type=int, default=0, help="new tokens to generate per sample (0: prefill only)"
+    )
     p.add_argument("--engine", choices=("local", "ray"), default="local")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--ray-address", default=None)
@@ -119,8 +124,13 @@ def _chat(args) -> int:
         from .streaming import format_timings
 
         done = None
-        for event in lab.stream(conversation, speaker=args.speaker, max_new_tokens=args.max_new_tokens,
-                                return_audio=not args.no_audio, use_audio_in_video=args.use_audio_in_video):
+        for event in lab.stream(
+            conversation,
+            speaker=args.speaker,
+            max_new_tokens=args.max_new_tokens,
+            return_audio=not args.no_audio,
+            use_audio_in_video=args.use_audio_in_video,
+        ):
             if event.kind == "text":
                 print(event.text, end="", flush=True)
             elif event.kind == "done":
@@ -129,11 +139,19 @@ def _chat(args) -> int:
         reply = done.reply
         print(format_timings(done.timings))
     else:
-        reply = lab.generate(conversation, speaker=args.speaker, max_new_tokens=args.max_new_tokens,
-                             return_audio=not args.no_audio, use_audio_in_video=args.use_audio_in_video)
+        reply = lab.generate(
+            conversation,
+            speaker=args.speaker,
+            max_new_tokens=args.max_new_tokens,
+            return_audio=not args.no_audio,
+            use_audio_in_video=args.use_audio_in_video,
+        )
         print(reply.text)
     if reply.random_weights:
-        print(f"(note: {lab.model_id} is a random-weight model; its words and speech are noise)", file=sys.stderr)
+        print(
+            f"(note: {lab.model_id} is a random-weight model; its words and speech are noise)",
+            file=sys.stderr,
+        )
     if args.out and reply.audio is not None:
         import soundfile as sf
 
@@ -167,8 +185,14 @@ def _collect(args) -> int:
     from .store.collect import collect
 
     summary = collect(
-        args.manifest, args.out, model=args.model, capture=tuple(args.capture.split(",")),
-        generate=args.generate, engine=args.engine, workers=args.workers, ray_address=args.ray_address,
+        args.manifest,
+        args.out,
+        model=args.model,
+        capture=tuple(args.capture.split(",")),
+        generate=args.generate,
+        engine=args.engine,
+        workers=args.workers,
+        ray_address=args.ray_address,
     )
     print(json.dumps(summary, default=str, indent=2))
     return 0

@@ -68,7 +68,9 @@ def normalize(conversation) -> list[dict]:
             items.append(item)
         out.append({"role": role, "content": items})
     if not any(item["type"] != "text" or item["text"].strip() for m in out for item in m["content"]):
-        raise ConversationError("the conversation is empty: write a message or attach audio, an image or a video")
+        raise ConversationError(
+            "the conversation is empty: write a message or attach audio, an image or a video"
+        )
     return out
 
 
@@ -87,7 +89,9 @@ def gather(conversation, *, use_audio_in_video: bool = False, video_fps: float =
             source = item[kind]
             name = _name(source, kind, counts[kind])
             if kind == "audio":
-                gathered.audio.append(media.load_audio(source, sample_rate=item.get("sampling_rate"), name=name))
+                gathered.audio.append(
+                    media.load_audio(source, sample_rate=item.get("sampling_rate"), name=name)
+                )
                 gathered.audio_from_video.append(None)
                 gathered.items.append({"modality": "audio", "index": counts["audio"], "name": name})
             elif kind == "image":

@@ -102,7 +102,9 @@ class OmniLab:
         return save_checkpoint(self._loaded, directory)
 
     # -- inputs ----------------------------------------------------------------------------------
-    def prepare(self, conversation, *, use_audio_in_video: bool = False, add_generation_prompt: bool = True) -> BatchFeature:
+    def prepare(
+        self, conversation, *, use_audio_in_video: bool = False, add_generation_prompt: bool = True
+    ) -> BatchFeature:
         """The exact model inputs (a BatchFeature) that `generate` uses for `conversation`."""
         return self._prepare(conversation, use_audio_in_video, add_generation_prompt)[0]
 
@@ -155,10 +157,18 @@ class OmniLab:
             capture = None if trace is True else trace
             with self.trace(capture=capture) as tracer:
                 reply = self.generate(
-                    conversation, speaker=speaker, return_audio=return_audio, max_new_tokens=max_new_tokens,
-                    do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                    max_speech_frames=max_speech_frames, speech_do_sample=speech_do_sample,
-                    use_audio_in_video=use_audio_in_video, seed=seed,
+                    conversation,
+                    speaker=speaker,
+                    return_audio=return_audio,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    max_speech_frames=max_speech_frames,
+                    speech_do_sample=speech_do_sample,
+                    use_audio_in_video=use_audio_in_video,
+                    seed=seed,
                 )
             return replace(reply, trace=tracer.trace)
         return_audio = self.has_talker if return_audio is None else return_audio
@@ -173,9 +183,16 @@ class OmniLab:
             raise ConversationError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
         inputs, gathered = self._prepare(conversation, use_audio_in_video)
         kwargs = self.generation_kwargs(
-            inputs, speaker=speaker, return_audio=return_audio, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            max_speech_frames=max_speech_frames, speech_do_sample=speech_do_sample,
+            inputs,
+            speaker=speaker,
+            return_audio=return_audio,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_speech_frames=max_speech_frames,
+            speech_do_sample=speech_do_sample,
             use_audio_in_video=use_audio_in_video,
         )
         prompt_length = inputs["input_ids"].shape[1]
@@ -184,9 +201,19 @@ class OmniLab:
 
             tracer = active_tracer(self)
             if tracer is not None:
-                tracer.begin(inputs, gathered, prompt_length=prompt_length, use_audio_in_video=use_audio_in_video)
-            result = self.model.generate(**kwargs) if hasattr(self.model, "thinker") else self.model.generate(
-                **{k: v for k, v in kwargs.items() if not k.startswith(("talker_", "return_audio", "speaker"))}
+                tracer.begin(
+                    inputs, gathered, prompt_length=prompt_length, use_audio_in_video=use_audio_in_video
+                )
+            result = (
+                self.model.generate(**kwargs)
+                if hasattr(self.model, "thinker")
+                else self.model.generate(
+                    **{
+                        k: v
+                        for k, v in kwargs.items()
+                        if not k.startswith(("talker_", "return_audio", "speaker"))
+                    }
+                )
             )
         if return_audio:
             sequences, waveform = result
@@ -202,9 +229,21 @@ class OmniLab:
             tracer.end(reply)
         return reply
 
-    def generation_kwargs(self, inputs, *, speaker="Ethan", return_audio=True, max_new_tokens=64,
-                          do_sample=False, temperature=0.7, top_p=0.8, top_k=20, max_speech_frames=None,
-                          speech_do_sample=None, use_audio_in_video=False) -> dict:
+    def generation_kwargs(
+        self,
+        inputs,
+        *,
+        speaker="Ethan",
+        return_audio=True,
+        max_new_tokens=64,
+        do_sample=False,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        max_speech_frames=None,
+        speech_do_sample=None,
+        use_audio_in_video=False,
+    ) -> dict:
         """The keyword arguments of `model.generate` for these inputs and options."""
         kwargs = dict(inputs)
         kwargs.update(
@@ -217,8 +256,11 @@ class OmniLab:
             kwargs.update(thinker_temperature=temperature, thinker_top_p=top_p, thinker_top_k=top_k)
         if return_audio:
             frames = max_speech_frames or (PRESET_SPEECH_FRAMES if self.random_weights else 4096)
-            kwargs.update(speaker=speaker, talker_max_new_tokens=int(frames),
-                          talker_do_sample=do_sample if speech_do_sample is None else speech_do_sample)
+            kwargs.update(
+                speaker=speaker,
+                talker_max_new_tokens=int(frames),
+                talker_do_sample=do_sample if speech_do_sample is None else speech_do_sample,
+            )
         return kwargs
 
     @property
@@ -305,7 +347,12 @@ def load(
     the talker and code2wav to save memory.
     """
     loaded = load_model(
-        name, seed=seed, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
-        experts_implementation=experts_implementation, talker=talker,
+        name,
+        seed=seed,
+        dtype=dtype,
+        device_map=device_map,
+        attn_implementation=attn_implementation,
+        experts_implementation=experts_implementation,
+        talker=talker,
     )
     return OmniLab(loaded)

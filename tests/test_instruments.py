@@ -33,7 +33,16 @@ def test_sites_on_the_real_config_find_48_thinker_and_20_talker_routers():
 
 def test_sites_table_lists_every_kind(tiny):
     kinds = set(tiny.sites()["kind"])
-    assert {"router", "rotary", "attention", "audio_tower", "vision_tower", "codec_head", "code_predictor", "code2wav"} <= kinds
+    assert {
+        "router",
+        "rotary",
+        "attention",
+        "audio_tower",
+        "vision_tower",
+        "codec_head",
+        "code_predictor",
+        "code2wav",
+    } <= kinds
 
 
 def test_routing_equals_output_router_logits_in_prefill_and_decode(tiny, all_media_conversation):
@@ -82,10 +91,18 @@ def test_routing_equals_output_router_logits_in_prefill_and_decode(tiny, all_med
                 weights, top = torch.topk(probs, k, -1)
                 if text.norm_topk_prob:
                     weights = weights / weights.sum(-1, keepdim=True)
-                got = routing.query("component == @component and layer == @layer and @start <= pos < @start + @n")
+                got = routing.query(
+                    "component == @component and layer == @layer and @start <= pos < @start + @n"
+                )
                 got = got.sort_values(["pos", "rank"])
-                assert np.array_equal(got["expert"].to_numpy().reshape(n, k), top.numpy()), (component, layer, start)
-                assert np.allclose(got["weight"].to_numpy(np.float32).reshape(n, k), weights.numpy(), atol=1e-3)
+                assert np.array_equal(got["expert"].to_numpy().reshape(n, k), top.numpy()), (
+                    component,
+                    layer,
+                    start,
+                )
+                assert np.allclose(
+                    got["weight"].to_numpy(np.float32).reshape(n, k), weights.numpy(), atol=1e-3
+                )
             start += n
     assert set(routing["phase"]) == {"prefill", "decode"}
 
@@ -108,8 +125,13 @@ def test_positions_equal_get_rope_index(traced, tiny, all_media_conversation):
     inputs = tiny.prepare(all_media_conversation)
     thinker = tiny.model.thinker
     positions, _ = thinker.model.get_rope_index(
-        inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), inputs["attention_mask"],
-        False, inputs["feature_attention_mask"].sum(-1), inputs.get("video_second_per_grid"),
+        inputs["input_ids"],
+        inputs.get("image_grid_thw"),
+        inputs.get("video_grid_thw"),
+        inputs["attention_mask"],
+        False,
+        inputs["feature_attention_mask"].sum(-1),
+        inputs.get("video_second_per_grid"),
     )
     tokens = traced.trace.tokens.query("component == 'thinker' and phase == 'prefill'").sort_values("pos")
     assert np.array_equal(tokens[["t", "h", "w"]].to_numpy().T, positions[:, 0].numpy())
@@ -121,8 +143,13 @@ def test_positions_with_use_audio_in_video_equal_get_rope_index(tiny, data_dir):
     with tiny.trace(capture=("positions",)) as tr, torch.no_grad():
         tiny.model.thinker(**inputs, use_audio_in_video=True)
     positions, _ = tiny.model.thinker.model.get_rope_index(
-        inputs["input_ids"], None, inputs["video_grid_thw"], inputs["attention_mask"], True,
-        inputs["feature_attention_mask"].sum(-1), inputs["video_second_per_grid"],
+        inputs["input_ids"],
+        None,
+        inputs["video_grid_thw"],
+        inputs["attention_mask"],
+        True,
+        inputs["feature_attention_mask"].sum(-1),
+        inputs["video_second_per_grid"],
     )
     tokens = tr.trace.tokens.sort_values("pos")
     assert np.array_equal(tokens[["t", "h", "w"]].to_numpy().T, positions[:, 0].numpy())
@@ -161,7 +188,7 @@ def test_every_generated_token_and_frame_appears_once(traced):
     tokens = traced.trace.tokens
     thinker = tokens.query("component == 'thinker'")
     assert not thinker["pos"].duplicated().any()
-    generated = thinker.sort_values("pos")["token_id"].to_numpy()[-len(traced.token_ids):]
+    generated = thinker.sort_values("pos")["token_id"].to_numpy()[-len(traced.token_ids) :]
     assert generated.tolist() == traced.token_ids
     speech = tokens.query("component == 'talker' and modality == 'speech'")
     assert sorted(speech["frame"]) == list(range(traced.codes.shape[0]))
@@ -170,7 +197,14 @@ def test_every_generated_token_and_frame_appears_once(traced):
 
 def test_timings_cover_every_stage(traced):
     stages = set(traced.trace.timings["stage"])
-    assert {"thinker_prefill", "thinker_decode", "talker_prefill", "talker_decode", "code_predictor", "code2wav"} <= stages
+    assert {
+        "thinker_prefill",
+        "thinker_decode",
+        "talker_prefill",
+        "talker_decode",
+        "code_predictor",
+        "code2wav",
+    } <= stages
     assert (traced.trace.timings["seconds"] > 0).all()
 
 
@@ -189,13 +223,20 @@ def test_attention_rows_sum_to_one_and_spans_cover_every_token(tiny, all_media_c
     assert tiny.model.thinker.model.language_model.config._attn_implementation == "sdpa"
 
 
-def test_ablation_keeps_a_modality_away_from_experts_and_changes_the_output(tiny, all_media_conversation, traced):
-    thinker = traced.trace.routing_with_tokens().query("component == 'thinker' and layer == 1 and modality == 'audio'")
+def test_ablation_keeps_a_modality_away_from_experts_and_changes_the_output(
+    tiny, all_media_conversation, traced
+):
+    thinker = traced.trace.routing_with_tokens().query(
+        "component == 'thinker' and layer == 1 and modality == 'audio'"
+    )
     banned = thinker["expert"].value_counts().index[:2].tolist()
     inputs = tiny.prepare(all_media_conversation)
     with torch.no_grad():
         bare = tiny.model.thinker(**inputs).logits
-    with tiny.intervene(ablate={"thinker": {1: banned}}, modality="audio"), tiny.trace(capture=("routing",)) as tr:
+    with (
+        tiny.intervene(ablate={"thinker": {1: banned}}, modality="audio"),
+        tiny.trace(capture=("routing",)) as tr,
+    ):
         with torch.no_grad():
             ablated = tiny.model.thinker(**inputs).logits
     routed = tr.trace.routing_with_tokens().query("layer == 1")

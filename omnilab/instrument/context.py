@@ -63,8 +63,13 @@ class ForwardTracker:
             else:
                 self.steps[component] = self.steps.get(component, 0) + 1
                 phase = "decode"
-            ids = input_ids[0].detach() if input_ids is not None and component == "thinker" or (
-                input_ids is not None and phase == "decode") else None
+            ids = (
+                input_ids[0].detach()
+                if input_ids is not None
+                and component == "thinker"
+                or (input_ids is not None and phase == "decode")
+                else None
+            )
             self.current[component] = Forward(component, phase, self.steps[component], start, length, ids)
 
         return hook

@@ -31,19 +31,31 @@ MODALITIES = ("text", "audio", "image", "video", "speech")
 class Intervention:
     """A context manager that changes routing and/or positions while it is open."""
 
-    def __init__(self, lab, *, ablate: dict | None = None, force: dict | None = None, modality: str | None = None,
-                 positions: str | Callable | None = None, replay=None):
+    def __init__(
+        self,
+        lab,
+        *,
+        ablate: dict | None = None,
+        force: dict | None = None,
+        modality: str | None = None,
+        positions: str | Callable | None = None,
+        replay=None,
+    ):
         if not any(x is not None for x in (ablate, force, positions, replay)):
             raise InterventionError("nothing to do: give ablate=, force=, positions= or replay=")
         if modality is not None and modality not in MODALITIES:
             raise InterventionError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
         if isinstance(positions, str) and positions != "temporal_only":
-            raise InterventionError(f"unknown positions {positions!r}; use 'temporal_only' or a callable on (t, h, w)")
+            raise InterventionError(
+                f"unknown positions {positions!r}; use 'temporal_only' or a callable on (t, h, w)"
+            )
         self.lab = lab
         self.model = lab.model
         self.modality = modality
         self.positions = positions
-        self._routers = {(s.component, s.layer): s.module for s in find_sites(self.model) if s.kind == "router"}
+        self._routers = {
+            (s.component, s.layer): s.module for s in find_sites(self.model) if s.kind == "router"
+        }
         self.ablate = self._check(ablate or {}, "ablate")
         self.force = self._check(force or {}, "force")
         self.replay = self._replay_table(replay) if replay is not None else {}
@@ -53,7 +65,9 @@ class Intervention:
     def _check(self, spec: dict, what: str) -> dict:
         out = {}
         if not isinstance(spec, dict):
-            raise InterventionError(f"{what} is {{component: {{layer: [experts]}}}}; got {type(spec).__name__}")
+            raise InterventionError(
+                f"{what} is {{component: {{layer: [experts]}}}}; got {type(spec).__name__}"
+            )
         for component, layers in spec.items():
             if not isinstance(layers, dict):
                 raise InterventionError(f"{what}[{component!r}] is {{layer: [experts]}}")
@@ -63,28 +77,39 @@ class Intervention:
                     have = sorted(layer for c, layer in self._routers if c == component)
                     raise InterventionError(
                         f"{what}: no {component} router at layer {layer}; "
-                        f"{component} has routers at layers {have[0]}..{have[-1]}" if have else
-                        f"{what}: this model has no {component} routers"
+                        f"{component} has routers at layers {have[0]}..{have[-1]}"
+                        if have
+                        else f"{what}: this model has no {component} routers"
                     )
-                experts = [int(e) for e in (experts if isinstance(experts, (list, tuple, set)) else [experts])]
+                experts = [
+                    int(e) for e in (experts if isinstance(experts, (list, tuple, set)) else [experts])
+                ]
                 bad = [e for e in experts if not 0 <= e < router.num_experts]
                 if bad:
-                    raise InterventionError(f"{what}: experts {bad} out of range at {component} layer {layer} "
-                                            f"(0..{router.num_experts - 1})")
+                    raise InterventionError(
+                        f"{what}: experts {bad} out of range at {component} layer {layer} "
+                        f"(0..{router.num_experts - 1})"
+                    )
                 if what == "force" and len(experts) > router.top_k:
-                    raise InterventionError(f"force: {len(experts)} experts at {component} layer {layer}, "
-                                            f"but each token takes only top-{router.top_k}")
+                    raise InterventionError(
+                        f"force: {len(experts)} experts at {component} layer {layer}, "
+                        f"but each token takes only top-{router.top_k}"
+                    )
                 out[(component, int(layer))] = experts
         return out
 
     def _replay_table(self, trace) -> dict:
         routing = trace.routing
         if len(routing) == 0:
-            raise InterventionError("replay: the trace has no routing (record it with capture=('routing', ...))")
+            raise InterventionError(
+                "replay: the trace has no routing (record it with capture=('routing', ...))"
+            )
         table = {}
         for (component, layer), group in routing.groupby(["component", "layer"], sort=False):
             if (component, int(layer)) not in self._routers:
-                raise InterventionError(f"replay: the trace has {component} layer {layer}, which this model lacks")
+                raise InterventionError(
+                    f"replay: the trace has {component} layer {layer}, which this model lacks"
+                )
             group = group.sort_values(["pos", "rank"])
             k = int(group["rank"].max()) + 1
             pos = group["pos"].to_numpy()[::k]
@@ -98,12 +123,16 @@ class Intervention:
         try:
             keys = set(self.ablate) | set(self.force) | set(self.replay)
             for key in keys:
-                self._handles.append(self._routers[key].register_forward_hook(self._router_hook(*key), prepend=True))
+                self._handles.append(
+                    self._routers[key].register_forward_hook(self._router_hook(*key), prepend=True)
+                )
             if self.positions is not None:
                 for component in ("thinker", "talker"):
                     module = rotary(self.model, component)
                     if module is not None:
-                        self._handles.append(module.register_forward_pre_hook(self._rotary_hook, prepend=True))
+                        self._handles.append(
+                            module.register_forward_pre_hook(self._rotary_hook, prepend=True)
+                        )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -153,11 +182,15 @@ class Intervention:
                 score = probs.clone()
                 if key in self.ablate:
                     score[:, self.ablate[key]] = torch.where(
-                        rows[:, None], torch.full_like(score[:, self.ablate[key]], -1.0), score[:, self.ablate[key]]
+                        rows[:, None],
+                        torch.full_like(score[:, self.ablate[key]], -1.0),
+                        score[:, self.ablate[key]],
                     )
                 if key in self.force:
                     score[:, self.force[key]] = torch.where(
-                        rows[:, None], torch.full_like(score[:, self.force[key]], 2.0), score[:, self.force[key]]
+                        rows[:, None],
+                        torch.full_like(score[:, self.force[key]], 2.0),
+                        score[:, self.force[key]],
                     )
                 new_indices = torch.topk(score, k, dim=-1).indices
                 new_indices = torch.where(rows[:, None], new_indices, indices)
@@ -167,7 +200,9 @@ class Intervention:
                     recorded = self.replay[key]
                     wanted = [recorded.get(p) for p in range(forward.start, forward.start + n)]
                     if all(w is not None for w in wanted):
-                        new_indices = torch.as_tensor(np.stack(wanted), device=indices.device, dtype=indices.dtype)
+                        new_indices = torch.as_tensor(
+                            np.stack(wanted), device=indices.device, dtype=indices.dtype
+                        )
             new_weights = probs.gather(-1, new_indices)
             if module.norm_topk_prob:
                 new_weights = new_weights / new_weights.sum(-1, keepdim=True)

@@ -15,13 +15,21 @@ import torch
 
 # (kind, pattern on the module path, what it records)
 _PATTERNS = [
-    ("router", r"^thinker\.model\.language_model\.layers\.(\d+)\.mlp\.gate$", "top-k experts and weights, router logits"),
+    (
+        "router",
+        r"^thinker\.model\.language_model\.layers\.(\d+)\.mlp\.gate$",
+        "top-k experts and weights, router logits",
+    ),
     ("router", r"^talker\.model\.layers\.(\d+)\.mlp\.gate$", "top-k experts and weights, router logits"),
     ("rotary", r"^thinker\.model\.language_model\.rotary_emb$", "the (t, h, w) position ids the model uses"),
     ("rotary", r"^talker\.model\.rotary_emb$", "the (t, h, w) position ids the model uses"),
     ("attention", r"^thinker\.model\.language_model\.layers\.(\d+)\.self_attn$", "attention maps (eager)"),
     ("attention", r"^talker\.model\.layers\.(\d+)\.self_attn$", "attention maps (eager)"),
-    ("attention", r"^thinker\.model\.audio_tower\.layers\.(\d+)\.self_attn$", "attention maps (recording function)"),
+    (
+        "attention",
+        r"^thinker\.model\.audio_tower\.layers\.(\d+)\.self_attn$",
+        "attention maps (recording function)",
+    ),
     ("attention", r"^thinker\.model\.visual\.blocks\.(\d+)\.attn$", "attention maps (recording function)"),
     ("audio_tower", r"^thinker\.model\.audio_tower$", "audio encoder output"),
     ("vision_tower", r"^thinker\.model\.visual$", "vision encoder output incl. deepstack features"),

@@ -48,7 +48,9 @@ class Tracer:
     """Records what the model does inside while the context is open; `.trace` after exit."""
 
     def __init__(self, lab, capture=None, *, attention_layers: dict | None = None, heads=None):
-        capture = tuple(DEFAULT_CAPTURE if capture is None else ((capture,) if isinstance(capture, str) else capture))
+        capture = tuple(
+            DEFAULT_CAPTURE if capture is None else ((capture,) if isinstance(capture, str) else capture)
+        )
         unknown = set(capture) - set(CAPTURES)
         if unknown:
             raise InterventionError(f"unknown capture {sorted(unknown)}; choose from {', '.join(CAPTURES)}")
@@ -99,7 +101,11 @@ class Tracer:
 
     # -- called by OmniLab.generate ---------------------------------------------------------------
     def begin(self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool) -> None:
-        self._prompt = {"length": prompt_length, "items": gathered.items, "use_audio_in_video": use_audio_in_video}
+        self._prompt = {
+            "length": prompt_length,
+            "items": gathered.items,
+            "use_audio_in_video": use_audio_in_video,
+        }
 
     def end(self, reply) -> None:
         self._reply = reply
@@ -110,7 +116,9 @@ class Tracer:
         if "routing" in self.capture or "logits" in self.capture:
             for site in sites:
                 if site.kind == "router" and site.component in ("thinker", "talker"):
-                    self._handles.append(site.module.register_forward_hook(self._router_hook(site.component, site.layer)))
+                    self._handles.append(
+                        site.module.register_forward_hook(self._router_hook(site.component, site.layer))
+                    )
         # Positions key the tokens table, so they are recorded whatever the capture (one small copy per forward).
         for component in ("thinker", "talker"):
             module = rotary(self.model, component)
@@ -139,13 +147,19 @@ class Tracer:
                 probs = torch.softmax(logits.float(), dim=-1)
                 entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
                 mass = probs.gather(-1, indices).sum(-1)
-            self._routing.append((
-                component, layer, forward.start, forward.phase,
-                indices.detach().to("cpu", torch.int16).numpy(),
-                weights.detach().to("cpu", torch.float16).numpy(),
-                entropy.cpu().numpy().astype(np.float32), mass.cpu().numpy().astype(np.float32),
-                logits.detach().to("cpu", torch.float16).numpy() if keep_logits else None,
-            ))
+            self._routing.append(
+                (
+                    component,
+                    layer,
+                    forward.start,
+                    forward.phase,
+                    indices.detach().to("cpu", torch.int16).numpy(),
+                    weights.detach().to("cpu", torch.float16).numpy(),
+                    entropy.cpu().numpy().astype(np.float32),
+                    mass.cpu().numpy().astype(np.float32),
+                    logits.detach().to("cpu", torch.float16).numpy() if keep_logits else None,
+                )
+            )
 
         return hook
 
@@ -213,12 +227,16 @@ class Tracer:
         for component in {c for c, _ in wanted}:
             module = component_module(self.model, component) if component in ("thinker", "talker") else None
             if module is None:
-                raise InterventionError(f"attention capture covers thinker and talker layers; got {component!r}")
+                raise InterventionError(
+                    f"attention capture covers thinker and talker layers; got {component!r}"
+                )
             text_model = module.model.language_model if component == "thinker" else module.model
             self._saved_attn[component] = (text_model, text_model.config._attn_implementation)
             text_model.set_attn_implementation("eager")
         for component, layer in sorted(wanted):
-            self._handles.append(found[(component, layer)].module.register_forward_hook(self._attention_hook(component, layer)))
+            self._handles.append(
+                found[(component, layer)].module.register_forward_hook(self._attention_hook(component, layer))
+            )
 
     def _attention_hook(self, component: str, layer: int):
         def hook(module, args, output):
@@ -246,14 +264,15 @@ class Tracer:
         if self._codes:
             codes = np.stack(self._codes)
             frames, books = np.meshgrid(np.arange(codes.shape[0]), np.arange(codes.shape[1]), indexing="ij")
-            tables["codes"] = pd.DataFrame({"frame": frames.ravel(), "codebook": books.ravel(), "code": codes.ravel()})
+            tables["codes"] = pd.DataFrame(
+                {"frame": frames.ravel(), "codebook": books.ravel(), "code": codes.ravel()}
+            )
         if self._attention:
             tables["attention"] = self._attention_table()
         if "timings" in self.capture:
             tables["timings"] = self._timings_table()
         reply = self._reply
         model = self.model
-        config = model.config
         meta = {
             "model_id": self.lab.model_id,
             "random_weights": self.lab.random_weights,
@@ -275,7 +294,9 @@ class Tracer:
             module = component_module(self.model, component)
             if module is None:
                 continue
-            text_config = module.config.text_config if hasattr(module.config, "text_config") else module.config
+            text_config = (
+                module.config.text_config if hasattr(module.config, "text_config") else module.config
+            )
             out[component] = {
                 "layers": int(text_config.num_hidden_layers),
                 "num_experts": int(text_config.num_experts),
@@ -303,10 +324,18 @@ class Tracer:
                 step.append(np.full(length, st))
                 pos.append(np.arange(start, start + length))
                 t.append(positions[0]), h.append(positions[1]), w.append(positions[2])
-            frame = pd.DataFrame({
-                "component": component, "phase": phase, "step": np.concatenate(step), "pos": np.concatenate(pos),
-                "token_id": np.concatenate(ids), "t": np.concatenate(t), "h": np.concatenate(h), "w": np.concatenate(w),
-            })
+            frame = pd.DataFrame(
+                {
+                    "component": component,
+                    "phase": phase,
+                    "step": np.concatenate(step),
+                    "pos": np.concatenate(pos),
+                    "token_id": np.concatenate(ids),
+                    "t": np.concatenate(t),
+                    "h": np.concatenate(h),
+                    "w": np.concatenate(w),
+                }
+            )
             if component == "thinker":
                 frame = self._append_unfed_tokens(frame)
             frames.append(_annotate(frame, component, self.lab.processor.tokenizer, _pps(self.model)))
@@ -325,14 +354,18 @@ class Tracer:
         if len(missing) == 0:
             return frame
         last = frame.iloc[-1]
-        extra = pd.DataFrame({
-            "component": "thinker", "phase": "decode",
-            "step": (missing - length + 1).astype(np.int64),
-            "pos": missing,
-            "token_id": np.asarray(reply.token_ids, dtype=np.int64)[missing - length],
-            "t": last["t"] + (missing - last["pos"]), "h": last["h"] + (missing - last["pos"]),
-            "w": last["w"] + (missing - last["pos"]),
-        })
+        extra = pd.DataFrame(
+            {
+                "component": "thinker",
+                "phase": "decode",
+                "step": (missing - length + 1).astype(np.int64),
+                "pos": missing,
+                "token_id": np.asarray(reply.token_ids, dtype=np.int64)[missing - length],
+                "t": last["t"] + (missing - last["pos"]),
+                "h": last["h"] + (missing - last["pos"]),
+                "w": last["w"] + (missing - last["pos"]),
+            }
+        )
         return pd.concat([frame, extra], ignore_index=True)
 
     def _routing_tables(self) -> dict[str, pd.DataFrame]:
@@ -340,27 +373,53 @@ class Tracer:
         for component, layer, start, phase, indices, weights, entropy, mass, raw in self._routing:
             n, k = indices.shape
             pos = np.arange(start, start + n, dtype=np.int32)
-            parts.append(pd.DataFrame({
-                "component": component, "layer": np.int16(layer), "pos": np.repeat(pos, k), "phase": phase,
-                "rank": np.tile(np.arange(k, dtype=np.int8), n), "expert": indices.ravel(), "weight": weights.ravel(),
-            }))
-            stats.append(pd.DataFrame({
-                "component": component, "layer": np.int16(layer), "pos": pos, "phase": phase,
-                "entropy": entropy, "topk_mass": mass,
-            }))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "component": component,
+                        "layer": np.int16(layer),
+                        "pos": np.repeat(pos, k),
+                        "phase": phase,
+                        "rank": np.tile(np.arange(k, dtype=np.int8), n),
+                        "expert": indices.ravel(),
+                        "weight": weights.ravel(),
+                    }
+                )
+            )
+            stats.append(
+                pd.DataFrame(
+                    {
+                        "component": component,
+                        "layer": np.int16(layer),
+                        "pos": pos,
+                        "phase": phase,
+                        "entropy": entropy,
+                        "topk_mass": mass,
+                    }
+                )
+            )
             if raw is not None:
                 e = raw.shape[1]
-                logits.append(pd.DataFrame({
-                    "component": component, "layer": np.int16(layer), "pos": np.repeat(pos, e),
-                    "expert": np.tile(np.arange(e, dtype=np.int16), n), "logit": raw.ravel(),
-                }))
+                logits.append(
+                    pd.DataFrame(
+                        {
+                            "component": component,
+                            "layer": np.int16(layer),
+                            "pos": np.repeat(pos, e),
+                            "expert": np.tile(np.arange(e, dtype=np.int16), n),
+                            "logit": raw.ravel(),
+                        }
+                    )
+                )
         order = ["component", "layer", "pos", "rank"]
         out = {
             "routing": pd.concat(parts, ignore_index=True).sort_values(order, kind="stable"),
             "router_stats": pd.concat(stats, ignore_index=True).sort_values(order[:3], kind="stable"),
         }
         if logits:
-            out["router_logits"] = pd.concat(logits, ignore_index=True).sort_values(["component", "layer", "pos", "expert"])
+            out["router_logits"] = pd.concat(logits, ignore_index=True).sort_values(
+                ["component", "layer", "pos", "expert"]
+            )
         return out
 
     def _attention_table(self) -> pd.DataFrame:
@@ -369,17 +428,32 @@ class Tracer:
             for head, weights in heads:
                 lq, lk = weights.shape
                 q, k = np.meshgrid(np.arange(start, start + lq), np.arange(lk), indexing="ij")
-                parts.append(pd.DataFrame({
-                    "component": component, "layer": layer, "head": head,
-                    "query_pos": q.ravel(), "key_pos": k.ravel(), "weight": weights.ravel(),
-                }))
+                parts.append(
+                    pd.DataFrame(
+                        {
+                            "component": component,
+                            "layer": layer,
+                            "head": head,
+                            "query_pos": q.ravel(),
+                            "key_pos": k.ravel(),
+                            "weight": weights.ravel(),
+                        }
+                    )
+                )
         return pd.concat(parts, ignore_index=True)
 
     def _timings_table(self) -> pd.DataFrame:
         # The code predictor runs between talker forwards (while preparing the next step's inputs),
         # so the stages do not nest and each is its own time.
         times = dict(self._times)
-        stages = ["thinker_prefill", "thinker_decode", "talker_prefill", "talker_decode", "code_predictor", "code2wav"]
+        stages = [
+            "thinker_prefill",
+            "thinker_decode",
+            "talker_prefill",
+            "talker_decode",
+            "code_predictor",
+            "code2wav",
+        ]
         rows = [(s, times[s], self._calls[s]) for s in stages if s in times]
         return pd.DataFrame(rows, columns=["stage", "seconds", "calls"])
 
@@ -416,7 +490,9 @@ def _annotate(frame: pd.DataFrame, component: str, tokenizer, pps: float) -> pd.
         for index in np.unique(item_of):
             members = where[item_of == index]
             # In a use_audio_in_video block, audio and video share the block's start time.
-            block_members = np.flatnonzero((block == blocks[item_of == index][0]) & np.isin(modality, ["audio", "video", "image"]))
+            block_members = np.flatnonzero(
+                (block == blocks[item_of == index][0]) & np.isin(modality, ["audio", "video", "image"])
+            )
             t0 = t[block_members].min()
             seconds[members] = (t[members] - t0) / pps
             if kind == "audio":
@@ -431,7 +507,9 @@ def _annotate(frame: pd.DataFrame, component: str, tokenizer, pps: float) -> pd.
     text = np.full(n, "", dtype=object)
     if component == "thinker":
         pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
-        text = np.array([tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces], dtype=object)
+        text = np.array(
+            [tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces], dtype=object
+        )
     frame["text"] = text
     frame["modality"] = modality
     frame["item"] = item

@@ -97,7 +97,9 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use 'bfloat16', 'float16' or 'float32'") from None
 
 
-def _load_checkpoint(name, *, dtype, device_map, attn_implementation, experts_implementation, talker) -> Loaded:
+def _load_checkpoint(
+    name, *, dtype, device_map, attn_implementation, experts_implementation, talker
+) -> Loaded:
     path = Path(name).expanduser()
     is_local = path.exists()
     if not is_local and (name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1):
@@ -159,6 +161,10 @@ def save(loaded: Loaded, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(directory)
     loaded.processor.save_pretrained(directory)
-    marker = {"model_id": loaded.model_id, "random_weights": loaded.random_weights, "video_size": loaded.video_size}
+    marker = {
+        "model_id": loaded.model_id,
+        "random_weights": loaded.random_weights,
+        "video_size": loaded.video_size,
+    }
     (directory / MARKER).write_text(json.dumps(marker, indent=2))
     return directory

@@ -25,20 +25,50 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 
 # Qwen's special tokens from id 151643 on, in their published order (Qwen2.5 / Qwen3-Omni).
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
-    "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
-    "<tts_text_bos_single>", "<|audio_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<tts_pad>",
+    "<tts_text_bos>",
+    "<tts_text_eod>",
+    "<tts_text_bos_single>",
+    "<|audio_pad|>",
 ]
 FIRST_SPECIAL_ID = 151643
 # Tokens that the processor looks up by role, and whose ids it reads.
 ROLE_TOKENS = {
-    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": "<|audio_pad|>",
-    "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
-    "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "audio_token": "<|audio_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+    "audio_bos_token": "<|audio_start|>",
+    "audio_eos_token": "<|audio_end|>",
 }
 # Caps of the presets' image and video processors (pixels per image / per video frame).
 PRESET_IMAGE_PIXELS = (32 * 32, 256 * 256)
@@ -88,18 +118,29 @@ def chat_template() -> str:
 
 def build_processor() -> Qwen3OmniMoeProcessor:
     """The presets' processor: real tokenizer, Whisper features, Qwen2-VL image and video processors."""
-    vision = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
-              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    vision = {
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
     image_processor = Qwen2VLImageProcessor(
         size={"shortest_edge": PRESET_IMAGE_PIXELS[0], "longest_edge": PRESET_IMAGE_PIXELS[1]}, **vision
     )
     video_processor = Qwen2VLVideoProcessor(
         size={"shortest_edge": PRESET_VIDEO_PIXELS[0], "longest_edge": PRESET_VIDEO_PIXELS[1]},
-        do_sample_frames=False, **vision,
+        do_sample_frames=False,
+        **vision,
     )
     feature_extractor = WhisperFeatureExtractor(
-        feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400,
-        padding_value=0.0, return_attention_mask=True,
+        feature_size=128,
+        sampling_rate=16000,
+        hop_length=160,
+        chunk_length=300,
+        n_fft=400,
+        padding_value=0.0,
+        return_attention_mask=True,
     )
     return Qwen3OmniMoeProcessor(
         image_processor=image_processor,

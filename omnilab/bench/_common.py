@@ -1,0 +1,37 @@
+"""Shared pieces of the benchmarks: a mixed-modality prompt of a target length, and a timer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent.parent / "data"
+
+
+def mixed_conversation(lab, target_tokens: int) -> list[dict]:
+    """Audio + image + video + enough text that the prompt has about `target_tokens` tokens."""
+    media = [
+        {"type": "audio", "audio": str(DATA / "speech.wav")},
+        {"type": "image", "image": str(DATA / "image.png")},
+        {"type": "video", "video": str(DATA / "video.mp4")},
+    ]
+    words = []
+    while True:
+        conversation = [
+            {"role": "user", "content": [*media, {"type": "text", "text": " ".join(words) or "Describe."}]}
+        ]
+        length = lab.prepare(conversation)["input_ids"].shape[1]
+        if length >= target_tokens:
+            return conversation
+        words += ["describe what you hear and see"] * max(1, (target_tokens - length) // 6)
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    """The fastest of `repeats` runs of `fn` (seconds), after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

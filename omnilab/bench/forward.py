@@ -1,0 +1,32 @@
+"""`omnilab bench forward`: thinker forward time of `small` on ~256 mixed-modality tokens, with the
+default experts implementation (the fastest the device supports) vs the eager per-expert loop."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import best_of, mixed_conversation
+
+
+def run(model: str = "small", tokens: int = 256, repeats: int = 5) -> dict:
+    from .. import load
+
+    lab = load(model)
+    conversation = mixed_conversation(lab, tokens)
+    inputs = lab.prepare(conversation)
+    thinker = lab.model.thinker
+    default = thinker.config.text_config._experts_implementation or "grouped_mm"
+
+    def forward():
+        with torch.inference_mode():
+            thinker(**inputs)
+
+    figures = {"model": lab.model_id, "tokens": int(inputs["input_ids"].shape[1]), "default_impl": default}
+    figures["default_s"] = best_of(forward, repeats)
+    lab.model.set_experts_implementation("eager")
+    try:
+        figures["eager_s"] = best_of(forward, repeats)
+    finally:
+        lab.model.set_experts_implementation(default)
+    figures["default_over_eager"] = figures["default_s"] / figures["eager_s"]
+    return figures
