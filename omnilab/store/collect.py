@@ -1,0 +1,465 @@
+"""Collect: run the instruments over every sample of a manifest into a trace store, resumably.
+
+    summary = collect("data/manifest.jsonl", "runs/demo", model="tiny")
+
+Each sample runs alone (prepare, then one traced forward of the thinker over the prompt, or a
+traced `generate` when `generate` > 0) and becomes rows keyed by its id. Finished samples are
+buffered and written as one shard every `shard_samples` samples or `shard_seconds` seconds,
+whichever comes first; a shard is committed whole or not at all (see `layout`). A collect that
+starts over a store skips every sample already in a committed shard, so a run killed at any
+moment and started again finishes the rest, each sample exactly once; at most the samples of the
+shard being buffered are run again. A sample that fails (missing or corrupt media, too long) is
+written to `errors` with its reason and the run goes on; it is not retried.
+
+Engines: "local" runs one model in this process; "ray" runs `workers` Ray actors, one model each
+(a whole GPU each where the cluster has GPUs, a fraction of a CPU each where it does not), while
+this process writes the shards. Both run the same `run_sample`, so they write the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import ConversationError, OmnilabError, TraceError
+from ..trace import TABLES as TRACE_TABLES
+from . import layout
+from .manifest import Sample, read_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAPTURE = ("routing", "positions", "codes")
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class SampleResult:
+    """What one sample gave: rows for each store table (with `sample_id`), or one `errors` row."""
+
+    sample_id: str
+    ok: bool
+    tokens: int
+    seconds: float
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+
+
+def collect(
+    manifest,
+    out,
+    *,
+    model="tiny",
+    capture=DEFAULT_CAPTURE,
+    generate: int = 0,
+    engine: str = "local",
+    workers: int = 1,
+    ray_address: str | None = None,
+    shard_samples: int = 16,
+    shard_seconds: float = 30.0,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the instruments over `manifest` into the store at `out`; skip samples already there.
+
+    model: a preset or checkpoint name for `omnilab.load`, or a loaded OmniLab (local engine).
+    capture: what the tracer records (`Tracer` capture names); empty runs without tracing.
+    generate: new tokens per sample; 0 traces one prefill forward of the thinker only.
+    max_tokens: longest prompt (+ generate) accepted; longer samples fail as "too long"
+    (default: the model's context). Returns a summary: samples in the manifest, done, errors,
+    skipped (already in the store), shards written, tokens, seconds, samples/s and tokens/s.
+    """
+    started = time.perf_counter()
+    samples = read_manifest(manifest)
+    capture = _capture(capture)
+    if not isinstance(generate, int) or isinstance(generate, bool) or generate < 0:
+        raise ConversationError(f"generate must be a whole number of new tokens ≥ 0; got {generate!r}")
+    if engine not in ENGINES:
+        raise OmnilabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if not isinstance(workers, int) or workers < 1:
+        raise OmnilabError(f"workers must be a positive whole number; got {workers!r}")
+    if shard_samples < 1:
+        raise OmnilabError(f"shard_samples must be at least 1; got {shard_samples!r}")
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise TraceError(f"--out '{root}' is a file; a trace store is a folder")
+
+    with layout.writer_lock(root):
+        layout.clear_tmp(root)
+        meta = layout.read_meta(root) if (root / layout.META_FILE).exists() else None
+        if meta is None and layout.shard_dirs(root):
+            raise TraceError(
+                f"'{root}' holds shards but no {layout.META_FILE}; it is not a store this omnilab wrote"
+            )
+        if meta is not None:
+            _check_same(root, meta, {"capture": list(capture), "generate": generate})
+        done = layout.done_ids(root)
+        todo = [s for s in samples if s.sample_id not in done]
+        summary = {
+            "store": str(root),
+            "samples": len(samples),
+            "done": 0,
+            "errors": 0,
+            "skipped": len(samples) - len(todo),
+            "shards": 0,
+            "tokens": 0,
+        }
+        if todo:
+            if engine == "local" and workers > 1:
+                log.warning(
+                    "the local engine runs one model in this process; --workers %d needs --engine ray",
+                    workers,
+                )
+            runner = (
+                _LocalEngine(model)
+                if engine == "local"
+                else _RayEngine(model, workers=workers, address=ray_address)
+            )
+            try:
+                described = runner.describe()
+                if meta is None:
+                    meta = layout.new_meta(
+                        capture=capture,
+                        generate=generate,
+                        manifest=str(Path(manifest).resolve()),
+                        **described,
+                    )
+                    layout.write_meta(root, meta)
+                else:
+                    _check_same(root, meta, described)
+                options = {"capture": capture, "generate": generate, "max_tokens": max_tokens}
+                _write(
+                    root,
+                    runner.results(todo, options),
+                    summary,
+                    total=len(todo),
+                    shard_samples=shard_samples,
+                    shard_seconds=shard_seconds,
+                    progress=progress,
+                )
+            finally:
+                runner.close()
+    seconds = time.perf_counter() - started
+    ran = summary["done"] + summary["errors"]
+    summary.update(
+        seconds=round(seconds, 3),
+        samples_per_s=round(ran / seconds, 3) if ran else 0.0,
+        tokens_per_s=round(summary["tokens"] / seconds, 1) if ran else 0.0,
+    )
+    log.info("collect %s: %s", root, summary)
+    return summary
+
+
+def run_sample(
+    lab, sample: Sample, *, capture=DEFAULT_CAPTURE, generate: int = 0, max_tokens: int | None = None
+) -> SampleResult:
+    """Run one sample under the tracer and turn what it gave into store rows (never raises for a bad sample)."""
+    import torch
+
+    start = time.perf_counter()
+    conversation = sample.resolved()
+    try:
+        inputs = lab.prepare(conversation, use_audio_in_video=sample.use_audio_in_video)
+        prompt = int(inputs["input_ids"].shape[1])
+        limit = max_tokens or _context(lab)
+        if limit and prompt + generate > limit:
+            raise ConversationError(
+                f"sample {sample.sample_id!r} is too long: {prompt} prompt tokens"
+                f"{f' + {generate} new' if generate else ''}; the limit is {limit}; shorten its media or text"
+            )
+        text, generated, trace = "", 0, None
+        if generate:
+            reply = lab.generate(
+                conversation,
+                max_new_tokens=generate,
+                use_audio_in_video=sample.use_audio_in_video,
+                return_audio=bool("codes" in capture and lab.has_talker),
+                trace=tuple(capture) or False,
+            )
+            text, generated, trace = reply.text, len(reply.token_ids), reply.trace
+        elif capture:
+            with lab.trace(capture=tuple(capture)) as tracer, torch.inference_mode():
+                lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
+            trace = tracer.trace
+        else:
+            with torch.inference_mode():
+                lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
+    except Exception as exc:  # a bad sample must not stop the run: record why and go on
+        log.warning("sample %r failed: %s: %s", sample.sample_id, type(exc).__name__, exc)
+        log.debug("sample %r failed", sample.sample_id, exc_info=True)
+        seconds = time.perf_counter() - start
+        row = {
+            "line": sample.line,
+            "error": type(exc).__name__,
+            "reason": str(exc),
+            "seconds": seconds,
+            "conversation": _json(sample.conversation),
+            "extra": _json(sample.extra),
+        }
+        return SampleResult(
+            sample.sample_id, False, 0, seconds, {"errors": _rows("errors", sample.sample_id, row)}
+        )
+    seconds = time.perf_counter() - start
+    counts = sample.media_counts()
+    row = {
+        "line": sample.line,
+        "prompt_tokens": prompt,
+        "generated_tokens": generated,
+        "text": text,
+        "audio_items": counts["audio"],
+        "image_items": counts["image"],
+        "video_items": counts["video"],
+        "use_audio_in_video": sample.use_audio_in_video,
+        "seconds": seconds,
+        "conversation": _json(sample.conversation),
+        "extra": _json(sample.extra),
+        "meta": _json(trace.meta if trace is not None else {}),
+    }
+    tables = {"samples": _rows("samples", sample.sample_id, row)}
+    if trace is not None:
+        tables.update(trace_tables(sample.sample_id, trace))
+    return SampleResult(sample.sample_id, True, prompt + generated, seconds, tables)
+
+
+def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
+    """The non-empty tables of `trace` as Arrow tables with `sample_id` in front."""
+    out = {}
+    for name in TRACE_TABLES:
+        frame = trace.table(name)
+        if len(frame) == 0:
+            continue
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.add_column(0, "sample_id", pa.repeat(pa.scalar(sample_id, pa.string()), len(frame)))
+        out[name] = table.cast(layout.schema(name))
+    return out
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _write(
+    root: Path,
+    results: Iterable[SampleResult],
+    summary: dict,
+    *,
+    total: int,
+    shard_samples: int,
+    shard_seconds: float,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    buffer: list[SampleResult] = []
+    buffered_since = time.monotonic()
+    started = time.monotonic()
+
+    def flush() -> None:
+        if buffer:
+            tables = {}
+            for name in layout.TABLES:
+                parts = [r.tables[name] for r in buffer if name in r.tables]
+                if parts:
+                    tables[name] = pa.concat_tables(parts)
+            layout.write_shard(root, tables)
+            summary["shards"] += 1
+            buffer.clear()
+
+    bar = tqdm(total=total, unit="sample", desc="collect", disable=not progress, dynamic_ncols=True)
+    try:
+        for result in results:
+            if not buffer:
+                buffered_since = time.monotonic()
+            buffer.append(result)
+            summary["done" if result.ok else "errors"] += 1
+            summary["tokens"] += result.tokens
+            elapsed = max(time.monotonic() - started, 1e-9)
+            bar.set_postfix(
+                {"tokens/s": f"{summary['tokens'] / elapsed:.0f}", "errors": summary["errors"]}, refresh=False
+            )
+            bar.update(1)
+            if len(buffer) >= shard_samples or time.monotonic() - buffered_since >= shard_seconds:
+                flush()
+        flush()
+    except BaseException:
+        # Interrupted (Ctrl-C, an engine failure): keep what finished, then stop.
+        try:
+            flush()
+        except Exception:
+            log.exception("could not write the last shard of %s", root)
+        raise
+    finally:
+        bar.close()
+
+
+# -- engines -------------------------------------------------------------------------------------
+def describe(lab) -> dict:
+    """What the store records about the model a run uses."""
+    from ..instrument.tracer import config_hash
+
+    return {"model_id": lab.model_id, "config_hash": config_hash(lab.model)}
+
+
+class _LocalEngine:
+    """One model in this process."""
+
+    def __init__(self, model):
+        from ..lab import OmniLab, load
+
+        self.lab = model if isinstance(model, OmniLab) else load(model)
+
+    def describe(self) -> dict:
+        return describe(self.lab)
+
+    def results(self, samples: list[Sample], options: dict) -> Iterator[SampleResult]:
+        for sample in samples:
+            yield run_sample(self.lab, sample, **options)
+
+    def close(self) -> None:
+        pass
+
+
+class RayWorker:
+    """A Ray actor's state: one loaded model (on the actor's GPU when it has one)."""
+
+    def __init__(self, model: str, threads: int):
+        import torch
+
+        from ..lab import load
+
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if torch.cuda.is_available() else None
+        self.lab = load(model, device_map=device)
+
+    def describe(self) -> dict:
+        return describe(self.lab)
+
+    def run(self, sample: Sample, options: dict) -> SampleResult:
+        return run_sample(self.lab, sample, **options)
+
+
+class _RayEngine:
+    """`workers` Ray actors, one model each; results come back here, where the shards are written."""
+
+    def __init__(self, model, *, workers: int, address: str | None):
+        from ..lab import OmniLab
+
+        if isinstance(model, OmniLab):
+            raise OmnilabError(
+                "the ray engine loads one model per actor, so it needs the model's name or path, not a "
+                "loaded OmniLab; pass model='tiny' (or the checkpoint) instead"
+            )
+        try:
+            import ray
+        except ImportError:
+            raise OmnilabError("the ray engine needs Ray: pip install 'omnilab[scale]' (ray[data])") from None
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            options = {"logging_level": logging.WARNING, "log_to_driver": False}
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **options)
+            self.started = True
+        resources = ray.cluster_resources()
+        cpus = float(resources.get("CPU", 1))
+        if resources.get("GPU", 0) >= 1:
+            actor_options = {"num_gpus": 1, "num_cpus": min(1.0, cpus / workers)}
+            threads = 1
+        else:
+            # Fractions of a CPU: whole CPUs per actor on a small machine would leave the writer none.
+            share = cpus / (workers + 1)
+            actor_options = {"num_cpus": min(1.0, share)}
+            threads = max(1, math.floor(cpus / workers))
+        actor = ray.remote(**actor_options)(RayWorker)
+        self.actors = [actor.remote(model, threads) for _ in range(workers)]
+
+    def describe(self) -> dict:
+        described = self.ray.get([a.describe.remote() for a in self.actors])
+        if any(d != described[0] for d in described):
+            raise OmnilabError(f"the ray actors loaded different models: {described}")
+        return described[0]
+
+    def results(self, samples: list[Sample], options: dict) -> Iterator[SampleResult]:
+        ray = self.ray
+        queue = iter(samples)
+        pending: dict = {}  # object ref -> actor
+        per_actor = 2  # one running, one waiting: no actor idles while this process writes
+
+        def submit(actor) -> bool:
+            sample = next(queue, None)
+            if sample is None:
+                return False
+            pending[actor.run.remote(sample, options)] = actor
+            return True
+
+        for actor in self.actors:
+            for _ in range(per_actor):
+                submit(actor)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ready[0])
+            result = ray.get(ready[0])
+            submit(actor)
+            yield result
+
+    def close(self) -> None:
+        for actor in getattr(self, "actors", []):
+            self.ray.kill(actor)
+        if self.started:
+            self.ray.shutdown()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _capture(capture) -> tuple[str, ...]:
+    if capture is None:
+        return DEFAULT_CAPTURE
+    if isinstance(capture, str):
+        capture = capture.split(",")
+    names = sorted({c.strip() for c in capture if c and c.strip()})
+    from ..instrument.tracer import CAPTURES
+
+    unknown = [c for c in names if c not in CAPTURES]
+    if unknown:
+        raise OmnilabError(f"unknown capture {unknown}; choose from {', '.join(CAPTURES)}")
+    return tuple(names)
+
+
+def _check_same(root: Path, meta: dict, wanted: dict) -> None:
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            raise TraceError(
+                f"trace store '{root}' was collected with {key} {meta.get(key)!r}; this run asks for {value!r}; "
+                f"collect into a new --out, or rerun with the store's options ({root / layout.META_FILE})"
+            )
+
+
+def _context(lab) -> int | None:
+    config = getattr(lab.thinker, "config", None)
+    text = getattr(config, "text_config", config)
+    limit = getattr(text, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def _rows(table: str, sample_id: str, row: dict) -> pa.Table:
+    return pa.Table.from_pylist([{"sample_id": sample_id, **row}], schema=layout.schema(table))
+
+
+def _json(value) -> str:
+    return json.dumps(value, default=_default, ensure_ascii=False)
+
+
+def _default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)

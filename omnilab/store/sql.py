@@ -1,0 +1,237 @@
+"""A trace store in DuckDB: one view per table, SQL, and analyses that never load the whole store.
+
+    con = omnilab.open_store("runs/demo")
+    con.sql("SELECT modality, count(*) FROM tokens GROUP BY ALL").df()
+    omnilab.store.query("runs/demo", "SELECT * FROM errors")
+    omnilab.store.expert_load_sql("runs/demo", component="thinker")
+
+Every view is a union of its table over the store's committed shards, with the shard number as the
+column `shard`. Views are a snapshot of the shards present when the store is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import TraceError
+from ..trace import SCHEMA_VERSION, Trace
+from ..trace import TABLES as TRACE_TABLES
+from . import layout
+
+# Statement types `query` runs: it reads, it never writes.
+_READ_ONLY = {"SELECT", "EXPLAIN"}
+_DUCK_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.bool_(): "BOOLEAN",
+    pa.int8(): "TINYINT",
+    pa.int16(): "SMALLINT",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float16(): "FLOAT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+}
+
+
+def open_store(store: str | os.PathLike) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection (in memory) with one view per store table over the store's Parquet shards.
+
+    Tables: samples, errors, tokens, routing, router_stats, router_logits, codes, attention, spans,
+    timings (columns: `sample_id`, the table's columns, `shard`). A store of another schema version,
+    or a shard that lacks a table's file, raises a TraceError naming the file.
+    """
+    if isinstance(store, duckdb.DuckDBPyConnection):
+        return store
+    root = Path(store)
+    layout.read_meta(root)
+    con = duckdb.connect()
+    for table in layout.TABLES:
+        con.execute(_view_sql(table, layout.shard_files(root, table)))
+    return con
+
+
+def query(store, sql: str) -> pd.DataFrame:
+    """The result of one read-only SQL statement (SELECT, WITH … SELECT, DESCRIBE, EXPLAIN) over a store.
+
+    Bad SQL, or a damaged shard met while reading, raises a TraceError carrying DuckDB's message.
+    """
+    con = open_store(store)
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise TraceError(_message(exc, store)) from None
+    if len(statements) != 1:
+        raise TraceError(f"omnilab query runs one SQL statement at a time; got {len(statements)}")
+    kind = statements[0].type.name
+    if kind not in _READ_ONLY:
+        raise TraceError(
+            f"omnilab query opens the store read-only, so it runs SELECT statements only (got {kind}); "
+            "use omnilab.open_store(...) in Python to compute or export elsewhere"
+        )
+    try:
+        return con.execute(sql).df()
+    except duckdb.Error as exc:
+        raise TraceError(_message(exc, store)) from None
+
+
+def read_table(store, table: str, *, sample_id: str | None = None, columns=None) -> pd.DataFrame:
+    """Table `table` of a store as a DataFrame (all samples, or one), with `sample_id`, without `shard`."""
+    if table not in layout.TABLES:
+        raise TraceError(f"unknown store table {table!r}; the tables are {', '.join(layout.TABLES)}")
+    con = open_store(store)
+    names = ["sample_id", *layout.STORE_COLUMNS[table]] if columns is None else list(columns)
+    select = ", ".join(_quote(c) for c in names)
+    sql = f"SELECT {select} FROM {table}"
+    params = []
+    if sample_id is not None:
+        sql += " WHERE sample_id = ?"
+        params.append(str(sample_id))
+    try:
+        return con.execute(sql, params).df()
+    except duckdb.Error as exc:
+        raise TraceError(_message(exc, store)) from None
+
+
+def load_trace(store, sample_id: str) -> Trace:
+    """The Trace of one sample, read back from the store (its tables and metadata; no audio)."""
+    samples = read_table(store, "samples", sample_id=sample_id, columns=["sample_id", "meta"])
+    if len(samples) == 0:
+        failed = read_table(store, "errors", sample_id=sample_id, columns=["error", "reason"])
+        if len(failed):
+            raise TraceError(f"sample {sample_id!r} failed when it was collected: {failed['reason'].iloc[0]}")
+        raise TraceError(f"no sample {sample_id!r} in the store")
+    if len(samples) > 1:
+        raise TraceError(f"sample {sample_id!r} is in the store {len(samples)} times; the store is damaged")
+    tables = {
+        name: read_table(store, name, sample_id=sample_id).drop(columns="sample_id") for name in TRACE_TABLES
+    }
+    meta = json.loads(samples["meta"].iloc[0] or "{}")
+    return Trace.build(meta=meta, **tables)
+
+
+def expert_load_sql(
+    store,
+    *,
+    component: str | None = None,
+    layer: int | None = None,
+    phase: str | None = None,
+    by=("component", "layer", "modality"),
+) -> pd.DataFrame:
+    """Expert load, computed in DuckDB over the whole store: how often each expert is chosen.
+
+    Rows: the `by` columns (any of component, layer, modality, phase), expert, count (routing
+    slots — token × rank — that chose the expert), share (count / all slots of the group), and
+    weight (the mean router weight the expert got when chosen). Only experts chosen at least once
+    appear. A token's modality comes from `tokens`, joined on (sample_id, component, pos).
+    """
+    allowed = ("component", "layer", "modality", "phase")
+    by = (by,) if isinstance(by, str) else tuple(by)
+    if not set(by) <= set(allowed):
+        raise TraceError(f"expert_load_sql groups by {', '.join(allowed)}; got {list(by)}")
+    con = open_store(store)
+    where, params = [], []
+    for column, value in (("component", component), ("layer", layer), ("phase", phase)):
+        if value is not None:
+            where.append(f"r.{column} = ?")
+            params.append(value)
+    keys = ", ".join(("t." if c == "modality" else "r.") + c for c in by)
+    groups = ", ".join(by)
+    sql = f"""
+        WITH load AS (
+            SELECT {keys + "," if keys else ""} r.expert, count(*) AS count, avg(r.weight) AS weight
+            FROM routing AS r
+            LEFT JOIN tokens AS t USING (sample_id, component, pos)
+            {"WHERE " + " AND ".join(where) if where else ""}
+            GROUP BY ALL
+        )
+        SELECT {groups + "," if groups else ""} expert, count,
+               count / sum(count) OVER ({"PARTITION BY " + groups if groups else ""}) AS share, weight
+        FROM load
+        ORDER BY {groups + "," if groups else ""} expert
+    """
+    try:
+        frame = con.execute(sql, params).df()
+    except duckdb.Error as exc:
+        raise TraceError(_message(exc, store)) from None
+    return frame.astype({"expert": "int16", "count": "int64", "share": "float64", "weight": "float64"})
+
+
+def verify_store(store: str | os.PathLike) -> dict:
+    """Read every shard file's footer and every sample id; a damaged or foreign file raises, named.
+
+    Returns counts: shards, samples, errors, and rows per table.
+    """
+    root = Path(store)
+    layout.read_meta(root)
+    rows = {}
+    for table in layout.TABLES:
+        rows[table] = 0
+        for path in layout.shard_files(root, table):
+            try:
+                metadata = pq.read_metadata(path)
+                version = (pq.read_schema(path).metadata or {}).get(b"omnilab.schema_version")
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise TraceError(
+                    f"'{path}' is damaged or not Parquet ({exc}); delete the folder '{path.parent}' and run "
+                    "`omnilab collect` again to redo its samples"
+                ) from None
+            if version is not None and version.decode() != str(SCHEMA_VERSION):
+                raise TraceError(
+                    f"'{path}' has schema version {version.decode()}; this omnilab reads {SCHEMA_VERSION}"
+                )
+            rows[table] += metadata.num_rows
+    seen: dict[str, str] = {}
+    for table in ("samples", "errors"):
+        for path in layout.shard_files(root, table):
+            for sample_id in layout.sample_ids(path):
+                if sample_id in seen:
+                    raise TraceError(f"sample {sample_id!r} is in '{seen[sample_id]}' and in '{path}'")
+                seen[sample_id] = str(path)
+    return {
+        "shards": len(layout.shard_dirs(root)),
+        "samples": rows["samples"],
+        "errors": rows["errors"],
+        "rows": rows,
+    }
+
+
+def _view_sql(table: str, files: list[Path]) -> str:
+    if not files:
+        schema = layout.schema(table)
+        columns = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS {_quote(f.name)}" for f in schema)
+        return f"CREATE VIEW {table} AS SELECT {columns}, NULL::INTEGER AS shard WHERE false"
+    listing = ", ".join(_literal(str(p)) for p in files)
+    return (
+        f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], hive_partitioning = true, "
+        "hive_types = {'shard': 'INTEGER'})"
+    )
+
+
+def _message(exc: duckdb.Error, store) -> str:
+    text = str(exc).strip()
+    match = re.search(r"'([^']*shard=\d+[^']*\.parquet)'", text)
+    if match:
+        shard = Path(match.group(1)).parent
+        return (
+            f"{text}\nthe shard '{shard}' is damaged; delete that folder and run `omnilab collect` again "
+            "to redo its samples"
+        )
+    if isinstance(store, (str, os.PathLike)):
+        return f"{text}\n(the store's tables: {', '.join(layout.TABLES)})"
+    return text
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
