@@ -1,1 +1,67 @@
-"""omnilab.analysis."""
+"""omnilab.analysis: pure functions over a Trace (or a trace store's query results) → tidy DataFrames.
+
+Every analysis is `fn(trace, *, component=None, layer=None, ...) -> DataFrame`, its definition and
+source paper in its docstring. `trace` may be an omnilab Trace, a dict of tables, or any object with
+`.routing` / `.tokens` / ... attributes. Routing analyses also take `prepare(trace)`, the dense routing
+arrays computed once; `routing_suite(trace)` runs them all on one preparation.
+
+    routing     expert_load, load_balance, modality_specialization, modality_nmi, modality_experts,
+                coactivation, repetition, layer_transitions, token_paths, vocabulary_specialization,
+                router_confidence, routing_agreement, routing_suite
+    positions   position_layout, av_alignment
+    attention   attention_map, attention_modality_mass, attention_over_time
+    speech      codebook_usage, codebook_grid, spoken_text, mel_spectrogram, waveform_envelope
+
+Attribution (which must run the model) lives in `omnilab.analysis.attribution`.
+"""
+
+from ._source import ComponentRouting, RoutingData, prepare
+from .attention import attention_map, attention_modality_mass, attention_over_time
+from .positions import av_alignment, position_layout
+from .routing import (
+    ROUTING_ANALYSES,
+    coactivation,
+    expert_load,
+    layer_transitions,
+    load_balance,
+    modality_experts,
+    modality_nmi,
+    modality_specialization,
+    repetition,
+    router_confidence,
+    routing_agreement,
+    routing_suite,
+    token_paths,
+    vocabulary_specialization,
+)
+from .speech import codebook_grid, codebook_usage, mel_spectrogram, spoken_text, waveform_envelope
+
+__all__ = [
+    "ROUTING_ANALYSES",
+    "ComponentRouting",
+    "RoutingData",
+    "attention_map",
+    "attention_modality_mass",
+    "attention_over_time",
+    "av_alignment",
+    "coactivation",
+    "codebook_grid",
+    "codebook_usage",
+    "expert_load",
+    "layer_transitions",
+    "load_balance",
+    "mel_spectrogram",
+    "modality_experts",
+    "modality_nmi",
+    "modality_specialization",
+    "position_layout",
+    "prepare",
+    "repetition",
+    "router_confidence",
+    "routing_agreement",
+    "routing_suite",
+    "spoken_text",
+    "token_paths",
+    "vocabulary_specialization",
+    "waveform_envelope",
+]
