@@ -1,0 +1,480 @@
+"""The omnilab demo: chat with Qwen3-Omni and watch its instruments on the last turn.
+
+    omnilab demo --model tiny --port 7860          # or: python apps/demo.py --model tiny --port 7860
+
+Layout and wiring only: every handler calls `omnilab.app_logic`, which runs without a browser.
+Safe by default: binds 127.0.0.1, no share link, uploads capped, one model job at a time behind a
+bounded queue, monitoring and analytics off, no extra served paths, one `gr.State` per session.
+
+API endpoints for scripts (gradio_client): /chat (the streaming turn), /reply (the same turn,
+not streamed: reply text and a WAV file), /routing, /positions, /speech, /attention, /latency,
+/ablate, /trace_zip, /figures_html, /clear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+import omnilab  # noqa: E402
+from omnilab import app_logic as logic  # noqa: E402
+from omnilab.errors import OmnilabError  # noqa: E402
+from omnilab.lab import DEFAULT_SYSTEM, SAMPLE_RATE, OmniLab  # noqa: E402
+
+log = logging.getLogger("omnilab.app")
+
+MAX_FILE_SIZE = logic.MAX_UPLOAD_BYTES
+QUEUE_SIZE = 16
+SESSION_SECONDS = 3600
+MODEL_JOBS = "model"  # one concurrency group for every event that runs the model
+
+
+def _user_error(exc: Exception) -> gr.Error:
+    if isinstance(exc, OmnilabError):
+        log.info("refused: %s", exc)
+    else:
+        log.exception("unexpected error in a handler")
+    return gr.Error(logic.error_text(exc), print_exception=False)
+
+
+def _guard(fn):
+    """Any failure becomes a gr.Error with escaped text; the app keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise _user_error(exc) from None
+
+    return wrapper
+
+
+def _guard_stream(fn):
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            yield from fn(*args)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise _user_error(exc) from None
+
+    return wrapper
+
+
+def _audio(reply):
+    return None if reply.audio is None else (reply.sample_rate, logic.pcm16(reply.audio))
+
+
+def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Blocks:
+    """The demo's Blocks for `lab` (not launched)."""
+    preset = lab.random_weights
+    speaks = lab.has_talker
+
+    def turn_inputs(
+        text,
+        audio,
+        image,
+        video,
+        video_audio,
+        system,
+        voice,
+        speak,
+        max_new_tokens,
+        max_speech_frames,
+        do_sample,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        attention,
+    ):
+        message = logic.user_message(text, audio=audio, image=image, video=video, max_bytes=max_upload_bytes)
+        opts = logic.options(
+            speaker=voice,
+            speak=speak,
+            max_new_tokens=max_new_tokens,
+            max_speech_frames=max_speech_frames,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            use_audio_in_video=video_audio,
+            attention=attention,
+            lab=lab,
+        )
+        return message, opts, system
+
+    @_guard_stream
+    def chat(*args):
+        *values, session = args
+        message, opts, system = turn_inputs(*values)
+        session = session if isinstance(session, logic.Session) else logic.Session()
+        for update in logic.stream_turn(lab, session, message, opts, system):
+            pending = session.chat + [{"role": "user", "content": logic.chat_text(message)}]
+            shown = (
+                session.chat
+                if update.turn is not None
+                else pending + [{"role": "assistant", "content": update.text or "…"}]
+            )
+            audio = (SAMPLE_RATE, logic.pcm16(update.audio)) if update.audio is not None else gr.skip()
+            yield shown, audio, session
+
+    @_guard
+    def reply(*args):
+        *values, session = args
+        message, opts, system = turn_inputs(*values)
+        session = session if isinstance(session, logic.Session) else logic.Session()
+        turn = logic.run_turn(lab, session, message, opts, system)
+        wav = logic.write_wav(turn.reply, session.output_folder())
+        return turn.reply.text, str(wav) if wav else None, session.chat, session
+
+    def panels(session, component, layer, token):
+        session = session if isinstance(session, logic.Session) else logic.Session()
+        count = logic.layer_choices(session, component)
+        layer = min(int(layer or 0), max(count - 1, 0))
+        figures = logic.all_figures(session, component, layer, None)
+        tokens = logic.token_choices(session)
+        wav = None
+        if session.last is not None:
+            wav = logic.write_wav(session.last.reply, session.output_folder())
+        return (
+            figures["routing"],
+            figures["expert_load"],
+            figures["modality_specialization"],
+            figures["positions"],
+            figures["timeline"],
+            figures["codebooks"],
+            figures["spectrogram"],
+            figures["attention"],
+            figures["latency"],
+            gr.Slider(maximum=max(count - 1, 1), value=layer),
+            gr.Dropdown(choices=tokens, value=tokens[0][1] if tokens else None),
+            str(wav) if wav else None,
+            figures["ablation_original"],
+            figures["ablation_ablated"],
+        )
+
+    @_guard
+    def routing(session, component, layer):
+        return logic.routing_figures(session, component, layer)
+
+    @_guard
+    def component_changed(session, component, layer):
+        count = logic.layer_choices(session, component)
+        layer = min(int(layer or 0), max(count - 1, 0))
+        return (
+            *logic.routing_figures(session, component, layer),
+            gr.Slider(maximum=max(count - 1, 1), value=layer),
+        )
+
+    @_guard
+    def ablate(session, component, spec):
+        original, ablated = logic.ablate_turn(lab, session, component, spec)
+        left, right = logic.comparison_figures(session, component)
+        return (
+            original.reply.text,
+            _audio(original.reply),
+            ablated.reply.text,
+            _audio(ablated.reply),
+            left,
+            right,
+        )
+
+    @_guard
+    def trace_zip(session):
+        return str(logic.trace_zip(session))
+
+    @_guard
+    def figures_html(session, component, layer, token):
+        return str(logic.figures_html(session, component, layer, token))
+
+    def clear(session):
+        return logic.clear(session), [], None, "", None, None, None
+
+    with gr.Blocks(title="omnilab · Qwen3-Omni", analytics_enabled=False) as app:
+        session = gr.State(logic.Session(), time_to_live=SESSION_SECONDS, delete_callback=logic.close_session)
+        gr.Markdown(logic.banner(lab), elem_id="banner")
+
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chatbot")
+                speech = gr.Audio(
+                    label="Reply speech (streamed)",
+                    streaming=True,
+                    autoplay=True,
+                    interactive=False,
+                    elem_id="speech",
+                )
+                with gr.Row():
+                    text = gr.Textbox(
+                        label="Message",
+                        placeholder="Ask about what you upload…",
+                        scale=5,
+                        elem_id="message",
+                        max_length=logic.MAX_MESSAGE_CHARS,
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    clear_button = gr.Button("Clear", scale=1)
+                with gr.Row():
+                    audio_in = gr.Audio(
+                        label="Audio (microphone or file)",
+                        sources=["microphone", "upload"],
+                        type="filepath",
+                        elem_id="audio-in",
+                    )
+                    image_in = gr.Image(
+                        label="Image", type="filepath", sources=["upload"], elem_id="image-in"
+                    )
+                    with gr.Column():
+                        video_in = gr.Video(label="Video", sources=["upload"], elem_id="video-in")
+                        video_audio = gr.Checkbox(label="use the video's audio", value=False)
+            with gr.Column(scale=1):
+                with gr.Accordion("Settings", open=True):
+                    system = gr.Textbox(
+                        label="System prompt",
+                        value=DEFAULT_SYSTEM,
+                        lines=3,
+                        max_length=logic.MAX_SYSTEM_CHARS,
+                    )
+                    voice = gr.Dropdown(label="Voice", choices=list(logic.VOICES), value="Ethan")
+                    speak = gr.Checkbox(label="speak the reply", value=speaks, interactive=speaks)
+                    max_new_tokens = gr.Slider(
+                        1, logic.MAX_NEW_TOKENS, value=32 if preset else 256, step=1, label="max new tokens"
+                    )
+                    max_speech_frames = gr.Slider(
+                        1,
+                        logic.MAX_SPEECH_FRAMES,
+                        value=24 if preset else 2048,
+                        step=1,
+                        label="max speech frames (12.5 per second)",
+                    )
+                    do_sample = gr.Checkbox(label="sample (otherwise greedy)", value=False)
+                    temperature = gr.Slider(0.01, 2.0, value=0.7, step=0.01, label="temperature")
+                    top_p = gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="top p")
+                    top_k = gr.Slider(1, 1000, value=20, step=1, label="top k")
+                    seed = gr.Number(label="seed", value=0, precision=0)
+                    attention = gr.Checkbox(
+                        label="record attention (first and last thinker layer)", value=preset
+                    )
+                with gr.Accordion("Reply as a file", open=False):
+                    reply_text = gr.Textbox(label="Reply text", interactive=False)
+                    reply_wav = gr.File(label="Reply speech (WAV)", interactive=False)
+
+        gr.Markdown("### The last turn, from its trace")
+        with gr.Tabs():
+            with gr.Tab("Routing"):
+                with gr.Row():
+                    component = gr.Radio(list(logic.COMPONENTS), value="thinker", label="component")
+                    layer = gr.Slider(0, 1, value=0, step=1, label="layer")
+                routing_map = gr.Plot(label="routing", elem_id="routing-plot")
+                with gr.Row():
+                    load_plot = gr.Plot(label="expert load")
+                    modality_plot = gr.Plot(label="modality specialization")
+            with gr.Tab("Positions"):
+                positions_plot = gr.Plot(label="TM-RoPE")
+                timeline_plot = gr.Plot(label="timeline")
+            with gr.Tab("Speech"):
+                codebook_plot = gr.Plot(label="codebooks")
+                spectrogram_plot = gr.Plot(label="spectrogram")
+            with gr.Tab("Attention"):
+                token = gr.Dropdown(label="output token", choices=[], value=None)
+                attention_plot = gr.Plot(label="attention")
+            with gr.Tab("Latency"):
+                latency_plot = gr.Plot(label="latency")
+            with gr.Tab("Interventions"):
+                with gr.Row():
+                    ablate_component = gr.Radio(list(logic.COMPONENTS), value="thinker", label="component")
+                    ablate_spec = gr.Textbox(
+                        label="experts to ablate", placeholder="layer: experts; … e.g. 0: 3, 7 or *: 5"
+                    )
+                    ablate_button = gr.Button("Ablate and rerun the last turn")
+                with gr.Row():
+                    with gr.Column():
+                        original_text = gr.Textbox(label="original reply", interactive=False)
+                        original_audio = gr.Audio(label="original speech", interactive=False)
+                        original_plot = gr.Plot(label="original routes")
+                    with gr.Column():
+                        ablated_text = gr.Textbox(label="ablated reply", interactive=False)
+                        ablated_audio = gr.Audio(label="ablated speech", interactive=False)
+                        ablated_plot = gr.Plot(label="ablated routes")
+            with gr.Tab("Download"):
+                with gr.Row():
+                    zip_button = gr.Button("Trace (zip of Parquet files)")
+                    html_button = gr.Button("Figures (HTML)")
+                download = gr.File(label="download", interactive=False)
+
+        turn_in = [
+            text,
+            audio_in,
+            image_in,
+            video_in,
+            video_audio,
+            system,
+            voice,
+            speak,
+            max_new_tokens,
+            max_speech_frames,
+            do_sample,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            attention,
+            session,
+        ]
+        panel_out = [
+            routing_map,
+            load_plot,
+            modality_plot,
+            positions_plot,
+            timeline_plot,
+            codebook_plot,
+            spectrogram_plot,
+            attention_plot,
+            latency_plot,
+            layer,
+            token,
+            reply_wav,
+            original_plot,
+            ablated_plot,
+        ]
+        panel_in = [session, component, layer, token]
+        media_in = [text, audio_in, image_in, video_in]
+
+        def cleared():
+            return "", None, None, None
+
+        # The raw upload payloads go to app_logic, which checks them by content before anything decodes.
+        for trigger, visibility in ((send.click, "public"), (text.submit, "private")):
+            trigger(
+                chat,
+                turn_in,
+                [chatbot, speech, session],
+                api_name="chat",
+                api_visibility=visibility,
+                preprocess=False,
+                concurrency_id=MODEL_JOBS,
+            ).success(cleared, None, media_in, api_visibility="private", queue=False).then(
+                panels, panel_in, panel_out, api_visibility="private"
+            )
+        hidden_reply = gr.Button("reply", visible=False)
+        hidden_reply.click(
+            reply,
+            turn_in,
+            [reply_text, reply_wav, chatbot, session],
+            api_name="reply",
+            preprocess=False,
+            concurrency_id=MODEL_JOBS,
+        ).success(panels, panel_in, panel_out, api_visibility="private")
+        layer.release(
+            routing,
+            [session, component, layer],
+            [routing_map, load_plot, modality_plot],
+            api_name="routing",
+            preprocess=False,
+        )
+        component.change(
+            component_changed,
+            [session, component, layer],
+            [routing_map, load_plot, modality_plot, layer],
+            api_visibility="private",
+            preprocess=False,
+        )
+        token.change(
+            _guard(logic.attention_figure),
+            [session, token],
+            [attention_plot],
+            api_name="attention",
+            preprocess=False,
+        )
+        positions_button = gr.Button(visible=False)
+        positions_button.click(
+            _guard(logic.position_figures), [session], [positions_plot, timeline_plot], api_name="positions"
+        )
+        speech_button = gr.Button(visible=False)
+        speech_button.click(
+            _guard(logic.speech_figures), [session], [codebook_plot, spectrogram_plot], api_name="speech"
+        )
+        latency_button = gr.Button(visible=False)
+        latency_button.click(_guard(logic.latency_figure), [session], [latency_plot], api_name="latency")
+        ablate_button.click(
+            ablate,
+            [session, ablate_component, ablate_spec],
+            [original_text, original_audio, ablated_text, ablated_audio, original_plot, ablated_plot],
+            api_name="ablate",
+            preprocess=False,
+            concurrency_id=MODEL_JOBS,
+        )
+        zip_button.click(trace_zip, [session], [download], api_name="trace_zip")
+        html_button.click(figures_html, panel_in, [download], api_name="figures_html", preprocess=False)
+        clear_button.click(
+            clear,
+            [session],
+            [session, chatbot, speech, text, audio_in, image_in, video_in],
+            api_name="clear",
+            queue=False,
+        ).then(panels, panel_in, panel_out, api_visibility="private")
+    return app
+
+
+def launch(
+    model: str = "tiny",
+    port: int = 7860,
+    *,
+    lab: OmniLab | None = None,
+    max_file_size: int = MAX_FILE_SIZE,
+    queue_size: int = QUEUE_SIZE,
+    **kw,
+) -> gr.Blocks:
+    """Load `model` (or use `lab`), build the app and serve it on 127.0.0.1:`port`.
+
+    Extra keyword arguments go to `Blocks.launch` (e.g. prevent_thread_lock=True, quiet=True);
+    the safety settings (host, share, monitoring, served paths) cannot be overridden here.
+    """
+    fixed = {"server_name", "share", "enable_monitoring", "allowed_paths", "max_file_size", "mcp_server"}
+    if fixed & set(kw):
+        raise ValueError(f"launch() keeps {sorted(fixed & set(kw))} at their safe settings")
+    lab = lab if lab is not None else omnilab.load(model)
+    app = build_app(lab, max_upload_bytes=max_file_size)
+    app.queue(max_size=queue_size, default_concurrency_limit=1)
+    kw.setdefault("show_error", False)
+    kw.setdefault("state_session_capacity", 256)
+    app.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        share=False,
+        max_file_size=max_file_size,
+        enable_monitoring=False,
+        allowed_paths=None,
+        mcp_server=False,
+        ssr_mode=False,
+        pwa=False,
+        footer_links=["api"],
+        **kw,
+    )
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="a preset (tiny, small), a hub id or a local path")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--max-upload-mb", type=int, default=MAX_FILE_SIZE // 1024**2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    launch(args.model, args.port, max_file_size=args.max_upload_mb * 1024**2)
+
+
+if __name__ == "__main__":
+    main()

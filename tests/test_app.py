@@ -1,0 +1,402 @@
+"""The demo app: its handlers called directly, then the served app through gradio_client.
+
+Direct tests call omnilab.app_logic with the shared tiny lab; served tests launch apps/demo.py on
+127.0.0.1 at a free port and talk to /chat, /reply, /routing, /trace_zip as a script would.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import zipfile
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io
+import pytest
+import soundfile
+from conftest_app import DATA, FAST, client, demo_module, shared_lab, turn_args
+
+from omnilab import app_logic as logic
+from omnilab.errors import ConversationError, InterventionError, MediaError
+from omnilab.trace import Trace
+
+pytest_plugins = ["conftest_app"]  # app_env, served
+pytestmark = pytest.mark.usefixtures("app_env")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return shared_lab()
+
+
+@pytest.fixture(scope="module")
+def turned(lab):
+    """A session after one turn with the sample image and audio."""
+    session = logic.Session()
+    message = logic.user_message("what is this?", image=DATA / "image.png", audio=DATA / "speech.wav")
+    logic.run_turn(lab, session, message, logic.options(**FAST))
+    return session
+
+
+# --- settings ------------------------------------------------------------------------------------------
+
+
+def test_options_accept_what_a_browser_sends():
+    opts = logic.options(
+        speaker="chelsie", speak="true", max_new_tokens=12.0, top_k="5", seed="", temperature="0.5"
+    )
+    assert (opts.speaker, opts.speak, opts.max_new_tokens, opts.top_k, opts.seed, opts.temperature) == (
+        "Chelsie",
+        True,
+        12,
+        5,
+        None,
+        0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("speaker", "Bob", "unknown speaker 'Bob'"),
+        ("max_new_tokens", 0, "max_new_tokens is 0"),
+        ("max_new_tokens", 10**9, "from 1 to 1024"),
+        ("max_new_tokens", 2.5, "whole number"),
+        ("temperature", float("nan"), "temperature is nan"),
+        ("top_p", "hot", "top_p is 'hot'"),
+        ("do_sample", "maybe", "true or false"),
+        ("seed", -1, "seed is -1"),
+    ],
+)
+def test_options_refuse_bad_settings_by_name(field, value, words):
+    with pytest.raises(ConversationError, match=words.replace("(", r"\(")):
+        logic.options(**{field: value})
+
+
+def test_options_refuse_speech_the_model_cannot_make(lab):
+    assert logic.options(speaker="Aiden", lab=lab).speaker == "Aiden"
+    with pytest.raises(ConversationError, match="unknown speaker"):
+        logic.options(speaker="Nobody", lab=lab)
+
+
+# --- messages --------------------------------------------------------------------------------------------
+
+
+def test_user_message_puts_media_first_then_text():
+    message = logic.user_message("hi", image=DATA / "image.png", audio=DATA / "speech.wav")
+    assert [item["type"] for item in message["content"]] == ["audio", "image", "text"]
+    assert message["content"][1]["image"] == str((DATA / "image.png").resolve())
+
+
+def test_user_message_takes_gradio_payloads():
+    payload = {
+        "path": str(DATA / "video.mp4"),
+        "orig_name": "video.mp4",
+        "meta": {"_type": "gradio.FileData"},
+    }
+    assert logic.user_message(video=payload)["content"][0]["video"].endswith("video.mp4")
+    assert logic.upload_path({"video": payload, "subtitles": None}) == payload["path"]
+    assert logic.upload_path(None) is None
+
+
+def test_user_message_refuses_an_empty_message():
+    with pytest.raises(ConversationError, match="the message is empty"):
+        logic.user_message("   ")
+
+
+def test_user_message_refuses_media_in_the_wrong_box():
+    with pytest.raises(MediaError, match="is an image, not audio; put it in the image box"):
+        logic.user_message(audio=DATA / "image.png")
+
+
+def test_user_message_refuses_a_file_by_content_not_name(tmp_path):
+    fake = tmp_path / "song.wav"
+    fake.write_text("not audio")
+    with pytest.raises(MediaError, match="the audio 'song.wav' is not audio: its content is plain text"):
+        logic.user_message(audio=fake)
+
+
+def test_user_message_refuses_uploads_over_the_limit():
+    with pytest.raises(MediaError, match="the limit is"):
+        logic.user_message(audio=DATA / "speech.wav", max_bytes=1000)
+
+
+def test_user_message_refuses_a_url_payload():
+    with pytest.raises(MediaError, match="URL is not accepted"):
+        logic.user_message(image={"path": None, "url": "http://example.com/cat.png"})
+
+
+def test_error_text_is_escaped_bounded_and_hides_unexpected_errors():
+    assert logic.error_text(MediaError("bad <img src=x onerror=alert(1)>")) == (
+        "bad &lt;img src=x onerror=alert(1)&gt;"
+    )
+    assert len(logic.error_text(ConversationError("x" * 5000))) <= logic.MAX_ERROR_CHARS
+    hidden = logic.error_text(KeyError("/secret/path"))
+    assert "KeyError" in hidden and "/secret/path" not in hidden
+
+
+# --- turns -----------------------------------------------------------------------------------------------
+
+
+def test_a_turn_records_reply_trace_and_history(turned):
+    turn = turned.last
+    assert turn.reply.text and turn.reply.audio is not None and turn.reply.audio.dtype == np.float32
+    assert isinstance(turn.reply.trace, Trace) and len(turn.reply.trace.routing) > 0
+    assert [m["role"] for m in turned.messages] == ["user", "assistant"]
+    assert turned.chat[0]["content"].startswith("[audio: `speech.wav`]")
+    assert turn.conversation[0]["role"] == "system"
+
+
+def test_a_second_turn_answers_after_the_first(lab, turned):
+    session = logic.Session(messages=list(turned.messages), chat=list(turned.chat))
+    turn = logic.run_turn(lab, session, logic.user_message("and then?"), logic.options(speak=False, **FAST))
+    assert turn.conversation[1:3] == turned.messages and len(session.messages) == 4
+    assert turn.reply.audio is None
+
+
+def test_stream_turn_hands_out_the_whole_reply_in_pieces(lab):
+    session = logic.Session()
+    updates = list(
+        logic.stream_turn(lab, session, logic.user_message("stream please"), logic.options(**FAST))
+    )
+    turn = updates[-1].turn
+    assert turn is not None and all(u.turn is None for u in updates[:-1])
+    assert updates[-1].text == turn.reply.text and session.last is turn
+    streamed = np.concatenate([u.audio for u in updates if u.audio is not None])
+    np.testing.assert_array_equal(streamed, turn.reply.audio)
+
+
+def test_media_errors_name_the_upload_not_the_server_path(lab, tmp_path):
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes((DATA / "image.png").read_bytes()[:900])
+    message = logic.user_message("hi", image=truncated)
+    with pytest.raises(MediaError) as caught:
+        logic.run_turn(lab, logic.Session(), message, logic.options(**FAST))
+    assert "the image 'cut.png' is truncated" in str(caught.value) and str(tmp_path) not in str(caught.value)
+
+
+def test_a_failed_turn_leaves_the_session_as_it_was(lab, tmp_path):
+    session = logic.Session()
+    broken = tmp_path / "cut.png"
+    broken.write_bytes((DATA / "image.png").read_bytes()[:900])
+    with pytest.raises(MediaError):
+        logic.run_turn(lab, session, logic.user_message("hi", image=broken), logic.options(**FAST))
+    assert session.messages == [] and session.last is None
+
+
+def test_write_wav_writes_the_reply_speech(turned, tmp_path):
+    path = logic.write_wav(turned.last.reply, tmp_path)
+    audio, rate = soundfile.read(path)
+    assert rate == 24_000 and len(audio) == len(turned.last.reply.audio)
+
+
+# --- panels ----------------------------------------------------------------------------------------------
+
+
+def test_routing_figures_show_the_chosen_layer(turned):
+    heatmap, load, specialization = logic.routing_figures(turned, "thinker", 1)
+    assert all(isinstance(f, go.Figure) for f in (heatmap, load, specialization))
+    assert heatmap.data[0].type == "heatmap" and "layer 1" in heatmap.layout.title.text
+    assert np.asarray(load.data[0].z).shape == (4, 16)  # tiny: 4 thinker layers, 16 experts
+    assert set(specialization.data[0].y) >= {"text", "image", "audio"}
+
+
+def test_routing_figures_refuse_a_layer_out_of_range(turned):
+    with pytest.raises(ConversationError, match="layer 9 is out of range: the talker has layers 0..1"):
+        logic.routing_figures(turned, "talker", 9)
+
+
+def test_panels_before_any_turn_say_what_to_do():
+    figures = logic.all_figures(logic.Session())
+    assert all(
+        "send a message" in f.layout.annotations[0].text for k, f in figures.items() if "ablation" not in k
+    )
+
+
+def test_every_panel_has_data_after_a_turn(turned):
+    figures = logic.all_figures(turned)
+    for name in (
+        "routing",
+        "expert_load",
+        "positions",
+        "timeline",
+        "codebooks",
+        "spectrogram",
+        "attention",
+        "latency",
+    ):
+        assert len(figures[name].data) > 0, name
+
+
+def test_attention_follows_the_picked_token(turned):
+    tokens = logic.token_choices(turned)
+    pos = tokens[-1][1]
+    figure = logic.attention_figure(turned, pos)
+    assert f"token {pos}" in figure.layout.title.text and {t.name for t in figure.data} == {
+        "layer 0",
+        "layer 3",
+    }
+
+
+def test_trace_zip_holds_the_turns_parquet_files(turned, tmp_path):
+    with zipfile.ZipFile(logic.trace_zip(turned)) as archive:
+        archive.extractall(tmp_path)
+    trace = Trace.load(tmp_path / "trace")
+    assert trace.meta["text"] == turned.last.reply.text
+    assert len(trace.routing) == len(turned.last.reply.trace.routing)
+
+
+def test_figures_html_is_one_self_contained_page(turned):
+    page = logic.figures_html(turned).read_text()
+    assert page.count("plotly-graph-div") >= 11 and "Plotly.newPlot" in page
+
+
+def test_downloads_before_any_turn_say_what_to_do():
+    with pytest.raises(ConversationError, match="send a message first"):
+        logic.trace_zip(logic.Session())
+
+
+# --- interventions ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0: 3, 7", {0: [3, 7]}), ("1:2; 1:5 6", {1: [2, 5, 6]}), ("*: 4", {0: [4], 1: [4], 2: [4], 3: [4]})],
+)
+def test_parse_ablation_reads_layer_expert_lists(text, expected):
+    assert logic.parse_ablation(text, "thinker", 4) == {"thinker": expected}
+
+
+@pytest.mark.parametrize("text", ["", "3", "a: 1", "0:", "0: x"])
+def test_parse_ablation_refuses_what_it_cannot_read(text):
+    with pytest.raises(InterventionError):
+        logic.parse_ablation(text, "thinker", 4)
+
+
+def test_ablated_rerun_never_routes_to_the_ablated_experts(lab, turned):
+    session = logic.Session(messages=turned.messages, last=turned.last)
+    original, ablated = logic.ablate_turn(lab, session, "thinker", "0: 1, 2, 3")
+    routing = ablated.reply.trace.routing
+    at_layer = routing[(routing["component"] == "thinker") & (routing["layer"] == 0)]
+    assert not at_layer["expert"].isin([1, 2, 3]).any()
+    assert (
+        original.reply.trace.routing.query("component == 'thinker' and layer == 0")["expert"]
+        .isin([1, 2, 3])
+        .any()
+    )
+    left, right = logic.comparison_figures(session)
+    assert "original" in left.layout.title.text and "ablated" in right.layout.title.text
+
+
+def test_ablation_needs_a_turn_first(lab):
+    with pytest.raises(ConversationError, match="send a message first"):
+        logic.ablate_turn(lab, logic.Session(), "thinker", "0: 1")
+
+
+def test_banner_says_random_weights_and_how_to_load_real_ones(lab):
+    text = logic.banner(lab)
+    assert "omnilab/tiny" in text and "random-weight" in text and "Qwen/Qwen3-Omni-30B-A3B-Instruct" in text
+
+
+# --- the app object --------------------------------------------------------------------------------------
+
+
+def test_build_app_exposes_the_script_endpoints(lab):
+    app = demo_module().build_app(lab)
+    names = {fn.api_name for fn in app.fns.values() if fn.api_visibility == "public"}
+    assert {"chat", "reply", "routing", "ablate", "trace_zip", "figures_html"} <= names
+
+
+def test_launch_keeps_its_safety_settings(lab):
+    with pytest.raises(ValueError, match="safe settings"):
+        demo_module().launch(lab=lab, server_name="0.0.0.0")
+
+
+# --- served, through gradio_client -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def script(served):
+    return client(served)
+
+
+def test_served_app_binds_loopback_only(served):
+    assert served.startswith("http://127.0.0.1:")
+
+
+def test_reply_endpoint_answers_audio_image_and_video_with_text_and_a_wav(script):
+    from gradio_client import handle_file
+
+    text, wav, chat = script.predict(
+        *turn_args(
+            "describe what you hear and see",
+            handle_file(str(DATA / "speech.wav")),
+            handle_file(str(DATA / "image.png")),
+            handle_file(str(DATA / "video.mp4")),
+        ),
+        api_name="/reply",
+    )
+    assert text and chat[-1]["role"] == "assistant"
+    audio, rate = soundfile.read(wav)
+    assert rate == 24_000 and len(audio) > 0 and open(wav, "rb").read(4) == b"RIFF"
+
+
+def test_routing_endpoint_returns_plotly_figures(script):
+    heatmap, load, specialization = script.predict("thinker", 2, api_name="/routing")
+    figure = plotly.io.from_json(heatmap["plot"])
+    assert heatmap["type"] == "plotly" and figure.data[0].type == "heatmap"
+    assert "video" in plotly.io.from_json(specialization["plot"]).data[0].y
+
+
+def test_trace_zip_endpoint_returns_the_last_turn(script, tmp_path):
+    with zipfile.ZipFile(script.predict(api_name="/trace_zip")) as archive:
+        names = set(archive.namelist())
+        meta = json.loads(archive.read("trace/meta.json"))
+    assert {"trace/routing.parquet", "trace/tokens.parquet", "trace/codes.parquet"} <= names
+    assert {item["modality"] for item in meta["items"]} == {"audio", "image", "video"}
+
+
+def test_chat_endpoint_streams_text_and_speech(served):
+    from gradio_client import handle_file
+
+    job = client(served).submit(
+        *turn_args("stream it", image=handle_file(str(DATA / "image.png")), max_speech_frames=20),
+        api_name="/chat",
+    )
+    outputs = list(job)
+    assert job.status().success
+    texts = [
+        chat[-1]["content"][0]["text"] for chat, _ in outputs if chat and chat[-1]["role"] == "assistant"
+    ]
+    assert len(texts) >= 2 and texts[-1]
+    assert any(isinstance(audio, str) and audio.endswith(".m3u8") for _, audio in outputs)
+
+
+def test_four_clients_at_once_each_get_their_own_reply_and_trace(served, lab, tmp_path):
+    prompts = ["alpha", "bravo charlie", "delta echo foxtrot", "golf"]
+    results: dict[str, tuple] = {}
+
+    def one(prompt):
+        c = client(served)
+        text, wav, chat = c.predict(*turn_args(prompt), api_name="/reply")
+        results[prompt] = (text, chat, c.predict(api_name="/trace_zip"))
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert set(results) == set(prompts)
+    for prompt, (text, chat, zipped) in results.items():
+        expected = logic.run_turn(
+            lab, logic.Session(), logic.user_message(prompt), logic.options(seed=0, **FAST), system=""
+        )
+        assert text == expected.reply.text
+        assert [m["role"] for m in chat] == ["user", "assistant"] and prompt in chat[0]["content"][0]["text"]
+        with zipfile.ZipFile(zipped) as archive:
+            archive.extractall(tmp_path / prompt)
+        trace = Trace.load(tmp_path / prompt / "trace")
+        assert trace.meta["text"] == text
+        assert prompt.split()[-1] in "".join(trace.tokens.query("component == 'thinker'")["text"])
+    assert len({text for text, _, _ in results.values()}) == len(prompts)
