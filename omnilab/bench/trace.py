@@ -64,10 +64,8 @@ def _nnsight(thinker, inputs, repeats: int, bare_s: float) -> dict:
 
         def run_nnsight():
             with torch.inference_mode(), wrapped.trace(**inputs):
-                saved = [
-                    wrapped.model.language_model.layers[i].mlp.gate.output.save() for i in range(len(layers))
-                ]
-            return saved
+                for i in range(len(layers)):
+                    wrapped.model.language_model.layers[i].mlp.gate.output.save()
 
         seconds = best_of(run_nnsight, repeats)
         return {"nnsight_s": seconds, "nnsight_over_bare": seconds / bare_s}
