@@ -1,0 +1,202 @@
+"""The served demo under hostile input: each gets a clear, escaped error, and the app keeps serving.
+
+Broken and lying media go through gradio_client's upload and the /reply endpoint as any script
+would send them; oversized uploads, path traversal and forged file payloads go as raw HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import pytest
+import soundfile
+from conftest_app import DATA, UPLOAD_LIMIT, client, env_folder, make_hostile_files, turn_args
+
+pytest_plugins = ["conftest_app"]  # app_env, served
+pytestmark = pytest.mark.usefixtures("app_env")
+
+
+@pytest.fixture(scope="module")
+def files(app_env):
+    return make_hostile_files(app_env / "hostile")
+
+
+@pytest.fixture(scope="module")
+def script(served):
+    return client(served)
+
+
+def _refusal(script, *args, api_name="/reply") -> str:
+    """The error text the app answers with (the call must fail)."""
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as caught:
+        script.predict(*args, api_name=api_name)
+    return str(caught.value)
+
+
+def _assert_clear(message: str, words: str) -> None:
+    assert words in message, message
+    assert "Traceback" not in message and "<" not in message and ">" not in message
+    assert str(env_folder()) not in message  # no server paths
+
+
+# (case, slot, file, extra settings, what the message says)
+MEDIA_CASES = [
+    ("corrupt wav", "audio", "corrupt.wav", {}, "the audio &#x27;corrupt.wav&#x27; is truncated or corrupt"),
+    ("truncated wav", "audio", "truncated.wav", {}, "the audio &#x27;truncated.wav&#x27; is truncated"),
+    ("text file named .wav", "audio", "text-named.wav", {}, "is not audio: its content is plain text"),
+    ("zero-length audio", "audio", "zero-length.wav", {}, "is empty (0 bytes)"),
+    ("wav with no samples", "audio", "no-samples.wav", {}, "holds no samples"),
+    (
+        "audio over 40 min",
+        "audio",
+        "41-min.flac",
+        {},
+        "41.0 min long (from its header); the limit is 40.0 min",
+    ),
+    ("header claims 30000x30000", "image", "huge-header.png", {}, "900.0 megapixels (from its header)"),
+    ("truncated png", "image", "truncated.png", {}, "the image &#x27;truncated.png&#x27; is truncated"),
+    ("html named .png", "image", "html-named.png", {}, "is not an image: its content is an HTML page"),
+    ("video with no frames", "video", "no-frames.mp4", {}, "has no streams at all"),
+    ("video of sound only", "video", "sound-only.mp4", {}, "has no video stream, only sound"),
+    ("truncated mp4", "video", "truncated.mp4", {}, "the video &#x27;truncated.mp4&#x27; is truncated"),
+    ("text file named .mp4", "video", "text-named.mp4", {}, "is not a video: its content is plain text"),
+    ("video over 40 min", "video", "41-min.mp4", {}, "min long (from its metadata); the limit is 40.0 min"),
+    (
+        "video's audio asked of a silent video",
+        "video",
+        "silent.mp4",
+        {"video_audio": True},
+        "has no audio track",
+    ),
+    (
+        "image in the audio box",
+        "audio",
+        "huge-header.png",
+        {},
+        "is an image, not audio; put it in the image box",
+    ),
+    (
+        "audio in the image box",
+        "image",
+        "truncated.wav",
+        {},
+        "is audio, not an image; put it in the audio box",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "slot", "name", "extra", "words"), MEDIA_CASES, ids=[c[0] for c in MEDIA_CASES]
+)
+def test_bad_media_gets_a_clear_error(script, files, case, slot, name, extra, words):
+    from gradio_client import handle_file
+
+    args = turn_args("what is this?", **{slot: handle_file(str(files[name]))}, **extra)
+    _assert_clear(_refusal(script, *args), words)
+
+
+SETTING_CASES = [
+    ("empty message", dict(text=""), "the message is empty"),
+    ("whitespace message", dict(text="  \n\t "), "the message is empty"),
+    ("message too long", dict(text="x" * 10_001), "10,001 characters long; the limit is 10,000"),
+    ("unknown speaker", dict(text="hi", voice="Bob"), "unknown speaker &#x27;Bob&#x27;"),
+    (
+        "markup as speaker",
+        dict(text="hi", voice="<img src=x onerror=alert(1)>"),
+        "unknown speaker &#x27;&lt;img",
+    ),
+    ("max_new_tokens out of range", dict(text="hi", max_new_tokens=10**6), "max_new_tokens is 1000000"),
+    ("temperature not a number", dict(text="hi", temperature="hot"), "temperature is &#x27;hot&#x27;"),
+    ("system prompt too long", dict(text="hi", system="s" * 5000), "the system prompt is 5,000 characters"),
+]
+
+
+@pytest.mark.parametrize(("case", "settings", "words"), SETTING_CASES, ids=[c[0] for c in SETTING_CASES])
+def test_bad_settings_get_a_clear_error(script, case, settings, words):
+    _assert_clear(_refusal(script, *turn_args(**settings)), words)
+
+
+def test_streaming_endpoint_refuses_the_same_way(script):
+    _assert_clear(_refusal(script, *turn_args(""), api_name="/chat"), "the message is empty")
+
+
+def test_panels_refuse_an_unknown_component(script):
+    _assert_clear(
+        _refusal(script, "<script>", 0, api_name="/routing"), "unknown component &#x27;&lt;script&gt;"
+    )
+
+
+def test_interventions_and_downloads_need_a_turn_first(script):
+    _assert_clear(_refusal(script, "thinker", "0: 1", api_name="/ablate"), "send a message first")
+    _assert_clear(_refusal(script, api_name="/trace_zip"), "send a message first")
+
+
+def test_an_upload_over_the_size_limit_is_refused(served, files):
+    import httpx
+
+    with open(files["oversized.wav"], "rb") as handle:
+        response = httpx.post(f"{served}gradio_api/upload", files={"files": ("big.wav", handle, "audio/wav")})
+    assert response.status_code == 413
+    assert not any(p.name == "big.wav" for p in (env_folder() / "gradio").rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd",
+        "../../../../../../etc/passwd",
+        "..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+        "data/../../../../../../etc/passwd",
+    ],
+)
+def test_the_file_route_serves_no_path_outside_the_cache(served, path):
+    import httpx
+
+    for route in ("gradio_api/file=", "gradio_api/file/", "file="):
+        response = httpx.get(f"{served}{route}{path}")
+        assert response.status_code in (403, 404, 400, 405), (route, path, response.status_code)
+        assert "root:" not in response.text
+
+
+def test_a_forged_file_payload_cannot_read_server_files(served):
+    import httpx
+
+    forged = {"path": "/etc/passwd", "orig_name": "passwd.wav", "meta": {"_type": "gradio.FileData"}}
+    start = httpx.post(f"{served}gradio_api/call/reply", json={"data": turn_args("hi", audio=forged)})
+    assert start.status_code == 200
+    event = start.json()["event_id"]
+    stream = httpx.get(f"{served}gradio_api/call/reply/{urllib.parse.quote(event)}", timeout=60).text
+    assert "event: error" in stream and "root:" not in stream
+
+
+def test_monitoring_is_off(served):
+    import httpx
+
+    for route in ("monitoring", "monitoring/summary", "gradio_api/monitoring"):
+        response = httpx.get(f"{served}{route}")
+        assert response.status_code in (403, 404), route
+        assert "Monitoring URL" not in response.text
+
+
+def test_a_normal_turn_still_works_afterwards(script):
+    from gradio_client import handle_file
+
+    text, wav, chat = script.predict(
+        *turn_args("and now a real question", image=handle_file(str(DATA / "image.png"))), api_name="/reply"
+    )
+    assert text and chat[-1]["role"] == "assistant"
+    audio, rate = soundfile.read(wav)
+    assert rate == 24_000 and len(audio) > 0
+    routing = script.predict("thinker", 0, api_name="/routing")[0]
+    assert json.loads(routing["plot"])["data"][0]["type"] == "heatmap"
+
+
+def test_the_upload_limit_is_the_one_launched_with(served):
+    import httpx
+
+    config = httpx.get(f"{served}config").json()
+    assert config.get("max_file_size") == UPLOAD_LIMIT
