@@ -1,1 +1,46 @@
-"""omnilab.plots."""
+"""omnilab.plots: one function per figure, each returning a plotly Figure (never showing it).
+
+Plots take analysis outputs (`omnilab.analysis`) and compute nothing themselves; `export(fig, path)`
+writes HTML, or PNG/SVG/PDF where a Chromium is available.
+
+    routing     routing_heatmap, token_route, expert_load_bars, specialization_heatmap,
+                coactivation_heatmap, paths_sankey, agreement_lines
+    positions   positions_3d, seconds_timeline
+    attention   attention_heatmap, attention_mass_heatmap, attribution_bars
+    speech      codebook_heatmap, spectrogram
+"""
+
+from ._style import MODALITY_COLORS
+from .attention import attention_heatmap, attention_mass_heatmap, attribution_bars
+from .export import ExportError, export
+from .positions import positions_3d, seconds_timeline
+from .routing import (
+    agreement_lines,
+    coactivation_heatmap,
+    expert_load_bars,
+    paths_sankey,
+    routing_heatmap,
+    specialization_heatmap,
+    token_route,
+)
+from .speech import codebook_heatmap, spectrogram
+
+__all__ = [
+    "MODALITY_COLORS",
+    "ExportError",
+    "agreement_lines",
+    "attention_heatmap",
+    "attention_mass_heatmap",
+    "attribution_bars",
+    "coactivation_heatmap",
+    "codebook_heatmap",
+    "expert_load_bars",
+    "export",
+    "paths_sankey",
+    "positions_3d",
+    "routing_heatmap",
+    "seconds_timeline",
+    "spectrogram",
+    "specialization_heatmap",
+    "token_route",
+]

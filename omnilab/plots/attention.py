@@ -1,0 +1,167 @@
+"""Attention and attribution figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..trace import MODALITIES
+from ._style import TEMPLATE, as_text, modality_color, pick
+
+__all__ = ["attention_heatmap", "attention_mass_heatmap", "attribution_bars"]
+
+
+def attention_heatmap(attention: pd.DataFrame, *, layer=None, head=None, title=None) -> go.Figure:
+    """Query × key attention at one (layer, head), with the modality blocks outlined.
+
+    Input: `analysis.attention_map(trace, layer=..., head=... or average_heads=True)`. Each run of one
+    modality along the sequence is a block; the figure draws one rectangle per pair of query block and
+    key block (layout shapes named "query-block/key-block"), coloured by the key's modality. Hover shows
+    both tokens' pos, modality and text.
+    """
+    rows, layer = pick(attention, "layer", layer, "attention_map")
+    rows, head = pick(rows, "head", head, "attention_map")
+    positions = (
+        np.union1d(rows["query_pos"].to_numpy(), rows["key_pos"].to_numpy()) if len(rows) else np.zeros(0)
+    )
+    qi = np.searchsorted(positions, rows["query_pos"].to_numpy())
+    ki = np.searchsorted(positions, rows["key_pos"].to_numpy())
+    n = len(positions)
+    z = np.full((n, n), np.nan)
+    z[qi, ki] = rows["weight"].to_numpy(dtype=float)
+    text = np.full(n, "", dtype=object)
+    modality = np.full(n, "", dtype=object)
+    text[qi], modality[qi] = as_text(rows["query_text"]), as_text(rows["query_modality"])
+    text[ki], modality[ki] = as_text(rows["key_text"]), as_text(rows["key_modality"])
+    custom = np.stack(
+        [
+            np.broadcast_to(modality[:, None], (n, n)),
+            np.broadcast_to(text[:, None], (n, n)),
+            np.broadcast_to(modality[None, :], (n, n)),
+            np.broadcast_to(text[None, :], (n, n)),
+        ],
+        axis=-1,
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=positions,
+            y=positions,
+            customdata=custom,
+            colorscale="Greys",
+            zmin=0,
+            colorbar={"title": "weight"},
+            hovertemplate="query %{y} (%{customdata[0]}) %{customdata[1]}<br>"
+            "key %{x} (%{customdata[2]}) %{customdata[3]}<br>weight %{z:.4f}<extra></extra>",
+            name="attention",
+        )
+    )
+    # modality blocks: runs of one modality along the sequence
+    change = np.flatnonzero(modality[1:] != modality[:-1]) + 1 if n else np.zeros(0, dtype=int)
+    starts = np.concatenate([[0], change]).astype(int) if n else np.zeros(0, dtype=int)
+    ends = np.concatenate([change, [n]]).astype(int) if n else np.zeros(0, dtype=int)
+    for qs, qe in zip(starts, ends, strict=True):
+        for ks, ke in zip(starts, ends, strict=True):
+            if ks > qe - 1:  # causal: no key block after the query block
+                continue
+            fig.add_shape(
+                type="rect",
+                x0=positions[ks] - 0.5,
+                x1=positions[ke - 1] + 0.5,
+                y0=positions[qs] - 0.5,
+                y1=positions[qe - 1] + 0.5,
+                line={"color": modality_color(modality[ks]), "width": 1.5},
+                name=f"{modality[qs]}/{modality[ks]}",
+            )
+    component = rows["component"].iloc[0] if len(rows) else ""
+    head_label = "mean of heads" if head == -1 else f"head {head}"
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or f"Attention, {component} layer {layer}, {head_label}",
+        xaxis_title="key pos",
+        yaxis_title="query pos",
+        meta={"layer": int(layer), "head": int(head)},
+    )
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def attention_mass_heatmap(mass: pd.DataFrame, *, layer=None, head=None, title=None) -> go.Figure:
+    """Query modality × key modality: the mean attention mass, at one (layer, head).
+
+    Input: `analysis.attention_modality_mass(trace)`.
+    """
+    rows, layer = pick(mass, "layer", layer, "attention_modality_mass")
+    rows, head = pick(rows, "head", head, "attention_modality_mass")
+    queries = [m for m in MODALITIES if m in set(as_text(rows["query_modality"]))]
+    keys = [m for m in MODALITIES if m in set(as_text(rows["key_modality"]))]
+    z = np.full((len(queries), len(keys)), np.nan)
+    count = np.zeros_like(z)
+    qi = [queries.index(m) for m in as_text(rows["query_modality"])]
+    ki = [keys.index(m) for m in as_text(rows["key_modality"])]
+    z[qi, ki] = rows["mass"].to_numpy(dtype=float)
+    count[qi, ki] = rows["queries"].to_numpy(dtype=float)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=keys,
+            y=queries,
+            customdata=count,
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            text=np.round(z, 2),
+            texttemplate="%{text}",
+            hovertemplate="%{y} → %{x}: %{z:.3f}<br>over %{customdata} queries<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or f"Attention mass by modality, layer {layer} head {head}",
+        xaxis_title="key modality",
+        yaxis_title="query modality",
+    )
+    return fig
+
+
+def attribution_bars(attribution: pd.DataFrame, *, title=None) -> go.Figure:
+    """Attribution over the input tokens, one bar trace per modality (so they group and toggle in the
+    legend), x in pos order; hover shows the token text.
+
+    Input: a DataFrame with columns pos, modality, text, attribution (as the attribution analysis
+    returns).
+    """
+    missing = {"pos", "modality", "text", "attribution"} - set(attribution.columns)
+    if missing:
+        raise ValueError(
+            f"attribution_bars needs columns pos, modality, text, attribution; missing {sorted(missing)}"
+        )
+    names = as_text(attribution["modality"])
+    fig = go.Figure()
+    for modality in [*MODALITIES, *sorted(set(names) - set(MODALITIES))]:
+        rows = attribution[names == modality]
+        if len(rows) == 0:
+            continue
+        fig.add_trace(
+            go.Bar(
+                x=rows["pos"],
+                y=rows["attribution"],
+                name=modality,
+                marker_color=modality_color(modality),
+                customdata=as_text(rows["text"]),
+                hovertemplate="pos %{x} · %{customdata}<br>attribution %{y:.4g}<extra>"
+                + modality
+                + "</extra>",
+            )
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or "Attribution over input tokens",
+        xaxis_title="pos",
+        yaxis_title="attribution",
+        barmode="overlay",
+        bargap=0,
+        legend_title_text="modality",
+    )
+    return fig
