@@ -125,8 +125,9 @@ def synthetic_trace(
 
 
 def _thinker_tokens(n_tokens, reply_tokens, media, planted, shift, rng) -> pd.DataFrame:
-    """Prompt text, [a video of 4 frames (2x2 patches each, 0.5 s a frame) with its audio interleaved], more
-    text, then `reply_tokens` decode tokens."""
+    """Prompt text, [a video of 4 frames (2x2 patches each, 1 s a frame as Qwen's 2 fps sampling with
+    temporal patches of 2 gives) with its 4 s of audio interleaved], more text, then `reply_tokens`
+    decode tokens."""
     rows = []
     vocab_id = planted.get("vocabulary", (None,))[0]
 
@@ -148,7 +149,7 @@ def _thinker_tokens(n_tokens, reply_tokens, media, planted, shift, rng) -> pd.Da
 
     media_tokens = 0
     if media:
-        video_frames, grid, spg = 4, 2, 0.5
+        video_frames, grid, spg = 4, 2, 1.0
         audio_len = int(video_frames * spg * PPS)  # 13 audio tokens a second, one position id each
         media_tokens = video_frames * grid * grid + audio_len
     prefix = max((n_tokens - reply_tokens - media_tokens) // 2, 2)
