@@ -10,9 +10,9 @@ writes HTML, or PNG/SVG/PDF where a Chromium is available.
     speech      codebook_heatmap, spectrogram
 """
 
+from ._export import ExportError, browser_path, export
 from ._style import MODALITY_COLORS
 from .attention import attention_heatmap, attention_mass_heatmap, attribution_bars
-from .export import ExportError, export
 from .positions import positions_3d, seconds_timeline
 from .routing import (
     agreement_lines,
@@ -29,6 +29,7 @@ __all__ = [
     "MODALITY_COLORS",
     "ExportError",
     "agreement_lines",
+    "browser_path",
     "attention_heatmap",
     "attention_mass_heatmap",
     "attribution_bars",

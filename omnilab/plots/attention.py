@@ -61,19 +61,23 @@ def attention_heatmap(attention: pd.DataFrame, *, layer=None, head=None, title=N
     change = np.flatnonzero(modality[1:] != modality[:-1]) + 1 if n else np.zeros(0, dtype=int)
     starts = np.concatenate([[0], change]).astype(int) if n else np.zeros(0, dtype=int)
     ends = np.concatenate([change, [n]]).astype(int) if n else np.zeros(0, dtype=int)
+    shapes = []
     for qs, qe in zip(starts, ends, strict=True):
         for ks, ke in zip(starts, ends, strict=True):
             if ks > qe - 1:  # causal: no key block after the query block
                 continue
-            fig.add_shape(
-                type="rect",
-                x0=positions[ks] - 0.5,
-                x1=positions[ke - 1] + 0.5,
-                y0=positions[qs] - 0.5,
-                y1=positions[qe - 1] + 0.5,
-                line={"color": modality_color(modality[ks]), "width": 1.5},
-                name=f"{modality[qs]}/{modality[ks]}",
+            shapes.append(
+                {
+                    "type": "rect",
+                    "x0": positions[ks] - 0.5,
+                    "x1": positions[ke - 1] + 0.5,
+                    "y0": positions[qs] - 0.5,
+                    "y1": positions[qe - 1] + 0.5,
+                    "line": {"color": modality_color(modality[ks]), "width": 1.5},
+                    "name": f"{modality[qs]}/{modality[ks]}",
+                }
             )
+    fig.update_layout(shapes=shapes)
     component = rows["component"].iloc[0] if len(rows) else ""
     head_label = "mean of heads" if head == -1 else f"head {head}"
     fig.update_layout(
