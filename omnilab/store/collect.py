@@ -229,7 +229,7 @@ def run_sample(
 
 
 def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
-    """The non-empty tables of `trace` as Arrow tables with `sample_id` in front."""
+    """The non-empty tables of `trace` as Arrow tables in the store's schema (`sample_id` in front)."""
     out = {}
     for name in TRACE_TABLES:
         frame = trace.table(name)
@@ -237,7 +237,23 @@ def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
             continue
         table = pa.Table.from_pandas(frame, preserve_index=False)
         table = table.add_column(0, "sample_id", pa.repeat(pa.scalar(sample_id, pa.string()), len(frame)))
+        if name in layout.WITH_MODALITY:
+            table = table.append_column("modality", pa.array(_modality_of(frame, trace.tokens), pa.string()))
         out[name] = table.cast(layout.schema(name))
+    return out
+
+
+def _modality_of(rows, tokens) -> np.ndarray:
+    """Each row's token modality, looked up by (component, pos) in `tokens` (None where absent)."""
+    out = np.full(len(rows), None, dtype=object)
+    components = rows["component"].to_numpy()
+    positions = rows["pos"].to_numpy()
+    for component, group in tokens.groupby("component", sort=False):
+        pos = group["pos"].to_numpy()
+        lookup = np.full(int(pos.max()) + 2, None, dtype=object)  # the last slot stays None
+        lookup[pos] = group["modality"].to_numpy()
+        mask = components == component
+        out[mask] = lookup[np.minimum(positions[mask], len(lookup) - 1)]
     return out
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import TraceError
-from ..trace import SCHEMA_VERSION, Trace
+from ..trace import COLUMNS, SCHEMA_VERSION, Trace
 from ..trace import TABLES as TRACE_TABLES
 from . import layout
 
@@ -53,6 +53,7 @@ def open_store(store: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     root = Path(store)
     layout.read_meta(root)
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")  # the library does not print
     for table in layout.TABLES:
         con.execute(_view_sql(table, layout.shard_files(root, table)))
     return con
@@ -83,11 +84,15 @@ def query(store, sql: str) -> pd.DataFrame:
 
 
 def read_table(store, table: str, *, sample_id: str | None = None, columns=None) -> pd.DataFrame:
-    """Table `table` of a store as a DataFrame (all samples, or one), with `sample_id`, without `shard`."""
+    """Table `table` of a store as a DataFrame (all samples, or one): `sample_id` and the Trace's columns.
+
+    `columns` picks others (the store's extra `modality` of routing, `shard`).
+    """
     if table not in layout.TABLES:
         raise TraceError(f"unknown store table {table!r}; the tables are {', '.join(layout.TABLES)}")
     con = open_store(store)
-    names = ["sample_id", *layout.STORE_COLUMNS[table]] if columns is None else list(columns)
+    default = COLUMNS[table] if table in COLUMNS else layout.STORE_COLUMNS[table]
+    names = ["sample_id", *default] if columns is None else list(columns)
     select = ", ".join(_quote(c) for c in names)
     sql = f"SELECT {select} FROM {table}"
     params = []
@@ -102,16 +107,17 @@ def read_table(store, table: str, *, sample_id: str | None = None, columns=None)
 
 def load_trace(store, sample_id: str) -> Trace:
     """The Trace of one sample, read back from the store (its tables and metadata; no audio)."""
-    samples = read_table(store, "samples", sample_id=sample_id, columns=["sample_id", "meta"])
+    con = open_store(store)
+    samples = read_table(con, "samples", sample_id=sample_id, columns=["sample_id", "meta"])
     if len(samples) == 0:
-        failed = read_table(store, "errors", sample_id=sample_id, columns=["error", "reason"])
+        failed = read_table(con, "errors", sample_id=sample_id, columns=["error", "reason"])
         if len(failed):
             raise TraceError(f"sample {sample_id!r} failed when it was collected: {failed['reason'].iloc[0]}")
         raise TraceError(f"no sample {sample_id!r} in the store")
     if len(samples) > 1:
         raise TraceError(f"sample {sample_id!r} is in the store {len(samples)} times; the store is damaged")
     tables = {
-        name: read_table(store, name, sample_id=sample_id).drop(columns="sample_id") for name in TRACE_TABLES
+        name: read_table(con, name, sample_id=sample_id).drop(columns="sample_id") for name in TRACE_TABLES
     }
     meta = json.loads(samples["meta"].iloc[0] or "{}")
     return Trace.build(meta=meta, **tables)
@@ -130,7 +136,7 @@ def expert_load_sql(
     Rows: the `by` columns (any of component, layer, modality, phase), expert, count (routing
     slots — token × rank — that chose the expert), share (count / all slots of the group), and
     weight (the mean router weight the expert got when chosen). Only experts chosen at least once
-    appear. A token's modality comes from `tokens`, joined on (sample_id, component, pos).
+    appear. A token's modality is the one `tokens` gives it (stored beside each routing row).
     """
     allowed = ("component", "layer", "modality", "phase")
     by = (by,) if isinstance(by, str) else tuple(by)
@@ -140,15 +146,13 @@ def expert_load_sql(
     where, params = [], []
     for column, value in (("component", component), ("layer", layer), ("phase", phase)):
         if value is not None:
-            where.append(f"r.{column} = ?")
+            where.append(f"{column} = ?")
             params.append(value)
-    keys = ", ".join(("t." if c == "modality" else "r.") + c for c in by)
     groups = ", ".join(by)
     sql = f"""
         WITH load AS (
-            SELECT {keys + "," if keys else ""} r.expert, count(*) AS count, avg(r.weight) AS weight
-            FROM routing AS r
-            LEFT JOIN tokens AS t USING (sample_id, component, pos)
+            SELECT {groups + "," if groups else ""} expert, count(*) AS count, avg(weight) AS weight
+            FROM routing
             {"WHERE " + " AND ".join(where) if where else ""}
             GROUP BY ALL
         )

@@ -1,0 +1,165 @@
+"""`omnilab bench store`: the trace store at scale, and what collection costs, in one run.
+
+1. A synthetic routing table of 10 M rows in the real thinker's shape (48 layers, top-8 of 128
+   experts; ~26 k tokens in 1,024-token samples of text, audio, image and video), written as store
+   shards of 16 samples: write time, size on disk, and expert load by layer × modality computed in
+   DuckDB over the store (target <= 1 s).
+2. Collection over the bundled manifest on the tiny preset (prefill only): samples/s with tracing
+   (routing, positions, codes) and without (capture=()), both writing a store; the ratio (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..trace import MODALITIES
+from ._common import DATA
+
+LAYERS, TOP_K, EXPERTS = 48, 8, 128
+ROWS = 10_000_000
+SAMPLE_TOKENS = 1_024
+SHARD_SAMPLES = 16
+LOAD_TARGET_S = 1.0
+RATIO_TARGET = 0.9
+
+
+def run(model: str | None = None, rows: int = ROWS, repeats: int = 3) -> dict:
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        figures.update(_scale(Path(tmp) / "synthetic", rows, repeats))
+        figures.update(_throughput(model or "tiny", Path(tmp), repeats=2))
+    return figures
+
+
+def _scale(root: Path, rows: int, repeats: int) -> dict:
+    from ..store import expert_load_sql, layout
+
+    tokens_needed = -(-rows // (LAYERS * TOP_K))
+    samples = -(-tokens_needed // SAMPLE_TOKENS)
+    shards = [_synthetic_shard(range(s, min(s + SHARD_SAMPLES, samples))) for s in range(0, samples, SHARD_SAMPLES)]
+    root.mkdir(parents=True)
+    meta = layout.new_meta(model_id="synthetic", config_hash="-", capture=["routing"], generate=0, manifest="-")
+    layout.write_meta(root, meta)
+    start = time.perf_counter()
+    for tables in shards:
+        layout.write_shard(root, tables)
+    write_s = time.perf_counter() - start
+    routing_rows = sum(t["routing"].num_rows for t in shards)
+    routing_bytes = sum(p.stat().st_size for p in root.rglob("routing.parquet"))
+    store_bytes = sum(p.stat().st_size for p in root.rglob("*.parquet"))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        load = expert_load_sql(root, by=("layer", "modality"))
+        times.append(time.perf_counter() - start)
+    assert int(load["count"].sum()) == routing_rows
+    return {
+        "routing_rows": routing_rows,
+        "samples": samples,
+        "shards": len(shards),
+        "write_s": write_s,
+        "routing_mb": routing_bytes / 1e6,
+        "store_mb": store_bytes / 1e6,
+        "bytes_per_routing_row": routing_bytes / routing_rows,
+        "expert_load_first_s": times[0],
+        "expert_load_s": min(times),
+        "expert_load_target_s": LOAD_TARGET_S,
+        "expert_load_pass": min(times) <= LOAD_TARGET_S,
+    }
+
+
+def _synthetic_shard(sample_range: range) -> dict[str, pa.Table]:
+    """Routing and tokens of some 1,024-token samples: text, then audio, image and video spans."""
+    from ..store import layout
+
+    rng = np.random.default_rng(sample_range.start)
+    n_samples = len(sample_range)
+    n_tokens = n_samples * SAMPLE_TOKENS
+    ids = np.array([f"synthetic-{i:05d}" for i in sample_range], dtype=object)
+    sample_of = np.repeat(np.arange(n_samples), SAMPLE_TOKENS)
+    pos = np.tile(np.arange(SAMPLE_TOKENS, dtype=np.int32), n_samples)
+    # 10 % text, 40 % audio, 25 % image, 25 % video, in spans
+    bounds = np.array([0.10, 0.50, 0.75]) * SAMPLE_TOKENS
+    kind = np.searchsorted(bounds, pos, side="right")
+    modality = np.array(["text", "audio", "image", "video"], dtype=object)[kind]
+    assert set(modality) <= set(MODALITIES)
+    tokens = pa.table(
+        {
+            "sample_id": ids[sample_of],
+            "component": np.full(n_tokens, "thinker", dtype=object),
+            "phase": np.full(n_tokens, "prefill", dtype=object),
+            "step": np.zeros(n_tokens, np.int32),
+            "pos": pos,
+            "token_id": np.full(n_tokens, 151675, np.int64),
+            "text": np.full(n_tokens, "", dtype=object),
+            "modality": modality,
+            "item": np.where(kind == 0, -1, 0).astype(np.int32),
+            "t": pos.astype(np.int64),
+            "h": np.zeros(n_tokens, np.int64),
+            "w": np.zeros(n_tokens, np.int64),
+            "seconds": np.full(n_tokens, np.nan),
+            "frame": np.full(n_tokens, -1, np.int32),
+        },
+        schema=layout.schema("tokens"),
+    )
+    # routing rows in the tracer's order: (layer, pos, rank) within each sample
+    per_sample = LAYERS * SAMPLE_TOKENS * TOP_K
+    n_rows = n_samples * per_sample
+    within = np.arange(per_sample)
+    layer = (within // (SAMPLE_TOKENS * TOP_K)).astype(np.int16)
+    token = ((within // TOP_K) % SAMPLE_TOKENS).astype(np.int32)
+    rank = (within % TOP_K).astype(np.int8)
+    # top-8 distinct experts per (token, layer): a random offset plus a fixed stride pattern
+    offset = rng.integers(0, EXPERTS, n_rows // TOP_K, dtype=np.int16).repeat(TOP_K)
+    expert = ((offset + np.tile(np.arange(TOP_K, dtype=np.int16) * 17, n_rows // TOP_K)) % EXPERTS).astype(np.int16)
+    weight = rng.dirichlet(np.ones(TOP_K), n_rows // TOP_K).astype(np.float16).ravel()
+    routing = pa.table(
+        {
+            "sample_id": ids[np.repeat(np.arange(n_samples), per_sample)],
+            "component": np.full(n_rows, "thinker", dtype=object),
+            "layer": np.tile(layer, n_samples),
+            "pos": np.tile(token, n_samples),
+            "phase": np.full(n_rows, "prefill", dtype=object),
+            "rank": np.tile(rank, n_samples),
+            "expert": expert,
+            "weight": weight,
+            "modality": np.tile(np.repeat(modality[:SAMPLE_TOKENS], TOP_K), LAYERS * n_samples),
+        },
+        schema=layout.schema("routing"),
+    )
+    return {"routing": routing, "tokens": tokens}
+
+
+def _throughput(model: str, tmp: Path, repeats: int) -> dict:
+    from .. import load
+    from ..store import collect, read_manifest
+
+    manifest = DATA / "manifest.jsonl"
+    lab = load(model)
+    n = len(read_manifest(manifest))
+    options = {"model": lab, "progress": False}
+    collect(manifest, tmp / "warm-up", capture=(), **options)  # first forwards of each tower are slow
+    best = {"traced": 0.0, "bare": 0.0}
+    tokens = {}
+    for i in range(repeats):
+        for name, capture in (("bare", ()), ("traced", ("routing", "positions", "codes"))):
+            summary = collect(manifest, tmp / f"{name}-{i}", capture=capture, **options)
+            assert summary["done"] == n
+            if summary["samples_per_s"] > best[name]:
+                best[name], tokens[name] = summary["samples_per_s"], summary["tokens_per_s"]
+    ratio = best["traced"] / best["bare"]
+    return {
+        "collect_model": lab.model_id,
+        "collect_samples": n,
+        "collect_traced_samples_per_s": best["traced"],
+        "collect_bare_samples_per_s": best["bare"],
+        "collect_traced_tokens_per_s": tokens["traced"],
+        "collect_traced_over_bare": ratio,
+        "collect_ratio_target": RATIO_TARGET,
+        "collect_ratio_pass": ratio >= RATIO_TARGET,
+    }
