@@ -418,6 +418,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         )
         zip_button.click(trace_zip, [session], [download], api_name="trace_zip")
         html_button.click(figures_html, panel_in, [download], api_name="figures_html", preprocess=False)
+        app.load(panels, panel_in, panel_out, api_visibility="private")
         clear_button.click(
             clear,
             [session],

@@ -3,6 +3,8 @@
 Imported by tests/test_app*.py (not a conftest: pytest does not load it by itself). Gradio and
 gradio_client read their temp folders when they are first imported, so the tests import them only
 inside fixtures, after `app_env` has pointed GRADIO_TEMP_DIR, TMPDIR and HOME at the test folder.
+
+PYTEST_DONT_REWRITE (no assertions here; imported before pytest could rewrite it)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -28,11 +31,25 @@ FAST = dict(max_new_tokens=6, max_speech_frames=6)
 
 
 def env_folder() -> Path:
-    """This process's test folder for Gradio's files, temp files and HOME."""
+    """This process's test folder for Gradio's files, temp files and HOME (those of ended runs go)."""
     folder = OUTPUT / f"env-{os.getpid()}"
+    if not folder.exists():
+        for old in OUTPUT.glob("env-*"):
+            if not _alive(old.name.removeprefix("env-")):
+                shutil.rmtree(old, ignore_errors=True)
     for sub in ("gradio", "tmp", "home"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,85 @@
+"""The demo in a real browser: Debian's chromium driven by Playwright (never `playwright install`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest_app import DATA, OUTPUT
+
+pytest_plugins = ["conftest_app"]  # app_env, served
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.usefixtures("app_env"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not at /usr/bin/chromium"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.set_default_timeout(90_000)
+    page.goto(served)
+    page.wait_for_selector("#send")
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+def _send(page, text: str, image: Path | None = None) -> None:
+    if image is not None:
+        page.set_input_files("#image-in input[type=file]", str(image))
+        page.wait_for_selector("#image-in img")
+    page.fill("#message textarea", text)
+    page.click("#send")
+
+
+def _screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, OUTPUT / name)  # kept for a person to look at after the run
+    return path
+
+
+def test_a_turn_with_an_image_shows_the_reply_and_a_plotly_chart(page, tmp_path):
+    assert "random-weight model" in page.inner_text("#banner")
+    _send(page, "What is in this image?", DATA / "image.png")
+    assistant = page.locator("#chatbot .bot-row").last
+    assistant.wait_for()
+    page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")  # the note before a turn has none
+    assert "image.png" in page.inner_text("#chatbot")
+    assert assistant.inner_text().strip()
+    assert "router weight" in page.inner_text("#routing-plot")
+    assert _screenshot(page, tmp_path, "browser-turn.png").stat().st_size > 10_000
+
+
+def test_a_bad_input_shows_an_escaped_message_and_the_app_keeps_serving(page, tmp_path):
+    _send(page, "")
+    toast = page.locator("[data-testid='toast-body']").first
+    toast.wait_for()
+    assert "the message is empty" in toast.inner_text()
+    assert "Traceback" not in page.content()
+    _screenshot(page, tmp_path, "browser-error.png")
+    _send(page, "still there?")
+    page.wait_for_function(
+        "() => document.querySelector('#chatbot').innerText.includes('still there?')", timeout=90_000
+    )
+    page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")
