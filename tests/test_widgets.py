@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from plotly.callbacks import Points
-from synthetic import synthetic_trace
+from synthetic import synthetic_trace, tiny_trace
 
 from omnilab import analysis, plots
 from omnilab.widgets import PositionExplorer, RoutingExplorer, SpeechExplorer
@@ -112,3 +112,15 @@ def test_select_frame_and_clicking_the_grid_move_the_cursor(trace):
         Points(point_inds=[[0, 9]], xs=[0.72], ys=[0], trace_index=0), None
     )
     assert explorer.frame == 9
+
+
+def test_explorers_follow_a_real_tiny_model_trace(tiny):
+    real = tiny_trace(tiny)
+    routing = RoutingExplorer(real, component="talker")
+    routing.layer.value = 1
+    assert routing.figure.layout.meta == {"layer": 1, "component": "talker"}
+    positions = PositionExplorer(real)
+    assert [t.name for t in positions.figure.data] == ["text", "audio", "video"]  # nothing misaligned
+    speech = SpeechExplorer(real)
+    speech.select_frame(2)
+    assert speech.frame == 2

@@ -57,8 +57,14 @@ def meta(source) -> dict:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
-def per_component(value, component: str):
-    """`meta` values are either one number or a {component: number} dict."""
+def per_component(info: dict, key: str, component: str):
+    """A per-component value of the trace metadata: meta["components"][component][key] (as the tracer
+    writes it), else meta[key] as a {component: value} dict or one value for all; None when absent."""
+    components = info.get("components")
+    if isinstance(components, Mapping) and isinstance(components.get(component), Mapping):
+        if components[component].get(key) is not None:
+            return components[component][key]
+    value = info.get(key)
     if isinstance(value, Mapping):
         return value.get(component)
     return value
@@ -392,7 +398,12 @@ def _component(
         experts = experts.reshape(num_layers, num_tokens, top_k)
         weights = weights.reshape(num_layers, num_tokens, top_k)
     complete = bool((experts >= 0).all())
-    num_experts = max(int(experts.max()) + 1, int(per_component(info.get("num_experts"), name) or 0))
+    part_logits = logits[equals(logits["component"], name)] if len(logits) else None
+    num_experts = max(
+        int(experts.max()) + 1,
+        int(per_component(info, "num_experts", name) or 0),
+        int(part_logits["expert"].max()) + 1 if part_logits is not None and len(part_logits) else 0,
+    )
 
     # Per-token columns from the tokens table (the last row of a pos wins, as in Trace.routing_with_tokens).
     modality = np.full(num_tokens, -1, dtype=np.int8)
@@ -420,7 +431,6 @@ def _component(
         entropy, topk_mass = _dense_stats(
             part_stats, extra, sequence_values, present_layers, token_pos, token_sequence
         )
-    part_logits = logits[equals(logits["component"], name)] if len(logits) else None
 
     return ComponentRouting(
         component=name,

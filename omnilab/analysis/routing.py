@@ -131,7 +131,7 @@ def _mean_probability(part: ComponentRouting) -> tuple[np.ndarray, str]:
     def compute():
         if part.logits is not None:
             return _probability_from_logits(part), "router_logits"
-        layers, experts = len(part.layers), part.num_experts
+        layers, experts, k = len(part.layers), part.num_experts, part.top_k
         p_mean = np.zeros((layers, experts))
         source = "top-k weights"
         for li in range(layers):
@@ -141,15 +141,20 @@ def _mean_probability(part: ComponentRouting) -> tuple[np.ndarray, str]:
                 weights = np.where(valid, weights, 0)
             total = weights.sum(axis=1, keepdims=True)
             prob = weights / np.where(total > 0, total, 1)
-            if part.topk_mass is not None:
-                mass = part.topk_mass[li]
-                if np.isfinite(mass).any():
-                    source = "top-k probabilities"
-                prob = prob * np.where(np.isfinite(mass), mass, 1.0)[:, None]
+            rest = np.zeros(part.num_tokens, dtype=np.float32)  # each unchosen expert's probability
+            if part.topk_mass is not None and np.isfinite(part.topk_mass[li]).any():
+                source = "top-k probabilities + uniform rest"
+                mass = np.where(np.isfinite(part.topk_mass[li]), part.topk_mass[li], 1.0)
+                prob = prob * mass[:, None]
+                if experts > k:
+                    rest = (1.0 - mass) / (experts - k)
             chosen = part.experts[li] if valid is None else part.experts[li][valid]
-            prob = prob if valid is None else prob[valid]
-            tokens = part.num_tokens if valid is None else max(int(valid[:, 0].sum()), 1)
-            p_mean[li] = np.bincount(chosen.ravel().astype(np.intp), prob.ravel(), minlength=experts) / tokens
+            lift = prob - rest[:, None]
+            lift = lift if valid is None else lift[valid]
+            routed = np.ones(part.num_tokens, dtype=bool) if valid is None else valid[:, 0]
+            tokens = max(int(routed.sum()), 1)
+            extra = np.bincount(chosen.ravel().astype(np.intp), lift.ravel(), minlength=experts)
+            p_mean[li] = (rest[routed].sum() + extra) / tokens
         return p_mean, source
 
     return part.cached("mean_probability", compute)
@@ -212,10 +217,11 @@ def load_balance(trace, *, component=None, layer=None) -> pd.DataFrame:
     (std / mean) of the E experts' counts, 0 when perfectly balanced; entropy: H(f) = -Σ f_e ln f_e in
     nats, and entropy_norm = H(f) / ln E (1 when balanced); max_share: the largest f_e; balance_loss:
     the Switch Transformer auxiliary loss E · Σ_e f_e · P_e (Fedus et al., 2021, eq. 4; 1 at perfect
-    balance). P_e is exact when router_logits were captured (p_source "router_logits"); otherwise it is
-    the chosen experts' softmax probabilities, weight · topk_mass / Σ weight ("top-k probabilities", a
-    lower bound, since unchosen experts' probabilities are unknown), or the renormalized top-k weights
-    when router_stats are absent ("top-k weights").
+    balance). P_e is exact when router_logits were captured (p_source "router_logits"). Otherwise it is
+    estimated ("top-k probabilities + uniform rest"): a chosen expert's softmax probability is
+    weight · topk_mass / Σ weight (exact), and the mass the top-k leaves, 1 - topk_mass, is spread evenly
+    over the E - k unchosen experts (their individual probabilities were not recorded). Without
+    router_stats the renormalized top-k weights stand in for the probabilities ("top-k weights").
     """
     pieces = []
     for part in routing_parts(trace, component, layer):

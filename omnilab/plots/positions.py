@@ -91,8 +91,8 @@ def seconds_timeline(
                 "item %{customdata[2]} frame %{customdata[3]}<extra>" + modality + "</extra>",
             )
         )
-    if alignment is not None and len(alignment):
-        bad = alignment[~alignment["aligned"].astype(bool)]
+    bad = alignment[~alignment["aligned"].astype(bool)] if alignment is not None and len(alignment) else []
+    if len(bad):
         rows = layout.set_index("pos").reindex(bad["pos"])
         fig.add_trace(
             go.Scatter(

@@ -30,6 +30,7 @@ class RoutingExplorer(Explorer):
         if not self.data.components:
             raise ValueError("the trace has no routing to explore; trace with routing captured")
         self._layers = {p.component: [int(x) for x in p.layers] for p in self.data.components}
+        self._experts = {p.component: p.num_experts for p in self.data.components}
         self._paths: dict = {}
         names = list(self._layers)
         component = component if component in self._layers else names[0]
@@ -43,7 +44,7 @@ class RoutingExplorer(Explorer):
         )
         self.selected: int | None = None
         paths = self.paths(component)
-        self.figure = go.FigureWidget(plots.routing_heatmap(paths, layer=self.layer.value))
+        self.figure = go.FigureWidget(self._heatmap())
         first = int(paths["pos"].iloc[0])
         self.route = go.FigureWidget(plots.token_route(paths, pos=first))
         self.info = widgets.HTML()
@@ -83,8 +84,7 @@ class RoutingExplorer(Explorer):
         )
 
     def _on_layer(self, change) -> None:
-        paths = self.paths(self.component.value)
-        if refresh(self.figure, plots.routing_heatmap(paths, layer=change["new"])):
+        if refresh(self.figure, self._heatmap()):
             self._attach()
         self._mark()
 
@@ -93,10 +93,15 @@ class RoutingExplorer(Explorer):
         with self.layer.hold_trait_notifications():
             self.layer.options = layers
             self.layer.value = layers[0]
-        paths = self.paths(change["new"])
-        if refresh(self.figure, plots.routing_heatmap(paths, layer=self.layer.value)):
+        if refresh(self.figure, self._heatmap()):
             self._attach()
-        self.select(int(paths["pos"].iloc[0]))
+        self.select(int(self.paths(change["new"])["pos"].iloc[0]))
+
+    def _heatmap(self) -> go.Figure:
+        component = self.component.value
+        return plots.routing_heatmap(
+            self.paths(component), layer=self.layer.value, num_experts=self._experts[component]
+        )
 
     def _on_click(self, trace, points, state) -> None:
         if points.ys:
