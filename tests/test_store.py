@@ -459,7 +459,15 @@ def test_a_second_writer_is_refused_while_one_holds_the_store(tmp_path, tiny):
         collect(manifest, out, model=tiny, progress=False)
 
 
+def test_collect_refuses_a_folder_that_is_not_a_store(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    manifest = write_manifest(tmp_path / "m.jsonl", text_rows(1))
+    with pytest.raises(TraceError, match="not an omnilab trace store"):
+        collect(manifest, tmp_path, progress=False)
+
+
 # -- kill and resume ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_killed_runs_resume_to_exactly_once(tmp_path):
     """SIGKILL a collect after 1 and 3 shards, and at a random moment; the last run finishes the rest."""
     rows = text_rows(12, "k")
@@ -505,6 +513,7 @@ def test_killed_runs_resume_to_exactly_once(tmp_path):
 
 
 # -- the Ray engine -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ray_engine_writes_the_same_store_as_the_local_engine(tmp_path, bundled):
     pytest.importorskip("ray")
     local, _ = bundled

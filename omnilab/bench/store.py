@@ -41,9 +41,13 @@ def _scale(root: Path, rows: int, repeats: int) -> dict:
 
     tokens_needed = -(-rows // (LAYERS * TOP_K))
     samples = -(-tokens_needed // SAMPLE_TOKENS)
-    shards = [_synthetic_shard(range(s, min(s + SHARD_SAMPLES, samples))) for s in range(0, samples, SHARD_SAMPLES)]
+    shards = [
+        _synthetic_shard(range(s, min(s + SHARD_SAMPLES, samples))) for s in range(0, samples, SHARD_SAMPLES)
+    ]
     root.mkdir(parents=True)
-    meta = layout.new_meta(model_id="synthetic", config_hash="-", capture=["routing"], generate=0, manifest="-")
+    meta = layout.new_meta(
+        model_id="synthetic", config_hash="-", capture=["routing"], generate=0, manifest="-"
+    )
     layout.write_meta(root, meta)
     start = time.perf_counter()
     for tables in shards:
@@ -116,7 +120,9 @@ def _synthetic_shard(sample_range: range) -> dict[str, pa.Table]:
     rank = (within % TOP_K).astype(np.int8)
     # top-8 distinct experts per (token, layer): a random offset plus a fixed stride pattern
     offset = rng.integers(0, EXPERTS, n_rows // TOP_K, dtype=np.int16).repeat(TOP_K)
-    expert = ((offset + np.tile(np.arange(TOP_K, dtype=np.int16) * 17, n_rows // TOP_K)) % EXPERTS).astype(np.int16)
+    expert = ((offset + np.tile(np.arange(TOP_K, dtype=np.int16) * 17, n_rows // TOP_K)) % EXPERTS).astype(
+        np.int16
+    )
     weight = rng.dirichlet(np.ones(TOP_K), n_rows // TOP_K).astype(np.float16).ravel()
     routing = pa.table(
         {
@@ -145,13 +151,14 @@ def _throughput(model: str, tmp: Path, repeats: int) -> dict:
     options = {"model": lab, "progress": False}
     collect(manifest, tmp / "warm-up", capture=(), **options)  # first forwards of each tower are slow
     best = {"traced": 0.0, "bare": 0.0}
-    tokens = {}
+    tokens, writing = {}, {}
     for i in range(repeats):
         for name, capture in (("bare", ()), ("traced", ("routing", "positions", "codes"))):
             summary = collect(manifest, tmp / f"{name}-{i}", capture=capture, **options)
             assert summary["done"] == n
             if summary["samples_per_s"] > best[name]:
                 best[name], tokens[name] = summary["samples_per_s"], summary["tokens_per_s"]
+                writing[name] = summary["write_seconds"] / summary["seconds"]
     ratio = best["traced"] / best["bare"]
     return {
         "collect_model": lab.model_id,
@@ -159,6 +166,7 @@ def _throughput(model: str, tmp: Path, repeats: int) -> dict:
         "collect_traced_samples_per_s": best["traced"],
         "collect_bare_samples_per_s": best["bare"],
         "collect_traced_tokens_per_s": tokens["traced"],
+        "collect_traced_write_share": writing["traced"],
         "collect_traced_over_bare": ratio,
         "collect_ratio_target": RATIO_TARGET,
         "collect_ratio_pass": ratio >= RATIO_TARGET,

@@ -74,7 +74,8 @@ def collect(
     generate: new tokens per sample; 0 traces one prefill forward of the thinker only.
     max_tokens: longest prompt (+ generate) accepted; longer samples fail as "too long"
     (default: the model's context). Returns a summary: samples in the manifest, done, errors,
-    skipped (already in the store), shards written, tokens, seconds, samples/s and tokens/s.
+    skipped (already in the store), shards written, tokens, seconds (write_seconds of them spent
+    writing shards), samples/s and tokens/s of the samples run.
     """
     started = time.perf_counter()
     samples = read_manifest(manifest)
@@ -88,16 +89,11 @@ def collect(
     if shard_samples < 1:
         raise OmnilabError(f"shard_samples must be at least 1; got {shard_samples!r}")
     root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise TraceError(f"--out '{root}' is a file; a trace store is a folder")
+    _check_folder(root)
 
     with layout.writer_lock(root):
         layout.clear_tmp(root)
         meta = layout.read_meta(root) if (root / layout.META_FILE).exists() else None
-        if meta is None and layout.shard_dirs(root):
-            raise TraceError(
-                f"'{root}' holds shards but no {layout.META_FILE}; it is not a store this omnilab wrote"
-            )
         if meta is not None:
             _check_same(root, meta, {"capture": list(capture), "generate": generate})
         done = layout.done_ids(root)
@@ -110,6 +106,7 @@ def collect(
             "skipped": len(samples) - len(todo),
             "shards": 0,
             "tokens": 0,
+            "write_seconds": 0.0,
         }
         if todo:
             if engine == "local" and workers > 1:
@@ -150,6 +147,7 @@ def collect(
     ran = summary["done"] + summary["errors"]
     summary.update(
         seconds=round(seconds, 3),
+        write_seconds=round(summary["write_seconds"], 3),
         samples_per_s=round(ran / seconds, 3) if ran else 0.0,
         tokens_per_s=round(summary["tokens"] / seconds, 1) if ran else 0.0,
     )
@@ -276,6 +274,7 @@ def _write(
 
     def flush() -> None:
         if buffer:
+            start = time.perf_counter()
             tables = {}
             for name in layout.TABLES:
                 parts = [r.tables[name] for r in buffer if name in r.tables]
@@ -283,6 +282,7 @@ def _write(
                     tables[name] = pa.concat_tables(parts)
             layout.write_shard(root, tables)
             summary["shards"] += 1
+            summary["write_seconds"] += time.perf_counter() - start
             buffer.clear()
 
     bar = tqdm(total=total, unit="sample", desc="collect", disable=not progress, dynamic_ncols=True)
@@ -369,11 +369,11 @@ class _RayEngine:
                 "the ray engine loads one model per actor, so it needs the model's name or path, not a "
                 "loaded OmniLab; pass model='tiny' (or the checkpoint) instead"
             )
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
             import ray
         except ImportError:
             raise OmnilabError("the ray engine needs Ray: pip install 'omnilab[scale]' (ray[data])") from None
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self.ray = ray
         self.started = False
         if not ray.is_initialized():
@@ -445,6 +445,23 @@ def _capture(capture) -> tuple[str, ...]:
     if unknown:
         raise OmnilabError(f"unknown capture {unknown}; choose from {', '.join(CAPTURES)}")
     return tuple(names)
+
+
+def _check_folder(root: Path) -> None:
+    """A store folder is new, empty, a store, or what a run killed before its first write left."""
+    if root.exists() and not root.is_dir():
+        raise TraceError(f"--out '{root}' is a file; a trace store is a folder")
+    if not root.exists() or (root / layout.META_FILE).exists():
+        return
+    leftovers = {layout.LOCK, layout.TMP, layout.META_FILE + ".tmp"}
+    others = sorted(p.name for p in root.iterdir() if p.name not in leftovers)
+    if others == [layout.SHARDS] and not any((root / layout.SHARDS).iterdir()):
+        return
+    if others:
+        raise TraceError(
+            f"'{root}' is not an omnilab trace store ({layout.META_FILE} is missing) and is not empty "
+            f"(it holds {', '.join(others[:5])}{', …' if len(others) > 5 else ''}); choose a new or empty --out"
+        )
 
 
 def _check_same(root: Path, meta: dict, wanted: dict) -> None:

@@ -83,10 +83,13 @@ def query(store, sql: str) -> pd.DataFrame:
         raise TraceError(_message(exc, store)) from None
 
 
-def read_table(store, table: str, *, sample_id: str | None = None, columns=None) -> pd.DataFrame:
+def read_table(
+    store, table: str, *, sample_id: str | None = None, shard: int | None = None, columns=None
+) -> pd.DataFrame:
     """Table `table` of a store as a DataFrame (all samples, or one): `sample_id` and the Trace's columns.
 
-    `columns` picks others (the store's extra `modality` of routing, `shard`).
+    `columns` picks others (the store's extra `modality` of routing, `shard`); `shard` reads one
+    shard's files only.
     """
     if table not in layout.TABLES:
         raise TraceError(f"unknown store table {table!r}; the tables are {', '.join(layout.TABLES)}")
@@ -95,10 +98,15 @@ def read_table(store, table: str, *, sample_id: str | None = None, columns=None)
     names = ["sample_id", *default] if columns is None else list(columns)
     select = ", ".join(_quote(c) for c in names)
     sql = f"SELECT {select} FROM {table}"
-    params = []
+    where, params = [], []
+    if shard is not None:
+        where.append("shard = ?")
+        params.append(int(shard))
     if sample_id is not None:
-        sql += " WHERE sample_id = ?"
+        where.append("sample_id = ?")
         params.append(str(sample_id))
+    if where:
+        sql += " WHERE " + " AND ".join(where)
     try:
         return con.execute(sql, params).df()
     except duckdb.Error as exc:
@@ -108,7 +116,7 @@ def read_table(store, table: str, *, sample_id: str | None = None, columns=None)
 def load_trace(store, sample_id: str) -> Trace:
     """The Trace of one sample, read back from the store (its tables and metadata; no audio)."""
     con = open_store(store)
-    samples = read_table(con, "samples", sample_id=sample_id, columns=["sample_id", "meta"])
+    samples = read_table(con, "samples", sample_id=sample_id, columns=["shard", "meta"])
     if len(samples) == 0:
         failed = read_table(con, "errors", sample_id=sample_id, columns=["error", "reason"])
         if len(failed):
