@@ -438,42 +438,45 @@ class _StepRecorder:
 
 
 def _routing_frames(component: str, phase: str, start: int, found: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(routing rows, router_stats rows) in the Trace's columns from one forward's router outputs."""
-    parts, stats = [], []
-    for layer, (logits, weights, indices) in sorted(found.items()):
-        n, k = indices.shape
-        pos = np.arange(start, start + n, dtype=np.int32)
-        probs = torch.softmax(logits.float(), dim=-1)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
-        mass = probs.gather(-1, indices).sum(-1)
-        parts.append(
-            pd.DataFrame(
-                {
-                    "component": component,
-                    "layer": np.int16(layer),
-                    "pos": np.repeat(pos, k),
-                    "phase": phase,
-                    "rank": np.tile(np.arange(k, dtype=np.int8), n),
-                    "expert": indices.to("cpu", torch.int16).numpy().ravel(),
-                    "weight": weights.to("cpu", torch.float16).numpy().ravel(),
-                }
-            )
-        )
-        stats.append(
-            pd.DataFrame(
-                {
-                    "component": component,
-                    "layer": np.int16(layer),
-                    "pos": pos,
-                    "phase": phase,
-                    "entropy": entropy.cpu().numpy().astype(np.float32),
-                    "topk_mass": mass.cpu().numpy().astype(np.float32),
-                }
-            )
-        )
-    if not parts:
+    """(routing rows, router_stats rows) in the Trace's columns from one forward's router outputs.
+
+    All layers at once (one softmax, one copy to the host, one DataFrame each), so a 48-layer model
+    costs about what a 4-layer one does per step.
+    """
+    if not found:
         return pd.DataFrame(), pd.DataFrame()
-    return pd.concat(parts, ignore_index=True), pd.concat(stats, ignore_index=True)
+    layers = sorted(found)
+    logits = torch.stack([found[layer][0] for layer in layers]).float()  # [L, n, E]
+    weights = torch.stack([found[layer][1] for layer in layers])  # [L, n, k]
+    indices = torch.stack([found[layer][2] for layer in layers])
+    probs = torch.softmax(logits, dim=-1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [L, n]
+    mass = probs.gather(-1, indices).sum(-1)
+    n_layers, n, k = indices.shape
+    layer = np.asarray(layers, dtype=np.int16)
+    pos = np.arange(start, start + n, dtype=np.int32)
+    routing = pd.DataFrame(
+        {
+            "component": component,
+            "layer": np.repeat(layer, n * k),
+            "pos": np.tile(np.repeat(pos, k), n_layers),
+            "phase": phase,
+            "rank": np.tile(np.arange(k, dtype=np.int8), n_layers * n),
+            "expert": indices.to("cpu", torch.int16).numpy().ravel(),
+            "weight": weights.to("cpu", torch.float16).numpy().ravel(),
+        }
+    )
+    stats = pd.DataFrame(
+        {
+            "component": component,
+            "layer": np.repeat(layer, n),
+            "pos": np.tile(pos, n_layers),
+            "phase": phase,
+            "entropy": entropy.cpu().numpy().astype(np.float32).ravel(),
+            "topk_mass": mass.cpu().numpy().astype(np.float32).ravel(),
+        }
+    )
+    return routing, stats
 
 
 # -- the stream -----------------------------------------------------------------------------------------
@@ -796,6 +799,26 @@ class _Stream:
             positions=self.rows["tokens"][-1],
         )
 
+    def _unfed_token(self) -> pd.DataFrame:
+        """The thinker's last token is never fed back, yet belongs in the tokens table (as the Tracer has it)."""
+        decoder = self.thinker_decoder
+        pos = int(decoder.input_ids.shape[1]) - 1
+        thinker_rows = [f for f in self.rows["tokens"] if len(f) and f["component"].iloc[0] == "thinker"]
+        last = thinker_rows[-1].iloc[-1]
+        shift = pos - int(last["pos"])
+        return pd.DataFrame(
+            {
+                "component": ["thinker"],
+                "phase": ["decode"],
+                "step": [decoder.steps],
+                "pos": [pos],
+                "token_id": [int(decoder.input_ids[0, -1])],
+                "t": [int(last["t"]) + shift],
+                "h": [int(last["h"]) + shift],
+                "w": [int(last["w"]) + shift],
+            }
+        )
+
     # -- done -----------------------------------------------------------------------------------------
     def _done(self, gathered) -> StreamEvent:
         from .instrument.tracer import _annotate, _pps, _spans, config_hash
@@ -844,7 +867,7 @@ class _Stream:
         )
         tables = {}
         tokenizer, pps = self.lab.processor.tokenizer, _pps(self.model)
-        tokens = [f for f in self.rows["tokens"] if len(f)]
+        tokens = [f for f in self.rows["tokens"] if len(f)] + [self._unfed_token()]
         if tokens:
             frame = pd.concat(tokens, ignore_index=True)
             tables["tokens"] = pd.concat(
