@@ -63,7 +63,12 @@ def bundled_rows(ids: list[str]) -> list[dict]:
     """Lines of the bundled manifest, with media paths made absolute (so they can move elsewhere)."""
     samples = {s.sample_id: s for s in read_manifest(MANIFEST)}
     return [
-        {"id": i, "conversation": samples[i].resolved(), "use_audio_in_video": samples[i].use_audio_in_video}
+        {
+            "id": i,
+            "conversation": samples[i].resolved(),
+            "use_audio_in_video": samples[i].use_audio_in_video,
+            **samples[i].extra,
+        }
         for i in ids
     ]
 
@@ -513,14 +518,32 @@ def test_killed_runs_resume_to_exactly_once(tmp_path):
 
 
 # -- the Ray engine -----------------------------------------------------------------------------------
+@pytest.fixture()
+def local_ray():
+    """A local Ray instance on this machine's 2 CPUs (started here, so collect uses it and leaves it up)."""
+    ray = pytest.importorskip("ray")
+    for attempt in range(3):  # on a loaded machine the raylet can miss Ray's fixed 30 s start-up window
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
-def test_ray_engine_writes_the_same_store_as_the_local_engine(tmp_path, bundled):
-    pytest.importorskip("ray")
+def test_ray_engine_writes_the_same_store_as_the_local_engine(tmp_path, bundled, local_ray):
     local, _ = bundled
     ids = ["text-greeting", "audio-question", "image-two", "video-with-audio", "all-media", "multiturn-media"]
     manifest = write_manifest(tmp_path / "m.jsonl", bundled_rows(ids))
     out = tmp_path / "ray"
     summary = collect(manifest, out, model="tiny", engine="ray", workers=2, shard_samples=4, progress=False)
+    assert local_ray.is_initialized()  # an instance collect did not start is left running
     assert summary["done"] == len(ids) and summary["errors"] == 0
     assert (
         json.loads((out / "store.json").read_text())["config_hash"]

@@ -378,10 +378,18 @@ class _RayEngine:
         self.started = False
         if not ray.is_initialized():
             options = {"logging_level": logging.WARNING, "log_to_driver": False}
-            if address:
-                ray.init(address=address, **options)
-            else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **options)
+            try:
+                if address:
+                    ray.init(address=address, **options)
+                else:
+                    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **options)
+            except Exception as exc:  # Ray raises bare Exceptions (e.g. a node that timed out starting)
+                ray.shutdown()
+                where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+                raise OmnilabError(
+                    f"could not start or reach {where}: {exc}; retry, or start one with `ray start --head` "
+                    "and pass its address (--ray-address), or use --engine local"
+                ) from None
             self.started = True
         resources = ray.cluster_resources()
         cpus = float(resources.get("CPU", 1))
