@@ -525,6 +525,8 @@ class _Stream:
             )
         self.first_packet = None
         self.ttft = {}
+        self._in_step = False
+        self._thinker_recorder = _StepRecorder(self.model, "thinker")
 
         inputs, gathered = self.lab._prepare(self.conversation, self.options["use_audio_in_video"])
         clock.add("preprocessing", clock.now())
@@ -573,26 +575,36 @@ class _Stream:
     # -- one step under the model lock, with this stream's RNG ------------------------------------------
     @contextmanager
     def _step(self):
-        with self.lock, torch.inference_mode():
-            if self.seed is None:
+        if self._in_step:  # a step inside a step: the outer one holds the lock and the RNG
+            yield
+            return
+        self._in_step = True
+        try:
+            with self.lock, torch.inference_mode(), self._stream_rng():
                 yield
-                return
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                if self.rng is None:
-                    torch.manual_seed(self.seed)
-                else:
-                    torch.set_rng_state(self.rng[0])
-                    if devices:
-                        torch.cuda.set_rng_state(self.rng[1], self.device)
-                yield
-                self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if devices else None)
+        finally:
+            self._in_step = False
+
+    @contextmanager
+    def _stream_rng(self):
+        """With a seed, this stream's own RNG state for the step, the caller's restored after it."""
+        if self.seed is None:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self.rng is None:
+                torch.manual_seed(self.seed)
+            else:
+                torch.set_rng_state(self.rng[0])
+                if devices:
+                    torch.cuda.set_rng_state(self.rng[1], self.device)
+            yield
+            self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if devices else None)
 
     # -- thinker --------------------------------------------------------------------------------------
     def _run_thinker(self, fn, *args):
-        recorder = getattr(self, "_thinker_recorder", None) or _StepRecorder(self.model, "thinker")
-        self._thinker_recorder = recorder
-        with recorder.record(self.trace) as found:
+        with self._thinker_recorder.record(self.trace) as found:
             token = fn(*args)
         return token, found
 
@@ -621,7 +633,10 @@ class _Stream:
         text = self.lab.processor.tokenizer.decode(ids, skip_special_tokens=True)
         if not final:
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next token
-        if text.startswith(self.text_sent) and len(text) > len(self.text_sent):
+        if not text.startswith(self.text_sent):
+            # Detokenization rewrote text already sent (rare); the done event's reply has the true text.
+            log.debug("reply text %r no longer starts with the streamed %r", text, self.text_sent)
+        elif len(text) > len(self.text_sent):
             delta = text[len(self.text_sent) :]
             self.text_sent = text
             yield StreamEvent("text", self.clock.now(), text=delta)
