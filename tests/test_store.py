@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from omnilab.store import (
     open_store,
     query,
     read_manifest,
+    read_source,
     read_table,
     verify_store,
 )
@@ -263,11 +265,23 @@ def test_routing_analyses_over_store_tables_equal_in_memory(bundled, memory_trac
 
     out, _ = bundled
     memory = keyed(memory_traces)
-    stored = {name: read_table(out, name) for name in ("routing", "tokens", "router_stats")}
-    stored["meta"] = memory["meta"]
-    for name in ("expert_load", "load_balance", "modality_nmi", "router_confidence"):
-        fn = analysis.ROUTING_ANALYSES[name]
+    stored = read_source(out)
+    assert stored["meta"]["model_id"] == memory["meta"]["model_id"]
+    for name, fn in analysis.ROUTING_ANALYSES.items():
         pd.testing.assert_frame_equal(fn(stored), fn(memory), obj=name, check_dtype=False)
+    subset = ["audio-only", "image-two"]
+    one = read_source(out, sample_ids=subset)
+    assert set(one["routing"]["sample_id"]) == set(subset)
+    pd.testing.assert_frame_equal(
+        analysis.expert_load(one)[["component", "layer", "expert", "count"]]
+        .query("count > 0")
+        .reset_index(drop=True),
+        expert_load_sql(out, sample_ids=subset, by=("component", "layer"))[
+            ["component", "layer", "expert", "count"]
+        ],
+        check_dtype=False,
+        check_categorical=False,
+    )
 
 
 def test_query_answers_sql_over_views_of_every_table(bundled):
@@ -367,6 +381,22 @@ def test_datasets_folder_without_datasets_gives_a_clear_error(tmp_path):
             read_manifest(tmp_path)
     else:
         pytest.skip("datasets is installed here: a folder manifest is read with it")
+
+
+def test_datasets_folder_is_read_through_datasets_when_installed(tmp_path, monkeypatch):
+    class DatasetDict(dict):
+        pass
+
+    conversation = [{"role": "user", "content": [{"type": "image", "image": "img.png"}]}]
+    rows = [{"id": "a", "conversation": json.dumps(conversation)}, {"id": "b", "conversation": conversation}]
+    fake = types.SimpleNamespace(DatasetDict=DatasetDict, load_from_disk=lambda path: list(rows))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    first, second = read_manifest(tmp_path)
+    assert first.resolved() == second.resolved()
+    assert first.resolved()[0]["content"][0]["image"] == str(tmp_path.resolve() / "img.png")
+    fake.load_from_disk = lambda path: DatasetDict(train=rows, test=rows)
+    with pytest.raises(ConversationError, match="splits train, test"):
+        read_manifest(tmp_path)
 
 
 # -- store rules (synthetic traces) ----------------------------------------------------------------------
@@ -474,46 +504,49 @@ def test_collect_refuses_a_folder_that_is_not_a_store(tmp_path):
 # -- kill and resume ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_killed_runs_resume_to_exactly_once(tmp_path):
-    """SIGKILL a collect after 1 and 3 shards, and at a random moment; the last run finishes the rest."""
+    """SIGKILL collect mid-write, after shards, and at a random moment; a last run finishes the rest."""
     rows = text_rows(12, "k")
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
     out = tmp_path / "store"
     rng = random.Random(8)
-    kills = [("shards", 1), ("shards", 3), ("seconds", rng.uniform(0.5, 6.0))]
-    for kind, value in kills:
+    kills = [
+        (
+            "while a shard is being written",
+            lambda before: (out / "_tmp").is_dir() and any((out / "_tmp").iterdir()),
+        ),
+        ("after two more shards", lambda before: committed(out) >= before + 2),
+        (
+            "at a random moment",
+            lambda before: committed(out) >= before + 1 and time.sleep(rng.uniform(0, 1.0)) is None,
+        ),
+    ]
+    progress = []
+    for _, kill_now in kills:
         before = committed(out) if out.exists() else 0
         process = run_collect_process(manifest, out, shard_samples=2)
         deadline = time.monotonic() + 120
-        started = time.monotonic()
-        while process.poll() is None and time.monotonic() < deadline:
-            if kind == "shards" and committed(out) >= before + value:
-                break
-            if kind == "seconds" and time.monotonic() - started >= value:
-                break
-            time.sleep(0.02)
+        while process.poll() is None and time.monotonic() < deadline and not kill_now(before):
+            time.sleep(0.005)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        if out.exists() and (out / "store.json").exists():
+        if (out / "store.json").exists():
             ids = query(out, "SELECT sample_id FROM samples")["sample_id"]
             assert ids.is_unique  # never twice, even mid-way
+            progress.append(len(ids))
+    assert progress[-1] < len(rows)  # the kills did interrupt the work
     process = run_collect_process(manifest, out, shard_samples=2)
     assert process.wait(timeout=180) == 0, process.stderr.read().decode()[-2000:]
     samples = query(out, "SELECT sample_id, count(*) AS n FROM samples GROUP BY ALL")
     assert sorted(samples["sample_id"]) == [r["id"] for r in rows] and (samples["n"] == 1).all()
     duplicated = query(
-        out,
-        """
-        SELECT sample_id, component, layer, pos, rank, count(*) AS n FROM routing GROUP BY ALL HAVING n > 1
-    """,
+        out, "SELECT sample_id, layer, pos, rank, count(*) AS n FROM routing GROUP BY ALL HAVING n > 1"
     )
     assert len(duplicated) == 0
-    tokens = query(out, "SELECT sample_id, count(*) AS n FROM tokens GROUP BY ALL")
-    prompt = query(out, "SELECT sample_id, prompt_tokens AS n FROM samples")
-    assert (
-        tokens.sort_values("sample_id")
-        .reset_index(drop=True)
-        .equals(prompt.sort_values("sample_id").reset_index(drop=True).astype({"n": tokens["n"].dtype}))
+    tokens = query(
+        out, "SELECT sample_id, count(*)::INTEGER AS n FROM tokens GROUP BY ALL ORDER BY sample_id"
     )
+    prompt = query(out, "SELECT sample_id, prompt_tokens AS n FROM samples ORDER BY sample_id")
+    pd.testing.assert_frame_equal(tokens, prompt)  # each sample's rows are all there, once
     assert verify_store(out)["samples"] == len(rows)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .collect import collect, run_sample
 from .layout import TABLES
 from .manifest import Sample, read_manifest
-from .sql import expert_load_sql, load_trace, open_store, query, read_table, verify_store
+from .sql import expert_load_sql, load_trace, open_store, query, read_source, read_table, verify_store
 
 __all__ = [
     "TABLES",
@@ -24,6 +24,7 @@ __all__ = [
     "open_store",
     "query",
     "read_manifest",
+    "read_source",
     "read_table",
     "run_sample",
     "verify_store",

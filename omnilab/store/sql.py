@@ -137,14 +137,17 @@ def expert_load_sql(
     component: str | None = None,
     layer: int | None = None,
     phase: str | None = None,
+    sample_ids=None,
     by=("component", "layer", "modality"),
 ) -> pd.DataFrame:
-    """Expert load, computed in DuckDB over the whole store: how often each expert is chosen.
+    """Expert load, computed in DuckDB over the store (or the samples `sample_ids`): how often each expert is chosen.
 
     Rows: the `by` columns (any of component, layer, modality, phase), expert, count (routing
     slots — token × rank — that chose the expert), share (count / all slots of the group), and
     weight (the mean router weight the expert got when chosen). Only experts chosen at least once
     appear. A token's modality is the one `tokens` gives it (stored beside each routing row).
+    With by=("component", "layer") count and share are `omnilab.analysis.expert_load`'s; with the
+    default, share is `modality_specialization`'s coverage (the expert's part of the modality's slots).
     """
     allowed = ("component", "layer", "modality", "phase")
     by = (by,) if isinstance(by, str) else tuple(by)
@@ -156,6 +159,9 @@ def expert_load_sql(
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
+    if sample_ids is not None:
+        where.append("list_contains(?, sample_id)")
+        params.append([str(i) for i in sample_ids])
     groups = ", ".join(by)
     sql = f"""
         WITH load AS (
@@ -174,6 +180,34 @@ def expert_load_sql(
     except duckdb.Error as exc:
         raise TraceError(_message(exc, store)) from None
     return frame.astype({"expert": "int16", "count": "int64", "share": "float64", "weight": "float64"})
+
+
+def read_source(store, *, sample_ids=None, tables=("routing", "tokens", "router_stats")) -> dict:
+    """Tables of a store (all samples, or `sample_ids`) as the analyses take them: a dict of
+    DataFrames, each with `sample_id` (which keeps samples apart), and `meta` (the first sample's).
+
+    This loads the rows into memory; for the whole of a large store prefer SQL (`expert_load_sql`).
+    """
+    con = open_store(store)
+    ids = None if sample_ids is None else [str(i) for i in sample_ids]
+    source = {}
+    for table in tables:
+        if table not in TRACE_TABLES:
+            raise TraceError(f"unknown trace table {table!r}; the tables are {', '.join(TRACE_TABLES)}")
+        names = ", ".join(_quote(c) for c in ["sample_id", *COLUMNS[table]])
+        sql = f"SELECT {names} FROM {table}" + ("" if ids is None else " WHERE list_contains(?, sample_id)")
+        try:
+            source[table] = con.execute(sql, [] if ids is None else [ids]).df()
+        except duckdb.Error as exc:
+            raise TraceError(_message(exc, store)) from None
+    first = con.execute(
+        "SELECT meta FROM samples"
+        + ("" if ids is None else " WHERE list_contains(?, sample_id)")
+        + " LIMIT 1",
+        [] if ids is None else [ids],
+    ).fetchone()
+    source["meta"] = json.loads(first[0]) if first and first[0] else {}
+    return source
 
 
 def verify_store(store: str | os.PathLike) -> dict:
