@@ -4,11 +4,14 @@
 
 Each sample runs alone (prepare, then one traced forward of the thinker over the prompt, or a
 traced `generate` when `generate` > 0) and becomes rows keyed by its id. Finished samples are
-buffered and written as one shard every `shard_samples` samples or `shard_seconds` seconds,
-whichever comes first; a shard is committed whole or not at all (see `layout`). A collect that
-starts over a store skips every sample already in a committed shard, so a run killed at any
-moment and started again finishes the rest, each sample exactly once; at most the samples of the
-shard being buffered are run again. A sample that fails (missing or corrupt media, too long) is
+buffered and written as one shard every `shard_samples` samples, `shard_rows` rows or
+`shard_seconds` seconds, whichever comes first; a shard is committed whole or not at all (see
+`layout`). Small batches rather than one shard per sample: a store of many thousand samples stays
+hundreds of files of megabytes (what DuckDB scans well), while a kill costs at most one batch.
+
+A collect that starts over a store skips every sample already in a committed shard, so a run
+killed at any moment and started again finishes the rest, each sample exactly once; at most the
+samples of the shard being buffered are run again. A sample that fails (missing or corrupt media, too long) is
 written to `errors` with its reason and the run goes on; it is not retried.
 
 Engines: "local" runs one model in this process; "ray" runs `workers` Ray actors, one model each
@@ -64,6 +67,7 @@ def collect(
     ray_address: str | None = None,
     shard_samples: int = 16,
     shard_seconds: float = 30.0,
+    shard_rows: int = 4_000_000,
     max_tokens: int | None = None,
     progress: bool = True,
 ) -> dict:
@@ -139,6 +143,7 @@ def collect(
                     total=len(todo),
                     shard_samples=shard_samples,
                     shard_seconds=shard_seconds,
+                    shard_rows=shard_rows,
                     progress=progress,
                 )
             finally:
@@ -264,11 +269,13 @@ def _write(
     total: int,
     shard_samples: int,
     shard_seconds: float,
+    shard_rows: int,
     progress: bool,
 ) -> None:
     from tqdm.auto import tqdm
 
     buffer: list[SampleResult] = []
+    buffered_rows = 0
     buffered_since = time.monotonic()
     started = time.monotonic()
 
@@ -284,6 +291,8 @@ def _write(
             summary["shards"] += 1
             summary["write_seconds"] += time.perf_counter() - start
             buffer.clear()
+            nonlocal buffered_rows
+            buffered_rows = 0
 
     bar = tqdm(total=total, unit="sample", desc="collect", disable=not progress, dynamic_ncols=True)
     try:
@@ -291,6 +300,7 @@ def _write(
             if not buffer:
                 buffered_since = time.monotonic()
             buffer.append(result)
+            buffered_rows += sum(t.num_rows for t in result.tables.values())
             summary["done" if result.ok else "errors"] += 1
             summary["tokens"] += result.tokens
             elapsed = max(time.monotonic() - started, 1e-9)
@@ -298,7 +308,11 @@ def _write(
                 {"tokens/s": f"{summary['tokens'] / elapsed:.0f}", "errors": summary["errors"]}, refresh=False
             )
             bar.update(1)
-            if len(buffer) >= shard_samples or time.monotonic() - buffered_since >= shard_seconds:
+            if (
+                len(buffer) >= shard_samples
+                or buffered_rows >= shard_rows
+                or time.monotonic() - buffered_since >= shard_seconds
+            ):
                 flush()
         flush()
     except BaseException:
