@@ -6,9 +6,11 @@ Layout and wiring only: every handler calls `omnilab.app_logic`, which runs with
 Safe by default: binds 127.0.0.1, no share link, uploads capped, one model job at a time behind a
 bounded queue, monitoring and analytics off, no extra served paths, one `gr.State` per session.
 
-API endpoints for scripts (gradio_client): /chat (the streaming turn), /reply (the same turn,
-not streamed: reply text and a WAV file), /routing, /positions, /speech, /attention, /latency,
-/ablate, /trace_zip, /figures_html, /clear.
+API endpoints for scripts (gradio_client): /chat (the streaming turn), /reply (the same turn, not
+streamed: reply text and a WAV file), /routing, /positions, /speech, /attention, /latency, /ablate,
+/trace_zip, /figures_html, /clear. /chat and /reply take, in order: text, audio, image, video,
+use the video's audio, system prompt, voice, speak, max new tokens, max speech frames, sample,
+temperature, top p, top k, seed, record attention.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ MAX_FILE_SIZE = logic.MAX_UPLOAD_BYTES
 QUEUE_SIZE = 16
 SESSION_SECONDS = 3600
 MODEL_JOBS = "model"  # one concurrency group for every event that runs the model
+SETTINGS = ("video_audio", "system", "voice", "speak", "max_new_tokens", "max_speech_frames", "do_sample",
+            "temperature", "top_p", "top_k", "seed", "attention")  # fmt: skip
+
+
+# --- failures become messages ----------------------------------------------------------------------------
 
 
 def _user_error(exc: Exception) -> gr.Error:
@@ -75,56 +82,37 @@ def _audio(reply):
     return None if reply.audio is None else (reply.sample_rate, logic.pcm16(reply.audio))
 
 
+def _session(value) -> logic.Session:
+    return value if isinstance(value, logic.Session) else logic.Session()
+
+
+# --- the app -----------------------------------------------------------------------------------------------
+
+
 def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Blocks:
     """The demo's Blocks for `lab` (not launched)."""
-    preset = lab.random_weights
-    speaks = lab.has_talker
+    preset, speaks = lab.random_weights, lab.has_talker
 
-    def turn_inputs(
-        text,
-        audio,
-        image,
-        video,
-        video_audio,
-        system,
-        voice,
-        speak,
-        max_new_tokens,
-        max_speech_frames,
-        do_sample,
-        temperature,
-        top_p,
-        top_k,
-        seed,
-        attention,
-    ):
+    def turn_inputs(text, audio, image, video, *settings):
+        """The message and settings of a turn, checked (raw Gradio payloads: nothing decoded yet)."""
+        values = dict(zip(SETTINGS, settings, strict=True))
         message = logic.user_message(text, audio=audio, image=image, video=video, max_bytes=max_upload_bytes)
+        system = values.pop("system")
         opts = logic.options(
-            speaker=voice,
-            speak=speak,
-            max_new_tokens=max_new_tokens,
-            max_speech_frames=max_speech_frames,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            use_audio_in_video=video_audio,
-            attention=attention,
-            lab=lab,
+            speaker=values.pop("voice"), use_audio_in_video=values.pop("video_audio"), lab=lab, **values
         )
         return message, opts, system
 
     @_guard_stream
     def chat(*args):
-        *values, session = args
+        *values, state = args
         message, opts, system = turn_inputs(*values)
-        session = session if isinstance(session, logic.Session) else logic.Session()
+        session = _session(state)
+        pending = session.chat + [{"role": "user", "content": logic.chat_text(message)}]
         for update in logic.stream_turn(lab, session, message, opts, system):
-            pending = session.chat + [{"role": "user", "content": logic.chat_text(message)}]
             shown = (
                 session.chat
-                if update.turn is not None
+                if update.turn
                 else pending + [{"role": "assistant", "content": update.text or "…"}]
             )
             audio = (SAMPLE_RATE, logic.pcm16(update.audio)) if update.audio is not None else gr.skip()
@@ -132,75 +120,54 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
 
     @_guard
     def reply(*args):
-        *values, session = args
+        *values, state = args
         message, opts, system = turn_inputs(*values)
-        session = session if isinstance(session, logic.Session) else logic.Session()
+        session = _session(state)
         turn = logic.run_turn(lab, session, message, opts, system)
         wav = logic.write_wav(turn.reply, session.output_folder())
         return turn.reply.text, str(wav) if wav else None, session.chat, session
 
-    def panels(session, component, layer, token):
-        session = session if isinstance(session, logic.Session) else logic.Session()
+    def clamp(session, component, layer) -> tuple[int, gr.Slider]:
         count = logic.layer_choices(session, component)
         layer = min(int(layer or 0), max(count - 1, 0))
+        return layer, gr.Slider(maximum=max(count - 1, 1), value=layer)
+
+    @_guard
+    def panels(state, component, layer, token):
+        session = _session(state)
+        layer, slider = clamp(session, component, layer)
         figures = logic.all_figures(session, component, layer, None)
         tokens = logic.token_choices(session)
-        wav = None
-        if session.last is not None:
-            wav = logic.write_wav(session.last.reply, session.output_folder())
-        return (
-            figures["routing"],
-            figures["expert_load"],
-            figures["modality_specialization"],
-            figures["positions"],
-            figures["timeline"],
-            figures["codebooks"],
-            figures["spectrogram"],
-            figures["attention"],
-            figures["latency"],
-            gr.Slider(maximum=max(count - 1, 1), value=layer),
-            gr.Dropdown(choices=tokens, value=tokens[0][1] if tokens else None),
-            str(wav) if wav else None,
-            figures["ablation_original"],
-            figures["ablation_ablated"],
-        )
+        wav = logic.write_wav(session.last.reply, session.output_folder()) if session.last else None
+        extra = {
+            "layer": slider,
+            "token": gr.Dropdown(choices=tokens, value=tokens[0][1] if tokens else None),
+            "reply_wav": str(wav) if wav else None,
+            "latency_text": logic.latency_text(session),
+        }
+        return tuple({**figures, **extra}[name] for name in panel_names)
 
     @_guard
-    def routing(session, component, layer):
-        return logic.routing_figures(session, component, layer)
+    def component_changed(state, component, layer):
+        session = _session(state)
+        layer, slider = clamp(session, component, layer)
+        return (*logic.routing_figures(session, component, layer), slider)
 
     @_guard
-    def component_changed(session, component, layer):
-        count = logic.layer_choices(session, component)
-        layer = min(int(layer or 0), max(count - 1, 0))
-        return (
-            *logic.routing_figures(session, component, layer),
-            gr.Slider(maximum=max(count - 1, 1), value=layer),
-        )
-
-    @_guard
-    def ablate(session, component, spec):
+    def ablate(state, component, spec):
+        session = _session(state)
         original, ablated = logic.ablate_turn(lab, session, component, spec)
-        left, right = logic.comparison_figures(session, component)
+        figures = logic.comparison_figures(session, component)
         return (
             original.reply.text,
             _audio(original.reply),
             ablated.reply.text,
             _audio(ablated.reply),
-            left,
-            right,
+            *figures,
         )
 
-    @_guard
-    def trace_zip(session):
-        return str(logic.trace_zip(session))
-
-    @_guard
-    def figures_html(session, component, layer, token):
-        return str(logic.figures_html(session, component, layer, token))
-
-    def clear(session):
-        return logic.clear(session), [], None, "", None, None, None
+    def clear(state):
+        return logic.clear(_session(state)), [], None, "", None, None, None
 
     with gr.Blocks(title="omnilab · Qwen3-Omni", analytics_enabled=False) as app:
         session = gr.State(logic.Session(), time_to_live=SESSION_SECONDS, delete_callback=logic.close_session)
@@ -210,29 +177,21 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chatbot")
                 speech = gr.Audio(
-                    label="Reply speech (streamed)",
-                    streaming=True,
-                    autoplay=True,
-                    interactive=False,
+                    label="Reply speech (streamed)", streaming=True, autoplay=True, interactive=False,
                     elem_id="speech",
-                )
+                )  # fmt: skip
                 with gr.Row():
                     text = gr.Textbox(
-                        label="Message",
-                        placeholder="Ask about what you upload…",
-                        scale=5,
-                        elem_id="message",
+                        label="Message", placeholder="Ask about what you upload…", scale=5, elem_id="message",
                         max_length=logic.MAX_MESSAGE_CHARS,
-                    )
+                    )  # fmt: skip
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                     clear_button = gr.Button("Clear", scale=1)
                 with gr.Row():
                     audio_in = gr.Audio(
-                        label="Audio (microphone or file)",
-                        sources=["microphone", "upload"],
-                        type="filepath",
+                        label="Audio (microphone or file)", sources=["microphone", "upload"], type="filepath",
                         elem_id="audio-in",
-                    )
+                    )  # fmt: skip
                     image_in = gr.Image(
                         label="Image", type="filepath", sources=["upload"], elem_id="image-in"
                     )
@@ -253,12 +212,9 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                         1, logic.MAX_NEW_TOKENS, value=32 if preset else 256, step=1, label="max new tokens"
                     )
                     max_speech_frames = gr.Slider(
-                        1,
-                        logic.MAX_SPEECH_FRAMES,
-                        value=24 if preset else 2048,
-                        step=1,
+                        1, logic.MAX_SPEECH_FRAMES, value=24 if preset else 2048, step=1,
                         label="max speech frames (12.5 per second)",
-                    )
+                    )  # fmt: skip
                     do_sample = gr.Checkbox(label="sample (otherwise greedy)", value=False)
                     temperature = gr.Slider(0.01, 2.0, value=0.7, step=0.01, label="temperature")
                     top_p = gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="top p")
@@ -277,21 +233,23 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                 with gr.Row():
                     component = gr.Radio(list(logic.COMPONENTS), value="thinker", label="component")
                     layer = gr.Slider(0, 1, value=0, step=1, label="layer")
-                routing_map = gr.Plot(label="routing", elem_id="routing-plot")
+                routing_plot = gr.Plot(label="routing", elem_id="routing-plot")
                 with gr.Row():
                     load_plot = gr.Plot(label="expert load")
                     modality_plot = gr.Plot(label="modality specialization")
             with gr.Tab("Positions"):
-                positions_plot = gr.Plot(label="TM-RoPE")
+                positions_plot = gr.Plot(label="TM-RoPE positions")
                 timeline_plot = gr.Plot(label="timeline")
             with gr.Tab("Speech"):
                 codebook_plot = gr.Plot(label="codebooks")
                 spectrogram_plot = gr.Plot(label="spectrogram")
             with gr.Tab("Attention"):
                 token = gr.Dropdown(label="output token", choices=[], value=None)
-                attention_plot = gr.Plot(label="attention")
+                attention_row_plot = gr.Plot(label="attention while producing the token")
+                attention_map_plot = gr.Plot(label="attention map")
             with gr.Tab("Latency"):
                 latency_plot = gr.Plot(label="latency")
+                latency_text = gr.Code(label="streamed latency breakdown", language=None, interactive=False)
             with gr.Tab("Interventions"):
                 with gr.Row():
                     ablate_component = gr.Radio(list(logic.COMPONENTS), value="thinker", label="component")
@@ -308,124 +266,81 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                         ablated_text = gr.Textbox(label="ablated reply", interactive=False)
                         ablated_audio = gr.Audio(label="ablated speech", interactive=False)
                         ablated_plot = gr.Plot(label="ablated routes")
+                agreement_plot = gr.Plot(label="routing agreement")
             with gr.Tab("Download"):
                 with gr.Row():
                     zip_button = gr.Button("Trace (zip of Parquet files)")
                     html_button = gr.Button("Figures (HTML)")
                 download = gr.File(label="download", interactive=False)
 
-        turn_in = [
-            text,
-            audio_in,
-            image_in,
-            video_in,
-            video_audio,
-            system,
-            voice,
-            speak,
-            max_new_tokens,
-            max_speech_frames,
-            do_sample,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            attention,
-            session,
-        ]
-        panel_out = [
-            routing_map,
-            load_plot,
-            modality_plot,
-            positions_plot,
-            timeline_plot,
-            codebook_plot,
-            spectrogram_plot,
-            attention_plot,
-            latency_plot,
-            layer,
-            token,
-            reply_wav,
-            original_plot,
-            ablated_plot,
-        ]
+        turn_in = [text, audio_in, image_in, video_in, video_audio, system, voice, speak, max_new_tokens,
+                   max_speech_frames, do_sample, temperature, top_p, top_k, seed, attention, session]  # fmt: skip
+        panel_out = {
+            "routing": routing_plot, "expert_load": load_plot, "modality_specialization": modality_plot,
+            "positions": positions_plot, "timeline": timeline_plot, "codebooks": codebook_plot,
+            "spectrogram": spectrogram_plot, "attention": attention_row_plot, "attention_map": attention_map_plot,
+            "latency": latency_plot, "latency_text": latency_text, "ablation_original": original_plot,
+            "ablation_ablated": ablated_plot, "ablation_agreement": agreement_plot, "layer": layer, "token": token,
+            "reply_wav": reply_wav,
+        }  # fmt: skip
+        panel_names = list(panel_out)
         panel_in = [session, component, layer, token]
         media_in = [text, audio_in, image_in, video_in]
+        private = {"api_visibility": "private"}
 
         def cleared():
             return "", None, None, None
 
-        # The raw upload payloads go to app_logic, which checks them by content before anything decodes.
+        # Upload payloads reach app_logic raw (preprocess=False): it checks them by content before
+        # anything decodes them, and every setting is checked there too.
         for trigger, visibility in ((send.click, "public"), (text.submit, "private")):
             trigger(
-                chat,
-                turn_in,
-                [chatbot, speech, session],
-                api_name="chat",
-                api_visibility=visibility,
-                preprocess=False,
-                concurrency_id=MODEL_JOBS,
-            ).success(cleared, None, media_in, api_visibility="private", queue=False).then(
-                panels, panel_in, panel_out, api_visibility="private"
-            )
-        hidden_reply = gr.Button("reply", visible=False)
-        hidden_reply.click(
-            reply,
-            turn_in,
-            [reply_text, reply_wav, chatbot, session],
-            api_name="reply",
-            preprocess=False,
+                chat, turn_in, [chatbot, speech, session], api_name="chat", api_visibility=visibility,
+                preprocess=False, concurrency_id=MODEL_JOBS,
+            ).success(cleared, None, media_in, queue=False, **private).then(
+                panels, panel_in, list(panel_out.values()), **private
+            )  # fmt: skip
+        hidden = {name: gr.Button(visible=False) for name in ("reply", "positions", "speech", "latency")}
+        hidden["reply"].click(
+            reply, turn_in, [reply_text, reply_wav, chatbot, session], api_name="reply", preprocess=False,
             concurrency_id=MODEL_JOBS,
-        ).success(panels, panel_in, panel_out, api_visibility="private")
+        ).success(panels, panel_in, list(panel_out.values()), **private)  # fmt: skip
         layer.release(
-            routing,
-            [session, component, layer],
-            [routing_map, load_plot, modality_plot],
-            api_name="routing",
-            preprocess=False,
-        )
+            _guard(logic.routing_figures), [session, component, layer], [routing_plot, load_plot, modality_plot],
+            api_name="routing", preprocess=False,
+        )  # fmt: skip
         component.change(
-            component_changed,
-            [session, component, layer],
-            [routing_map, load_plot, modality_plot, layer],
-            api_visibility="private",
-            preprocess=False,
-        )
+            component_changed, [session, component, layer], [routing_plot, load_plot, modality_plot, layer],
+            preprocess=False, **private,
+        )  # fmt: skip
         token.change(
-            _guard(logic.attention_figure),
-            [session, token],
-            [attention_plot],
-            api_name="attention",
-            preprocess=False,
-        )
-        positions_button = gr.Button(visible=False)
-        positions_button.click(
+            _guard(logic.attention_figures), [session, token], [attention_map_plot, attention_row_plot],
+            api_name="attention", preprocess=False,
+        )  # fmt: skip
+        hidden["positions"].click(
             _guard(logic.position_figures), [session], [positions_plot, timeline_plot], api_name="positions"
         )
-        speech_button = gr.Button(visible=False)
-        speech_button.click(
+        hidden["speech"].click(
             _guard(logic.speech_figures), [session], [codebook_plot, spectrogram_plot], api_name="speech"
         )
-        latency_button = gr.Button(visible=False)
-        latency_button.click(_guard(logic.latency_figure), [session], [latency_plot], api_name="latency")
+        hidden["latency"].click(_guard(logic.latency_figure), [session], [latency_plot], api_name="latency")
         ablate_button.click(
-            ablate,
-            [session, ablate_component, ablate_spec],
-            [original_text, original_audio, ablated_text, ablated_audio, original_plot, ablated_plot],
-            api_name="ablate",
-            preprocess=False,
-            concurrency_id=MODEL_JOBS,
+            ablate, [session, ablate_component, ablate_spec],
+            [original_text, original_audio, ablated_text, ablated_audio, original_plot, ablated_plot, agreement_plot],
+            api_name="ablate", preprocess=False, concurrency_id=MODEL_JOBS,
+        )  # fmt: skip
+        zip_button.click(
+            _guard(lambda s: str(logic.trace_zip(_session(s)))), [session], [download], api_name="trace_zip"
         )
-        zip_button.click(trace_zip, [session], [download], api_name="trace_zip")
-        html_button.click(figures_html, panel_in, [download], api_name="figures_html", preprocess=False)
-        app.load(panels, panel_in, panel_out, api_visibility="private")
+        html_button.click(
+            _guard(lambda s, c, la, t: str(logic.figures_html(_session(s), c, la, t))), panel_in, [download],
+            api_name="figures_html", preprocess=False,
+        )  # fmt: skip
+        app.load(panels, panel_in, list(panel_out.values()), **private)
         clear_button.click(
-            clear,
-            [session],
-            [session, chatbot, speech, text, audio_in, image_in, video_in],
-            api_name="clear",
+            clear, [session], [session, chatbot, speech, text, audio_in, image_in, video_in], api_name="clear",
             queue=False,
-        ).then(panels, panel_in, panel_out, api_visibility="private")
+        ).then(panels, panel_in, list(panel_out.values()), **private)  # fmt: skip
     return app
 
 
@@ -452,18 +367,10 @@ def launch(
     kw.setdefault("show_error", False)
     kw.setdefault("state_session_capacity", 256)
     app.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        share=False,
-        max_file_size=max_file_size,
-        enable_monitoring=False,
-        allowed_paths=None,
-        mcp_server=False,
-        ssr_mode=False,
-        pwa=False,
-        footer_links=["api"],
-        **kw,
-    )
+        server_name="127.0.0.1", server_port=port, share=False, max_file_size=max_file_size,
+        enable_monitoring=False, allowed_paths=None, mcp_server=False, ssr_mode=False, pwa=False,
+        footer_links=["api"], **kw,
+    )  # fmt: skip
     return app
 
 

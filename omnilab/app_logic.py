@@ -13,6 +13,7 @@ each other's conversation or traces); one lock per `OmniLab`, so model jobs run 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import math
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
-from . import media
+from . import analysis, media, plots
 from .errors import ConversationError, InterventionError, MediaError, OmnilabError
 from .lab import DEFAULT_SYSTEM, RANDOM_WEIGHTS_NOTE, OmniLab, Reply
 
@@ -45,7 +46,7 @@ MAX_SPEECH_FRAMES = 4_096  # 5.5 min of speech at 12.5 frames/s
 MAX_TURNS = 16
 MAX_UPLOAD_BYTES = 200 * 1024**2
 MAX_ERROR_CHARS = 600
-STREAM_CHUNK_SECONDS = 0.64
+STREAM_CHUNK_FRAMES = 4  # frames per code2wav decode after the first (amortizes its left context)
 CAPTURE = ("routing", "positions", "codes", "timings")
 
 
@@ -278,6 +279,7 @@ class Turn:
     options: Options
     reply: Reply
     ablate: dict | None = None
+    timings: object | None = None  # omnilab.streaming.Timings of a streamed turn
 
 
 @dataclass
@@ -357,15 +359,28 @@ def model_lock(lab: OmniLab) -> threading.Lock:
         return lock
 
 
-def _generate(lab: OmniLab, conversation: list[dict], opts: Options) -> Reply:
-    """One traced generation (call with the model lock held)."""
-    capture = CAPTURE + (("attention",) if opts.attention else ())
-    attention_layers = {"thinker": _attention_layers(lab)} if opts.attention else None
+def _capture(lab: OmniLab, opts: Options, capture: tuple[str, ...] = CAPTURE):
+    """The tracer of one model job: `capture`, plus attention of the thinker's first and last layers."""
+    if opts.attention:
+        return lab.trace(
+            capture=(*capture, "attention"), attention_layers={"thinker": _attention_layers(lab)}
+        )
+    return lab.trace(capture=capture) if capture else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _upload_errors(conversation: list[dict]) -> Iterator[None]:
+    """Media errors raised while the model job decodes: named as the person knows the upload."""
     try:
-        with lab.trace(capture=capture, attention_layers=attention_layers) as tracer:
-            reply = lab.generate(conversation, **opts.generate_kwargs())
+        yield
     except MediaError as exc:
         raise MediaError(_upload_names(str(exc), conversation)) from None
+
+
+def _generate(lab: OmniLab, conversation: list[dict], opts: Options) -> Reply:
+    """One traced generation (call with the model lock held)."""
+    with _upload_errors(conversation), _capture(lab, opts) as tracer:
+        reply = lab.generate(conversation, **opts.generate_kwargs())
     return replace(reply, trace=tracer.trace)
 
 
@@ -387,7 +402,7 @@ def _attention_layers(lab: OmniLab) -> list[int]:
 
 
 def run_turn(lab: OmniLab, session: Session, message: dict, opts: Options, system=DEFAULT_SYSTEM) -> Turn:
-    """Answer `message` after the session's conversation; the session records the turn."""
+    """Answer `message` after the session's conversation (not streamed); the session records the turn."""
     conversation = session.conversation(system, message)
     with model_lock(lab):
         reply = _generate(lab, conversation, opts)
@@ -408,31 +423,35 @@ class Update:
 def stream_turn(
     lab: OmniLab, session: Session, message: dict, opts: Options, system=DEFAULT_SYSTEM
 ) -> Iterator[Update]:
-    """Answer `message`, yielding text and speech as they come; the last update carries the Turn.
+    """Answer `message` through `OmniLab.stream`, yielding text and speech as they are made.
 
-    Until `OmniLab.stream` exists, the turn is generated whole and then handed out in pieces
-    (token by token, STREAM_CHUNK_SECONDS of speech at a time), so the app's streaming path is
-    the same either way.
+    The last update carries the Turn; its trace is the stream's own (routing, positions, codes, the
+    latency breakdown), with attention added when asked for. The model lock is held until the
+    stream ends or is closed (a browser that goes away closes it).
     """
     conversation = session.conversation(system, message)
-    with model_lock(lab):
-        reply = _generate(lab, conversation, opts)
-    tokenizer = lab.processor.tokenizer
-    shown = ""
-    for i in range(1, len(reply.token_ids) + 1):
-        text = tokenizer.decode(reply.token_ids[:i], skip_special_tokens=True)
-        if text != shown and not text.endswith("\ufffd"):
-            shown = text
-            yield Update(shown)
-    chunks = []
-    if reply.audio is not None and len(reply.audio):
-        step = int(STREAM_CHUNK_SECONDS * reply.sample_rate)
-        chunks = [reply.audio[start : start + step] for start in range(0, len(reply.audio), step)]
-    for chunk in chunks[:-1]:
-        yield Update(shown, audio=chunk)
-    turn = Turn(conversation, opts, reply)
+    text, done = "", None
+    with model_lock(lab), _upload_errors(conversation), _capture(lab, opts, capture=()) as tracer:
+        events = lab.stream(
+            conversation, **opts.generate_kwargs(), trace=True, chunk_frames=STREAM_CHUNK_FRAMES
+        )
+        for event in events:
+            if event.kind == "text":
+                text += event.text
+                yield Update(text)
+            elif event.kind == "audio" and event.audio is not None and len(event.audio):
+                yield Update(text, audio=event.audio)
+            elif event.kind == "done":
+                done = event
+    if done is None or done.reply is None:
+        raise ConversationError("the stream ended without a reply; send the message again")
+    trace = done.trace if done.trace is not None else done.reply.trace
+    if tracer is not None and trace is not None:
+        capture = [*trace.meta.get("capture", []), "attention"]
+        trace = replace(trace, attention=tracer.trace.attention, meta={**trace.meta, "capture": capture})
+    turn = Turn(conversation, opts, replace(done.reply, trace=trace), timings=done.timings)
     session.record(message, turn)
-    yield Update(reply.text, audio=chunks[-1] if chunks else None, turn=turn)
+    yield Update(turn.reply.text, turn=turn)
 
 
 def write_wav(reply: Reply, folder: Path, stem: str = "reply") -> Path | None:
@@ -521,8 +540,18 @@ def ablate_turn(lab: OmniLab, session: Session, component: str, spec) -> tuple[T
 
 
 def _layers(trace, component: str) -> int:
-    components = (getattr(trace, "meta", None) or {}).get("components", {})
-    return int(components.get(component, {}).get("layers", 0))
+    """How many router layers `component` has: from the trace's meta, else from its routing rows."""
+    info = (getattr(trace, "meta", None) or {}).get("components", {}).get(component)
+    if info:
+        return int(info["layers"])
+    layers = trace.routing.loc[trace.routing["component"] == component, "layer"] if trace is not None else []
+    return int(layers.max()) + 1 if len(layers) else 0
+
+
+def _experts(trace, component: str) -> int | None:
+    """How many experts each `component` layer has, when the trace's meta says (None: unknown)."""
+    info = (trace.meta or {}).get("components", {}).get(component)
+    return int(info["num_experts"]) if info else None
 
 
 # --- panels: what the last turn's trace shows -----------------------------------------------------------------
@@ -548,163 +577,57 @@ def layer_choices(session: Session, component: str) -> int:
     return _layers(trace, component) if trace is not None else 0
 
 
-def routing_figures(session: Session, component="thinker", layer=0) -> tuple[go.Figure, go.Figure, go.Figure]:
-    """(routing heatmap at `layer`, expert load over layers, modality specialization at `layer`)."""
+def _component(component) -> str:
     if component not in COMPONENTS:
         raise ConversationError(f"unknown component {_show(component)}; choose thinker or talker")
+    return component
+
+
+def routing_figures(session: Session, component="thinker", layer=0) -> tuple[go.Figure, go.Figure, go.Figure]:
+    """(routing heatmap, expert load, modality specialization) of `component` at `layer`."""
+    component = _component(component)
     layer = int(_number(layer, "layer", 0, 10_000, whole=True))
+    titles = ("routing", "expert load", "modality specialization")
     trace = _trace(session)
     if trace is None:
-        return (
-            _note(NO_TURN, "routing"),
-            _note(NO_TURN, "expert load"),
-            _note(NO_TURN, "modality specialization"),
-        )
-    routing = trace.routing_with_tokens()
-    routing = routing[routing["component"] == component]
-    if routing.empty:
-        note = f"no {component} routing in this turn"
-        return _note(note, "routing"), _note(note, "expert load"), _note(note, "modality specialization")
+        return tuple(_note(NO_TURN, t) for t in titles)
+    if not (trace.routing["component"] == component).any():
+        return tuple(_note(f"no {component} routing in this turn", t) for t in titles)
     layers = _layers(trace, component)
     if layer >= layers:
         raise ConversationError(f"layer {layer} is out of range: the {component} has layers 0..{layers - 1}")
-    experts = int(trace.meta["components"][component]["num_experts"])
+    where = dict(component=component, layer=layer)
+    paths = analysis.token_paths(trace, **where, ranks=None)
     return (
-        _routing_heatmap(routing[routing["layer"] == layer], component, layer, experts),
-        _expert_load(routing, component, layers, experts),
-        _specialization(routing[routing["layer"] == layer], component, layer, experts),
+        plots.routing_heatmap(paths, layer=layer, num_experts=_experts(trace, component)),
+        plots.expert_load_bars(analysis.expert_load(trace, **where), **where),
+        plots.specialization_heatmap(analysis.modality_specialization(trace, **where), **where),
     )
-
-
-def _routing_heatmap(rows, component: str, layer: int, experts: int) -> go.Figure:
-    rows = rows.drop_duplicates(["pos", "rank"], keep="last")
-    positions = np.sort(rows["pos"].unique())
-    index = {p: i for i, p in enumerate(positions)}
-    weight = np.zeros((experts, len(positions)), dtype=np.float32)
-    weight[rows["expert"].to_numpy(int), rows["pos"].map(index).to_numpy(int)] = rows["weight"].to_numpy(
-        np.float32
-    )
-    fig = go.Figure(go.Heatmap(z=weight, x=positions, colorscale="Viridis", colorbar_title="weight"))
-    fig.update_layout(
-        title=f"{component} layer {layer}: router weight of each expert per token",
-        xaxis_title="pos",
-        yaxis_title="expert",
-        height=360,
-    )
-    return fig
-
-
-def _expert_load(rows, component: str, layers: int, experts: int) -> go.Figure:
-    counts = np.zeros((layers, experts))
-    np.add.at(counts, (rows["layer"].to_numpy(int), rows["expert"].to_numpy(int)), 1)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig = go.Figure(go.Heatmap(z=share, colorscale="Blues", colorbar_title="share"))
-    fig.update_layout(
-        title=f"{component}: expert load (share of top-k picks per layer)",
-        xaxis_title="expert",
-        yaxis_title="layer",
-        height=320,
-    )
-    return fig
-
-
-def _specialization(rows, component: str, layer: int, experts: int) -> go.Figure:
-    modalities = [m for m in ("text", "audio", "image", "video", "speech") if (rows["modality"] == m).any()]
-    share = np.zeros((len(modalities), experts))
-    for i, modality in enumerate(modalities):
-        picked = rows.loc[rows["modality"] == modality, "expert"].to_numpy(int)
-        share[i] = np.bincount(picked, minlength=experts)[:experts] / max(len(picked), 1)
-    fig = go.Figure(go.Heatmap(z=share, y=modalities, colorscale="Magma", colorbar_title="share"))
-    fig.update_layout(
-        title=f"{component} layer {layer}: which experts each modality uses",
-        xaxis_title="expert",
-        yaxis_title="modality",
-        height=300,
-    )
-    return fig
 
 
 def position_figures(session: Session) -> tuple[go.Figure, go.Figure]:
-    """(TM-RoPE scatter: t, h, w against pos per modality; timeline: the modality spans)."""
+    """(TM-RoPE positions in 3-D, the tokens on TM-RoPE's time axis with audio/video alignment)."""
     trace = _trace(session)
     if trace is None:
         return _note(NO_TURN, "positions"), _note(NO_TURN, "timeline")
-    tokens = trace.tokens[trace.tokens["component"] == "thinker"].drop_duplicates("pos", keep="last")
-    scatter = go.Figure()
-    for modality, rows in tokens.groupby("modality", sort=False):
-        scatter.add_trace(
-            go.Scattergl(
-                x=rows["pos"],
-                y=rows["t"],
-                mode="markers",
-                name=modality,
-                customdata=np.stack([rows["h"], rows["w"]], axis=1),
-                hovertemplate="pos %{x}<br>t %{y}<br>h %{customdata[0]}<br>w %{customdata[1]}",
-            )
-        )
-    scatter.update_layout(
-        title="thinker TM-RoPE: temporal position t of each token",
-        xaxis_title="pos",
-        yaxis_title="t",
-        height=360,
-    )
-    spans = trace.spans[trace.spans["component"] == "thinker"]
-    timeline = go.Figure()
-    for modality, rows in spans.groupby("modality", sort=False):
-        timeline.add_trace(
-            go.Bar(
-                x=rows["end"] - rows["start"],
-                base=rows["start"],
-                y=[modality] * len(rows),
-                orientation="h",
-                name=modality,
-            )
-        )
-    timeline.update_layout(
-        title="thinker sequence: modality spans", xaxis_title="pos", height=260, barmode="overlay"
-    )
-    return scatter, timeline
+    layout = analysis.position_layout(trace, component="thinker")
+    alignment = analysis.av_alignment(trace, component="thinker")
+    return plots.positions_3d(layout), plots.seconds_timeline(layout, alignment=alignment)
 
 
 def speech_figures(session: Session) -> tuple[go.Figure, go.Figure]:
-    """(codebook grid: code per frame and codebook; spectrogram of the reply's speech)."""
+    """(codebook grid: the code of each frame and codebook; the reply's waveform over its spectrogram)."""
     trace = _trace(session)
     if trace is None:
         return _note(NO_TURN, "codebooks"), _note(NO_TURN, "spectrogram")
-    codes = trace.codes
-    if codes.empty:
-        grid = _note("no speech in this turn", "codebooks")
-    else:
-        frames, books = int(codes["frame"].max()) + 1, int(codes["codebook"].max()) + 1
-        z = np.full((books, frames), np.nan)
-        z[codes["codebook"].to_numpy(int), codes["frame"].to_numpy(int)] = codes["code"].to_numpy()
-        grid = go.Figure(go.Heatmap(z=z, colorscale="Turbo", colorbar_title="code"))
-        grid.update_layout(
-            title="talker codes: codebook 0 (talker) and 1-15 (code predictor) per frame",
-            xaxis_title="frame",
-            yaxis_title="codebook",
-            height=340,
-        )
-    audio = session.last.reply.audio
-    if audio is None or len(audio) < 512:
-        return grid, _note("no speech in this turn", "spectrogram")
-    window, hop = 512, 256
-    frames = np.lib.stride_tricks.sliding_window_view(audio, window)[::hop] * np.hanning(window)
-    power = 10 * np.log10(np.abs(np.fft.rfft(frames, axis=1)) ** 2 + 1e-10)
-    rate = session.last.reply.sample_rate
-    spectrogram = go.Figure(
-        go.Heatmap(
-            z=power.T,
-            x=np.arange(len(frames)) * hop / rate,
-            y=np.fft.rfftfreq(window, 1 / rate),
-            colorscale="Inferno",
-            colorbar_title="dB",
-        )
+    grid = analysis.codebook_grid(trace)
+    mel = analysis.mel_spectrogram(trace)
+    return (
+        plots.codebook_heatmap(grid) if len(grid) else _note("no speech in this turn", "codebooks"),
+        plots.spectrogram(mel, analysis.waveform_envelope(trace))
+        if len(mel)
+        else _note("no speech in this turn", "spectrogram"),
     )
-    spectrogram.update_layout(
-        title="reply speech: spectrogram", xaxis_title="seconds", yaxis_title="Hz", height=320
-    )
-    return grid, spectrogram
 
 
 def token_choices(session: Session) -> list[tuple[str, int]]:
@@ -717,46 +640,58 @@ def token_choices(session: Session) -> list[tuple[str, int]]:
     return [(f"{int(r.pos)}: {r.text!r}", int(r.pos)) for r in out.itertuples()]
 
 
-def attention_figure(session: Session, pos=None) -> go.Figure:
-    """Where the thinker looked while producing output token `pos`: the attention of the query at
-    pos - 1 (the step that chose it) over the sequence, per recorded layer, heads averaged."""
+def attention_figures(session: Session, pos=None) -> tuple[go.Figure, go.Figure]:
+    """(the last recorded thinker layer's attention map, heads averaged; where the thinker looked while
+    producing output token `pos`: the attention row of the query at pos - 1, the step that chose it)."""
     trace = _trace(session)
     if trace is None:
-        return _note(NO_TURN, "attention")
-    attention = trace.attention
-    if attention.empty:
-        return _note("attention was not recorded for this turn (tick 'record attention')", "attention")
+        return _note(NO_TURN, "attention"), _note(NO_TURN, "attention of a token")
+    if trace.attention.empty:
+        note = "attention was not recorded for this turn (tick 'record attention')"
+        return _note(note, "attention"), _note(note, "attention of a token")
+    layers = sorted(int(x) for x in trace.attention["layer"].unique())
+    rows = analysis.attention_map(trace, component="thinker", average_heads=True)
+    heatmap = plots.attention_heatmap(rows, layer=layers[-1], head=-1)
     choices = [p for _, p in token_choices(session)]
     if pos is None or pos == "":
         if not choices:
-            return _note("the reply has no generated tokens", "attention")
+            return heatmap, _note("the reply has no generated tokens", "attention of a token")
         pos = choices[0]
     pos = int(_number(pos, "token", 0, 10**7, whole=True))
-    rows = attention[(attention["component"] == "thinker") & (attention["query_pos"] == pos - 1)]
-    if rows.empty:
-        return _note(f"no attention recorded for the token at pos {pos}", "attention")
-    fig = go.Figure()
-    for layer, group in rows.groupby("layer"):
-        mean = group.groupby("key_pos")["weight"].mean()
-        fig.add_trace(go.Scatter(x=mean.index, y=mean.to_numpy(), mode="lines", name=f"layer {layer}"))
-    for span in trace.spans[trace.spans["component"] == "thinker"].itertuples():
-        if span.modality != "text":
-            fig.add_vrect(
-                x0=span.start, x1=span.end, opacity=0.12, line_width=0, annotation_text=span.modality
+    picked = rows[rows["query_pos"] == pos - 1]
+    if picked.empty:
+        return heatmap, _note(f"no attention recorded for the token at pos {pos}", "attention of a token")
+    line = go.Figure()
+    for layer, group in picked.groupby("layer"):
+        line.add_trace(
+            go.Scatter(
+                x=group["key_pos"],
+                y=group["weight"],
+                mode="lines",
+                name=f"layer {layer}",
+                customdata=np.stack(
+                    [group["key_modality"].astype(str), group["key_text"].astype(str)], axis=-1
+                ),
+                hovertemplate="key pos %{x} · %{customdata[0]}<br>%{customdata[1]}<br>weight %{y:.4f}",
             )
-    text = trace.tokens.loc[(trace.tokens["component"] == "thinker") & (trace.tokens["pos"] == pos), "text"]
-    label = text.iloc[-1] if len(text) else ""
-    fig.update_layout(
-        title=f"attention while producing token {pos} ({label!r}), heads averaged",
+        )
+    label = trace.tokens.loc[(trace.tokens["component"] == "thinker") & (trace.tokens["pos"] == pos), "text"]
+    line.update_layout(
+        title=f"attention while producing token {pos} ({(label.iloc[-1] if len(label) else '')!r}), heads averaged",
         xaxis_title="key pos",
         yaxis_title="weight",
-        height=340,
+        template="plotly_white",
     )
-    return fig
+    return heatmap, line
+
+
+def attention_figure(session: Session, pos=None) -> go.Figure:
+    """Where the thinker looked while producing output token `pos` (see attention_figures)."""
+    return attention_figures(session, pos)[1]
 
 
 def latency_figure(session: Session) -> go.Figure:
-    """Seconds spent in each stage of the last turn (thinker, talker, code predictor, code2wav)."""
+    """Seconds spent in each stage of the last turn (preprocessing, thinker, talker, code predictor, code2wav)."""
     trace = _trace(session)
     if trace is None:
         return _note(NO_TURN, "latency")
@@ -774,28 +709,51 @@ def latency_figure(session: Session) -> go.Figure:
         )
     )
     fig.update_layout(
-        title="latency by stage", xaxis_title="seconds", yaxis=dict(autorange="reversed"), height=320
+        title="latency by stage",
+        xaxis_title="seconds",
+        yaxis={"autorange": "reversed"},
+        template="plotly_white",
     )
     return fig
 
 
-def comparison_figures(session: Session, component="thinker") -> tuple[go.Figure, go.Figure]:
-    """Expert load of the original and the ablated rerun, side by side."""
+def latency_text(session: Session) -> str:
+    """The streamed turn's latency breakdown next to Qwen3-Omni's published figures ("" otherwise)."""
+    if session.last is None or session.last.timings is None:
+        return ""
+    from .streaming import format_timings
+
+    return format_timings(session.last.timings)
+
+
+def comparison_figures(session: Session, component="thinker") -> tuple[go.Figure, go.Figure, go.Figure]:
+    """(original expert load, ablated expert load) at the first ablated layer, and their routing agreement."""
+    component = _component(component)
     if session.last is None or session.ablated is None:
         note = "ablate experts and rerun to compare"
-        return _note(note, "original"), _note(note, "ablated")
+        return _note(note, "original"), _note(note, "ablated"), _note(note, "routing agreement")
+    ablated_layers = sorted(session.ablated.ablate.get(component, {})) if session.ablated.ablate else []
+    layer = ablated_layers[0] if ablated_layers else 0
     figures = []
     for name, turn in (("original", session.last), ("ablated", session.ablated)):
         trace = turn.reply.trace
-        rows = trace.routing[trace.routing["component"] == component]
-        meta = trace.meta["components"].get(component)
-        if rows.empty or meta is None:
+        if not (trace.routing["component"] == component).any():
             figures.append(_note(f"no {component} routing", name))
             continue
-        fig = _expert_load(rows, component, int(meta["layers"]), int(meta["num_experts"]))
-        fig.update_layout(title=f"{name}: {component} expert load")
-        figures.append(fig)
-    return figures[0], figures[1]
+        load = analysis.expert_load(trace, component=component, layer=layer)
+        figures.append(
+            plots.expert_load_bars(
+                load,
+                layer=layer,
+                component=component,
+                title=f"{name}: {component} expert load, layer {layer}",
+            )
+        )
+    agreement = analysis.routing_agreement(
+        session.last.reply.trace, session.ablated.reply.trace, component=component
+    )
+    figures.append(plots.agreement_lines(agreement, title=f"{component} routing: original vs ablated"))
+    return tuple(figures)
 
 
 def all_figures(session: Session, component="thinker", layer=0, pos=None) -> dict[str, go.Figure]:
@@ -803,7 +761,8 @@ def all_figures(session: Session, component="thinker", layer=0, pos=None) -> dic
     heatmap, load, specialization = routing_figures(session, component, layer)
     scatter, timeline = position_figures(session)
     grid, spectrogram = speech_figures(session)
-    original, ablated = comparison_figures(session, component)
+    attention_map, attention_row = attention_figures(session, pos)
+    original, ablated, agreement = comparison_figures(session, component)
     return {
         "routing": heatmap,
         "expert_load": load,
@@ -812,10 +771,12 @@ def all_figures(session: Session, component="thinker", layer=0, pos=None) -> dic
         "timeline": timeline,
         "codebooks": grid,
         "spectrogram": spectrogram,
-        "attention": attention_figure(session, pos),
+        "attention_map": attention_map,
+        "attention": attention_row,
         "latency": latency_figure(session),
         "ablation_original": original,
         "ablation_ablated": ablated,
+        "ablation_agreement": agreement,
     }
 
 

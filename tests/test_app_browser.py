@@ -67,7 +67,7 @@ def test_a_turn_with_an_image_shows_the_reply_and_a_plotly_chart(page, tmp_path)
     page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")  # the note before a turn has none
     assert "image.png" in page.inner_text("#chatbot")
     assert assistant.inner_text().strip()
-    assert "router weight" in page.inner_text("#routing-plot")
+    assert "Routing of thinker layer 0" in page.inner_text("#routing-plot")
     assert _screenshot(page, tmp_path, "browser-turn.png").stat().st_size > 10_000
 
 
