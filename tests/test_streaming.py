@@ -6,6 +6,7 @@ The reference for every equality is `lab.generate` (transformers' own generate),
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -150,6 +151,14 @@ def test_done_trace_tables_equal_the_tracers_record_of_generate(done, reference,
     pd.testing.assert_frame_equal(streamed, generated)
 
 
+def test_done_trace_saves_and_loads_with_its_latency(done, tmp_path):
+    from omnilab.trace import Trace
+
+    loaded = Trace.load(done.trace.save(tmp_path / "streamed"))
+    assert loaded.meta["latency"]["frames"] == FRAMES - 1
+    assert len(loaded.routing) == len(done.trace.routing)
+
+
 def test_latency_breakdown_is_complete_and_consistent(done):
     t = done.timings
     assert isinstance(t, Timings)
@@ -192,7 +201,9 @@ def test_closing_early_stops_and_leaves_the_model_as_it_was(tiny, reference):
         kinds.append(event.kind)
         if event.kind == "audio":
             break
+    started = time.perf_counter()
     events.close()
+    assert time.perf_counter() - started < 0.5
     assert "done" not in kinds
     assert threading.active_count() == threads
     assert _hook_count(tiny.model) == hooks
