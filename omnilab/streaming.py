@@ -79,8 +79,8 @@ class Timings:
     inputs to the first reply token (media encoders, prefill, first token); talker_ttft: from that
     token to the talker's first codebook-0 token (its prompt, its prefill); code_predictor_per_frame:
     mean time for a frame's residual codebooks 1-15; code2wav_per_chunk: mean time of one causal
-    decode (`chunk_frames` new frames plus left context); first_packet_latency: from the call to the
-    first audio chunk; full_reply_latency: from the call to the end; real_time_factor:
+    decode (`chunk_frames` new frames plus left context); first_packet_latency: from the first `next()` to the
+    first audio chunk; full_reply_latency: from the first `next()` to the end; real_time_factor:
     full_reply_latency / seconds of speech (below 1: faster than real time). `stages` holds the
     trace's timings rows: (stage, seconds, calls).
     """
@@ -116,7 +116,7 @@ class StreamEvent:
     covers. kind "trace": `component`, `phase`, `step` of one forward, `routing` (trace routing
     columns) and `positions` (pos, token_id, t, h, w) of the rows it added; `frame` for a talker
     step that consumed that frame's codes. kind "done": `reply` (an omnilab Reply, its trace
-    attached), `trace` and `timings`. `seconds`: time since the stream started.
+    attached), `trace` and `timings`. `seconds`: time since the stream started (its first `next()`).
     """
 
     kind: str
