@@ -139,6 +139,7 @@ def token_route(paths: pd.DataFrame, *, pos, title=None) -> go.Figure:
     fig.update_layout(
         template=TEMPLATE,
         title=title or f"Route of pos {pos} ({modality}) {text!r}",
+        showlegend=False,
         xaxis_title="layer",
         yaxis_title="expert",
         meta={"pos": _plain(pos)},

@@ -10,6 +10,9 @@ import plotly.graph_objects as go
 from .. import analysis, plots
 from ._figures import Explorer, refresh
 
+HEATMAP_HEIGHT = 520  # pixels; the width follows the notebook column
+ROUTE_HEIGHT = 360
+
 
 class RoutingExplorer(Explorer):
     """Explore a trace's routing in a notebook.
@@ -46,13 +49,13 @@ class RoutingExplorer(Explorer):
         paths = self.paths(component)
         self.figure = go.FigureWidget(self._heatmap())
         first = int(paths["pos"].iloc[0])
-        self.route = go.FigureWidget(plots.token_route(paths, pos=first))
+        self.route = go.FigureWidget(self._route(first))
         self.info = widgets.HTML()
         self._attach()
         self.component.observe(self._on_component, names="value")
         self.layer.observe(self._on_layer, names="value")
         self.widget = widgets.VBox(
-            [widgets.HBox([self.component, self.layer]), widgets.HBox([self.figure, self.route]), self.info]
+            [widgets.HBox([self.component, self.layer]), self.figure, self.info, self.route]
         )
         self.select(first if pos is None else pos)
 
@@ -72,7 +75,7 @@ class RoutingExplorer(Explorer):
                 f"{int(paths['pos'].min())}..{int(paths['pos'].max())}"
             )
         self.selected = int(pos)
-        refresh(self.route, plots.token_route(paths, pos=self.selected))
+        refresh(self.route, self._route(self.selected))
         self._mark()
         rows = paths[paths["pos"] == self.selected]
         first = rows.iloc[0]
@@ -99,9 +102,14 @@ class RoutingExplorer(Explorer):
 
     def _heatmap(self) -> go.Figure:
         component = self.component.value
-        return plots.routing_heatmap(
+        figure = plots.routing_heatmap(
             self.paths(component), layer=self.layer.value, num_experts=self._experts[component]
         )
+        return figure.update_layout(height=HEATMAP_HEIGHT)
+
+    def _route(self, pos: int) -> go.Figure:
+        figure = plots.token_route(self.paths(self.component.value), pos=pos)
+        return figure.update_layout(height=ROUTE_HEIGHT)
 
     def _on_click(self, trace, points, state) -> None:
         if points.ys:
