@@ -189,7 +189,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                     clear_button = gr.Button("Clear", scale=1)
                 with gr.Row():
                     audio_in = gr.Audio(
-                        label="Audio (microphone or file)", sources=["microphone", "upload"], type="filepath",
+                        label="Audio (file or microphone)", sources=["upload", "microphone"], type="filepath",
                         elem_id="audio-in",
                     )  # fmt: skip
                     image_in = gr.Image(
@@ -296,14 +296,14 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         for trigger, visibility in ((send.click, "public"), (text.submit, "private")):
             trigger(
                 chat, turn_in, [chatbot, speech, session], api_name="chat", api_visibility=visibility,
-                preprocess=False, concurrency_id=MODEL_JOBS,
+                preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
             ).success(cleared, None, media_in, queue=False, **private).then(
                 panels, panel_in, list(panel_out.values()), **private
             )  # fmt: skip
         hidden = {name: gr.Button(visible=False) for name in ("reply", "positions", "speech", "latency")}
         hidden["reply"].click(
             reply, turn_in, [reply_text, reply_wav, chatbot, session], api_name="reply", preprocess=False,
-            concurrency_id=MODEL_JOBS,
+            concurrency_id=MODEL_JOBS, concurrency_limit=1,
         ).success(panels, panel_in, list(panel_out.values()), **private)  # fmt: skip
         layer.release(
             _guard(logic.routing_figures), [session, component, layer], [routing_plot, load_plot, modality_plot],
@@ -327,7 +327,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         ablate_button.click(
             ablate, [session, ablate_component, ablate_spec],
             [original_text, original_audio, ablated_text, ablated_audio, original_plot, ablated_plot, agreement_plot],
-            api_name="ablate", preprocess=False, concurrency_id=MODEL_JOBS,
+            api_name="ablate", preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
         )  # fmt: skip
         zip_button.click(
             _guard(lambda s: str(logic.trace_zip(_session(s)))), [session], [download], api_name="trace_zip"

@@ -28,6 +28,7 @@ DATA = ROOT / "data"
 OUTPUT = ROOT / "test-output" / "app"
 UPLOAD_LIMIT = 1024**2  # the served test app refuses uploads over 1 MiB
 FAST = dict(max_new_tokens=6, max_speech_frames=6)
+SERVED: dict = {}  # url -> the launched gr.Blocks, for tests that inspect its settings
 
 
 def env_folder() -> Path:
@@ -94,9 +95,11 @@ def served(app_env):
     app = demo.launch(
         lab=shared_lab(), port=free_port(), max_file_size=UPLOAD_LIMIT, prevent_thread_lock=True, quiet=True
     )
+    SERVED[app.local_url] = app
     try:
         yield app.local_url
     finally:
+        SERVED.pop(app.local_url, None)
         app.close()
 
 

@@ -7,7 +7,10 @@ Direct tests call omnilab.app_logic with the shared tiny lab; served tests launc
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -15,7 +18,17 @@ import plotly.graph_objects as go
 import plotly.io
 import pytest
 import soundfile
-from conftest_app import DATA, FAST, client, demo_module, shared_lab, turn_args
+from conftest_app import (
+    DATA,
+    FAST,
+    SERVED,
+    UPLOAD_LIMIT,
+    client,
+    demo_module,
+    free_port,
+    shared_lab,
+    turn_args,
+)
 
 from omnilab import app_logic as logic
 from omnilab.errors import ConversationError, InterventionError, MediaError
@@ -338,6 +351,39 @@ def script(served):
 
 def test_served_app_binds_loopback_only(served):
     assert served.startswith("http://127.0.0.1:")
+
+
+def test_served_app_is_safe_by_default(served):
+    app = SERVED[served]
+    assert app.share is False and app.enable_monitoring is False and not app.allowed_paths
+    assert app._queue.max_size == 16 and app.max_file_size == UPLOAD_LIMIT
+    model_jobs = [fn for fn in app.fns.values() if fn.api_name in ("chat", "reply", "ablate")]
+    assert {fn.concurrency_id for fn in model_jobs} == {"model"}
+    assert all(fn.concurrency_limit == 1 for fn in model_jobs)
+
+
+@pytest.mark.slow
+def test_omnilab_demo_command_serves_the_app_on_loopback(app_env):
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "omnilab.cli", "demo", "--model", "tiny", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=app_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"omnilab demo did not serve on port {port} (exit code {process.poll()})")
+        assert config["title"] == "omnilab · Qwen3-Omni"
+        assert any(d.get("api_name") == "reply" for d in config["dependencies"])
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_reply_endpoint_answers_audio_image_and_video_with_text_and_a_wav(script):
