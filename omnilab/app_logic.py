@@ -431,10 +431,13 @@ def stream_turn(
     """
     conversation = session.conversation(system, message)
     text, done = "", None
-    with model_lock(lab), _upload_errors(conversation), _capture(lab, opts, capture=()) as tracer:
-        events = lab.stream(
-            conversation, **opts.generate_kwargs(), trace=True, chunk_frames=STREAM_CHUNK_FRAMES
-        )
+    events = lab.stream(conversation, **opts.generate_kwargs(), trace=True, chunk_frames=STREAM_CHUNK_FRAMES)
+    with (
+        model_lock(lab),
+        _upload_errors(conversation),
+        _capture(lab, opts, capture=()) as tracer,
+        contextlib.closing(events),
+    ):
         for event in events:
             if event.kind == "text":
                 text += event.text

@@ -185,6 +185,18 @@ def test_stream_turn_hands_out_the_whole_reply_in_pieces(streamed):
     np.testing.assert_array_equal(audio, turn.reply.audio)
 
 
+def test_a_stream_closed_early_frees_the_model_and_records_nothing(lab):
+    session = logic.Session()
+    updates = logic.stream_turn(lab, session, logic.user_message("stop me"), logic.options(**FAST))
+    next(updates)
+    updates.close()  # what Gradio does when the browser goes away
+    lock = logic.model_lock(lab)
+    assert lock.acquire(blocking=False)
+    lock.release()
+    assert session.last is None and session.messages == []
+    assert not getattr(lab, "_tracers", [])
+
+
 def test_every_panel_has_data_after_a_streamed_turn(streamed):
     _, session = streamed
     figures = logic.all_figures(session)

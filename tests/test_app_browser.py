@@ -64,7 +64,8 @@ def test_a_turn_with_an_image_shows_the_reply_and_a_plotly_chart(page, tmp_path)
     _send(page, "What is in this image?", DATA / "image.png")
     assistant = page.locator("#chatbot .bot-row").last
     assistant.wait_for()
-    page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")  # the note before a turn has none
+    # a heatmap, not the note the panel shows before any turn
+    page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")
     assert "image.png" in page.inner_text("#chatbot")
     assert assistant.inner_text().strip()
     assert "Routing of thinker layer 0" in page.inner_text("#routing-plot")
