@@ -328,6 +328,18 @@ def test_store_rows_of_several_samples_are_kept_apart(repeating):
     assert np.allclose(rep["top1_repeat"], single["top1_repeat"])
 
 
+def test_query_results_with_arrow_strings_and_float32_weights_work(trace):
+    """DuckDB hands back Arrow-backed strings and no float16: the answers must not change."""
+    strings = {"component": "str", "phase": "str"}
+    routing = trace.routing.astype({**strings, "weight": "float32", "expert": "int64"}).assign(sample_id="s0")
+    tokens = trace.tokens.astype({**strings, "modality": "str", "text": "str"}).assign(sample_id="s0")
+    source = {"routing": routing, "tokens": tokens, "meta": trace.meta}
+    for fn in (analysis.expert_load, analysis.modality_specialization, analysis.repetition):
+        pd.testing.assert_frame_equal(
+            fn(source), fn({**source, "routing": trace.routing, "tokens": trace.tokens})
+        )
+
+
 def test_missing_routing_rows_are_left_out_not_invented(trace):
     routing = trace.routing[~((trace.routing["pos"] == 5) & (trace.routing["rank"] == 3))]
     partial = {"routing": routing, "tokens": trace.tokens, "meta": trace.meta}
