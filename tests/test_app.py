@@ -430,6 +430,12 @@ def test_trace_zip_endpoint_returns_the_last_turn(script, tmp_path):
     assert {item["modality"] for item in meta["items"]} == {"audio", "image", "video"}
 
 
+def test_a_second_turn_continues_the_conversation(script):
+    text, wav, chat = script.predict(*turn_args("and what happens next?"), api_name="/reply")
+    assert [m["role"] for m in chat] == ["user", "assistant"] * 2 and text
+    assert "next?" in chat[2]["content"][0]["text"]
+
+
 def test_chat_endpoint_streams_text_and_speech(served):
     from gradio_client import handle_file
 

@@ -79,8 +79,9 @@ def test_a_bad_input_shows_an_escaped_message_and_the_app_keeps_serving(page, tm
     assert "the message is empty" in toast.inner_text()
     assert "Traceback" not in page.content()
     _screenshot(page, tmp_path, "browser-error.png")
-    _send(page, "still there?")
+    _send(page, 'still there? <img src=x onerror="window.pwned=1"><script>window.pwned=2</script>')
     page.wait_for_function(
         "() => document.querySelector('#chatbot').innerText.includes('still there?')", timeout=90_000
     )
     page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")
+    assert page.evaluate("window.pwned") is None  # the message was shown, never run
