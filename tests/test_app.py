@@ -436,13 +436,11 @@ def test_a_second_turn_continues_the_conversation(script):
     assert "next?" in chat[2]["content"][0]["text"]
 
 
-def test_chat_endpoint_streams_text_and_speech(served):
+def test_chat_endpoint_streams_text_and_speech_for_audio_image_and_video(served):
     from gradio_client import handle_file
 
-    job = client(served).submit(
-        *turn_args("stream it", image=handle_file(str(DATA / "image.png")), max_speech_frames=20),
-        api_name="/chat",
-    )
+    media = [handle_file(str(DATA / name)) for name in ("speech.wav", "image.png", "video.mp4")]
+    job = client(served).submit(*turn_args("stream it", *media, max_speech_frames=10), api_name="/chat")
     outputs = list(job)
     assert job.status().success
     texts = [
