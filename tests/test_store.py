@@ -373,14 +373,10 @@ def test_media_paths_are_relative_to_the_manifest_folder(tmp_path):
     assert sample.sample_id == "1" and sample.extra == {"label": "cat"}
 
 
-def test_datasets_folder_without_datasets_gives_a_clear_error(tmp_path):
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(OmnilabError, match="datasets package is not installed"):
-            read_manifest(tmp_path)
-    else:
-        pytest.skip("datasets is installed here: a folder manifest is read with it")
+def test_datasets_folder_without_datasets_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails, installed or not
+    with pytest.raises(OmnilabError, match="datasets package is not installed"):
+        read_manifest(tmp_path)
 
 
 def test_datasets_folder_is_read_through_datasets_when_installed(tmp_path, monkeypatch):
