@@ -130,6 +130,29 @@ class OmniLab:
         inputs = self.processor(text=text, **kwargs)
         return inputs.to(self.device), gathered
 
+    def forward(
+        self, conversation, *, use_audio_in_video: bool = False, add_generation_prompt: bool = True
+    ) -> torch.Tensor:
+        """One forward of the thinker over the prompt, generating nothing: its logits [1, L, vocab].
+
+        Inside `lab.trace()` this records the prompt's routing and positions with the same metadata
+        (media items, use_audio_in_video) that `generate` records.
+        """
+        inputs, gathered = self._prepare(conversation, use_audio_in_video, add_generation_prompt)
+        from .instrument.tracer import active_tracer
+
+        tracer = active_tracer(self)
+        if tracer is not None:
+            tracer.begin(
+                inputs,
+                gathered,
+                prompt_length=inputs["input_ids"].shape[1],
+                use_audio_in_video=use_audio_in_video,
+            )
+        with torch.inference_mode():
+            output = self.thinker(**inputs, use_audio_in_video=use_audio_in_video)
+        return output.logits
+
     # -- generation ------------------------------------------------------------------------------
     def generate(
         self,

@@ -13,7 +13,7 @@ tokens        one row per token of each component's sequence
     item       int32  index of the media item of that modality (-1 for text)
     t, h, w    int64  the TM-RoPE position ids the model used (temporal, height, width)
     seconds    float  t / position_id_per_seconds for audio/image/video tokens, NaN for text
-    frame      int32  audio: 80 ms frame; video: temporal grid index; speech: talker frame; -1 else
+    frame      int32  audio: token index (13 per second); video: temporal grid index; speech: talker frame; -1 else
 routing       one row per (token, layer, rank): component, layer, pos, phase, rank, expert, weight
               (expert uint8/int16, weight float16 — ≤ 3 bytes per (token, layer, k) as stored)
 router_stats  one row per (token, layer): component, layer, pos, phase, entropy (nats, of the full
@@ -21,6 +21,11 @@ router_stats  one row per (token, layer): component, layer, pos, phase, entropy 
 router_logits optional (capture "logits"): component, layer, pos, expert, logit (float16)
 codes         one row per (frame, codebook): frame, codebook (0 talker, 1-15 code predictor), code
 attention     optional: component, layer, head, query_pos, key_pos, weight (the chosen layers/heads)
+tower_attention optional: audio/vision tower attention maps of the chosen layers (capture "attention"
+              with attention_layers={"audio_tower": [...], "vision_tower": [...]}): tower, layer,
+              call (n-th tower forward in the run), window (the tower attends within windows),
+              head, query, key (indices in that call's tower sequence: audio frames after the
+              convolutions, vision patches before merging), weight
 spans         contiguous runs of one modality in the thinker's sequence: component, modality, item, start, end (end exclusive)
 timings       one row per stage: stage, seconds, calls (thinker_prefill, thinker_decode, talker_prefill,
               talker_decode, code_predictor, code2wav)
@@ -44,7 +49,17 @@ import pyarrow.parquet as pq
 from .errors import TraceError
 
 SCHEMA_VERSION = 1
-TABLES = ("tokens", "routing", "router_stats", "router_logits", "codes", "attention", "spans", "timings")
+TABLES = (
+    "tokens",
+    "routing",
+    "router_stats",
+    "router_logits",
+    "codes",
+    "attention",
+    "tower_attention",
+    "spans",
+    "timings",
+)
 COMPONENTS = ("thinker", "talker")
 PHASES = ("prefill", "decode")
 MODALITIES = ("text", "audio", "image", "video", "speech")
@@ -99,14 +114,29 @@ COLUMNS: dict[str, dict[str, str]] = {
         "key_pos": "int32",
         "weight": "float32",
     },
+    "tower_attention": {
+        "tower": "object",
+        "layer": "int16",
+        "call": "int16",
+        "window": "int32",
+        "head": "int16",
+        "query": "int32",
+        "key": "int32",
+        "weight": "float32",
+    },
     "spans": {"component": "object", "modality": "object", "item": "int32", "start": "int32", "end": "int32"},
     "timings": {"stage": "object", "seconds": "float64", "calls": "int32"},
 }
 
 
+_EMPTY: dict[str, pd.DataFrame] = {}
+
+
 def empty(table: str) -> pd.DataFrame:
     """An empty table with the right columns and dtypes."""
-    return pd.DataFrame({c: pd.Series(dtype=d) for c, d in COLUMNS[table].items()})
+    if table not in _EMPTY:
+        _EMPTY[table] = pd.DataFrame({c: pd.Series(dtype=d) for c, d in COLUMNS[table].items()})
+    return _EMPTY[table].copy()
 
 
 def conform(table: str, frame: pd.DataFrame | None) -> pd.DataFrame:
@@ -116,13 +146,20 @@ def conform(table: str, frame: pd.DataFrame | None) -> pd.DataFrame:
     missing = [c for c in COLUMNS[table] if c not in frame.columns]
     if missing:
         raise TraceError(f"table '{table}' lacks columns {missing}")
-    out = frame[list(COLUMNS[table])].copy()
+    columns = {}
     for column, dtype in COLUMNS[table].items():
+        values = frame[column]
         if dtype == "object":
-            out[column] = out[column].astype(str).astype(object)
-        elif str(out[column].dtype) != dtype:
-            out[column] = out[column].astype(dtype)
-    return out.reset_index(drop=True)
+            # Strings stay as they are (a C-level check); anything else (categories, numbers) becomes str.
+            if values.dtype != object or pd.api.types.infer_dtype(values, skipna=False) != "string":
+                values = values.astype(str)
+            values = values.to_numpy(dtype=object)
+        elif str(values.dtype) != dtype:
+            values = values.to_numpy().astype(dtype)
+        else:
+            values = values.to_numpy()
+        columns[column] = values
+    return pd.DataFrame(columns, copy=True)
 
 
 @dataclass(frozen=True)
@@ -135,6 +172,7 @@ class Trace:
     router_logits: pd.DataFrame = field(default_factory=lambda: empty("router_logits"))
     codes: pd.DataFrame = field(default_factory=lambda: empty("codes"))
     attention: pd.DataFrame = field(default_factory=lambda: empty("attention"))
+    tower_attention: pd.DataFrame = field(default_factory=lambda: empty("tower_attention"))
     spans: pd.DataFrame = field(default_factory=lambda: empty("spans"))
     timings: pd.DataFrame = field(default_factory=lambda: empty("timings"))
     audio: np.ndarray | None = None

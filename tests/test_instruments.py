@@ -223,6 +223,44 @@ def test_attention_rows_sum_to_one_and_spans_cover_every_token(tiny, all_media_c
     assert tiny.model.thinker.model.language_model.config._attn_implementation == "sdpa"
 
 
+def test_tower_attention_maps_are_the_towers_own_and_rows_sum_to_one(tiny, all_media_conversation):
+    """The recording function computes the towers' attention the model's own (eager) way."""
+    inputs = tiny.prepare(all_media_conversation)
+    towers = {"audio_tower": [0, 1], "vision_tower": [1]}
+    thinker = tiny.model.thinker
+    with torch.no_grad():
+        bare = thinker(**inputs).logits
+    with tiny.trace(capture=("attention",), attention_layers=towers) as tr, torch.no_grad():
+        recorded = thinker(**inputs).logits
+    # Same output (eager vs sdpa within float tolerance), and the towers are back on their implementation.
+    assert torch.allclose(bare, recorded, atol=1e-4)
+    assert thinker.model.audio_tower.config._attn_implementation == "sdpa"
+    assert thinker.model.visual.config._attn_implementation == "sdpa"
+    maps = tr.trace.tower_attention
+    assert set(zip(maps["tower"], maps["layer"], strict=True)) == {
+        ("audio_tower", 0),
+        ("audio_tower", 1),
+        ("vision_tower", 1),
+    }
+    sums = maps.groupby(["tower", "layer", "call", "head", "query"])["weight"].sum()
+    assert np.allclose(sums, 1.0, atol=1e-4)
+    # The vision tower runs once for the image and once for the video; each attends within its windows.
+    vision = maps[maps["tower"] == "vision_tower"]
+    assert set(vision["call"]) == {0, 1}
+    for (_, window), rows in vision.groupby(["call", "window"]):
+        assert rows["query"].min() == rows["key"].min() and rows["query"].max() == rows["key"].max()
+    # Every audio frame the tower saw is a query exactly once per head and layer.
+    audio = maps[(maps["tower"] == "audio_tower") & (maps["layer"] == 0) & (maps["head"] == 0)]
+    queries = audio.groupby("call")["query"].nunique()
+    assert (queries == audio.groupby("call")["query"].max() + 1).all()
+
+
+def test_tower_attention_asks_for_a_real_layer(tiny):
+    with pytest.raises(omnilab.InterventionError, match="audio_tower has"):
+        with tiny.trace(capture=("attention",), attention_layers={"audio_tower": [99]}):
+            pass
+
+
 def test_ablation_keeps_a_modality_away_from_experts_and_changes_the_output(
     tiny, all_media_conversation, traced
 ):
@@ -326,3 +364,15 @@ def test_truncated_or_foreign_trace_files_get_clear_errors(traced, tmp_path):
         omnilab.Trace.load(tmp_path / "foreign")
     with pytest.raises(omnilab.TraceError, match="not a directory"):
         omnilab.Trace.load(tmp_path / "nothing")
+
+
+def test_forward_traces_the_prompt_with_its_media_items(tiny, all_media_conversation):
+    with tiny.trace(capture=("routing", "positions")) as tr:
+        logits = tiny.forward(all_media_conversation)
+    tokens = tr.trace.tokens
+    assert logits.shape[1] == len(tokens) and set(tokens["phase"]) == {"prefill"}
+    items = tr.trace.meta["items"]
+    assert {i["modality"] for i in items} == {"audio", "image", "video"}
+    # A trace names media by file name only, never by the path on the machine that made it.
+    assert all("/" not in i["name"] for i in items)
+    assert tr.trace.meta["components"]["thinker"]["num_experts"] == tiny.model.config.thinker_config.text_config.num_experts

@@ -64,7 +64,21 @@ def _component(name: str) -> str:
 
 
 def find_sites(model: torch.nn.Module) -> list[Site]:
-    """Every hook site of `model` (a full Qwen3-Omni or a thinker-only model), in module order."""
+    """Every hook site of `model` (a full Qwen3-Omni or a thinker-only model), in module order.
+
+    Found once per model and kept on it (walking every module costs milliseconds, paid on every
+    trace otherwise); a model whose module tree changed is walked again.
+    """
+    count = sum(1 for _ in model.modules())
+    cached = model.__dict__.get("_omnilab_sites")
+    if cached is not None and cached[0] == count:
+        return list(cached[1])
+    sites = _walk(model)
+    model.__dict__["_omnilab_sites"] = (count, tuple(sites))
+    return sites
+
+
+def _walk(model: torch.nn.Module) -> list[Site]:
     prefix = "" if hasattr(model, "thinker") else "thinker."
     sites = []
     for raw_name, module in model.named_modules():

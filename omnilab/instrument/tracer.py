@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from ..errors import InterventionError
 from ..trace import Trace
 from .context import ForwardTracker
 from .sites import component_module, find_sites, rotary
+from .tower_attention import TOWERS, TowerAttention
 
 DEFAULT_CAPTURE = ("routing", "positions", "codes", "timings")
 CAPTURES = ("routing", "positions", "codes", "timings", "attention", "logits")
@@ -79,6 +81,8 @@ class Tracer:
         self._ids = defaultdict(dict)  # component -> start -> (phase, step, ids | None, length)
         self._codes: list[np.ndarray] = []
         self._attention = []
+        self._towers = None
+        self._tower_rows = None
         self._times = defaultdict(float)
         self._calls = defaultdict(int)
         self._t0 = {}
@@ -110,7 +114,8 @@ class Tracer:
     def begin(self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool) -> None:
         self._prompt = {
             "length": prompt_length,
-            "items": gathered.items,
+            # Media are named by file name only: a trace must not carry the paths of the machine that made it.
+            "items": [{**item, "name": Path(str(item["name"])).name} for item in gathered.items],
             "use_audio_in_video": use_audio_in_video,
         }
 
@@ -226,7 +231,15 @@ class Tracer:
     # -- attention (opt-in) -------------------------------------------------------------------------
     def _install_attention(self, sites) -> None:
         self._saved_attn = {}
-        wanted = {(c, int(layer)) for c, layers in self.attention_layers.items() for layer in layers}
+        towers = {c: [int(x) for x in layers] for c, layers in self.attention_layers.items() if c in TOWERS}
+        if towers:
+            try:
+                self._towers = TowerAttention(self.model, towers, heads=self.heads)
+            except IndexError as exc:
+                raise InterventionError(f"no attention site: {exc}; see lab.sites()") from None
+        wanted = {
+            (c, int(layer)) for c, layers in self.attention_layers.items() if c not in TOWERS for layer in layers
+        }
         found = {(s.component, s.layer): s for s in sites if s.kind == "attention"}
         missing = wanted - set(found)
         if missing:
@@ -235,7 +248,8 @@ class Tracer:
             module = component_module(self.model, component) if component in ("thinker", "talker") else None
             if module is None:
                 raise InterventionError(
-                    f"attention capture covers thinker and talker layers; got {component!r}"
+                    f"attention capture covers thinker, talker, audio_tower and vision_tower layers; "
+                    f"got {component!r}"
                 )
             text_model = module.model.language_model if component == "thinker" else module.model
             self._saved_attn[component] = (text_model, text_model.config._attn_implementation)
@@ -258,6 +272,11 @@ class Tracer:
         return hook
 
     def _restore_attention(self) -> None:
+        towers = getattr(self, "_towers", None)
+        if towers is not None:
+            towers.remove()
+            self._tower_rows = towers.rows()
+            self._towers = None
         for text_model, implementation in getattr(self, "_saved_attn", {}).values():
             text_model.set_attn_implementation(implementation)
         self._saved_attn = {}
@@ -276,6 +295,8 @@ class Tracer:
             )
         if self._attention:
             tables["attention"] = self._attention_table()
+        if self._tower_rows is not None and len(self._tower_rows["weight"]):
+            tables["tower_attention"] = pd.DataFrame(self._tower_rows)
         if "timings" in self.capture:
             tables["timings"] = self._timings_table()
         reply = self._reply
@@ -376,57 +397,89 @@ class Tracer:
         return pd.concat([frame, extra], ignore_index=True)
 
     def _routing_tables(self) -> dict[str, pd.DataFrame]:
-        parts, stats, logits = [], [], []
-        for component, layer, start, phase, indices, weights, entropy, mass, raw in self._routing:
-            n, k = indices.shape
-            pos = np.arange(start, start + n, dtype=np.int32)
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "component": component,
-                        "layer": np.int16(layer),
-                        "pos": np.repeat(pos, k),
-                        "phase": phase,
-                        "rank": np.tile(np.arange(k, dtype=np.int8), n),
-                        "expert": indices.ravel(),
-                        "weight": weights.ravel(),
-                    }
-                )
+        # Concatenate the per-forward arrays first and build each table once (a DataFrame per layer and
+        # forward would cost more than the forward itself on small models).
+        records = sorted(
+            self._routing, key=lambda r: (r[0] != "thinker", r[1], r[2])
+        )  # component (thinker first), layer, start
+        n_of = [r[4].shape[0] for r in records]
+        k_of = [r[4].shape[1] for r in records]
+        component = np.concatenate([np.full(n, r[0], dtype=object) for r, n in zip(records, n_of, strict=True)])
+        layer = np.concatenate([np.full(n, r[1], dtype=np.int16) for r, n in zip(records, n_of, strict=True)])
+        pos = np.concatenate([np.arange(r[2], r[2] + n, dtype=np.int32) for r, n in zip(records, n_of, strict=True)])
+        phase = np.concatenate([np.full(n, r[3], dtype=object) for r, n in zip(records, n_of, strict=True)])
+        # Prefill and decode forwards of one layer interleave by start, so sort by (component, layer, pos).
+        order = np.lexsort((pos, layer, component != "thinker"))
+        stats = pd.DataFrame(
+            {
+                "component": component[order],
+                "layer": layer[order],
+                "pos": pos[order],
+                "phase": phase[order],
+                "entropy": np.concatenate([r[6] for r in records])[order],
+                "topk_mass": np.concatenate([r[7] for r in records])[order],
+            }
+        )
+        out = {"router_stats": stats}
+        if len(set(k_of)) == 1:
+            k = k_of[0]
+            indices = np.concatenate([r[4] for r in records])[order]
+            weights = np.concatenate([r[5] for r in records])[order]
+            out["routing"] = pd.DataFrame(
+                {
+                    "component": np.repeat(stats["component"].to_numpy(), k),
+                    "layer": np.repeat(stats["layer"].to_numpy(), k),
+                    "pos": np.repeat(stats["pos"].to_numpy(), k),
+                    "phase": np.repeat(stats["phase"].to_numpy(), k),
+                    "rank": np.tile(np.arange(k, dtype=np.int8), len(order)),
+                    "expert": indices.ravel(),
+                    "weight": weights.ravel(),
+                }
             )
-            stats.append(
-                pd.DataFrame(
-                    {
-                        "component": component,
-                        "layer": np.int16(layer),
-                        "pos": pos,
-                        "phase": phase,
-                        "entropy": entropy,
-                        "topk_mass": mass,
-                    }
-                )
-            )
-            if raw is not None:
-                e = raw.shape[1]
-                logits.append(
+        else:  # thinker and talker pick different k: one block per component
+            parts = []
+            for name in ("thinker", "talker"):
+                rows = [r for r in records if r[0] == name]
+                if not rows:
+                    continue
+                sel = order[component[order] == name]
+                k = rows[0][4].shape[1]
+                sub = stats[stats["component"].to_numpy() == name]
+                indices = np.concatenate([r[4] for r in records if r[0] == name])
+                weights = np.concatenate([r[5] for r in records if r[0] == name])
+                local = np.searchsorted(np.flatnonzero(component == name), sel)
+                parts.append(
                     pd.DataFrame(
                         {
-                            "component": component,
-                            "layer": np.int16(layer),
-                            "pos": np.repeat(pos, e),
-                            "expert": np.tile(np.arange(e, dtype=np.int16), n),
-                            "logit": raw.ravel(),
+                            "component": np.repeat(sub["component"].to_numpy(), k),
+                            "layer": np.repeat(sub["layer"].to_numpy(), k),
+                            "pos": np.repeat(sub["pos"].to_numpy(), k),
+                            "phase": np.repeat(sub["phase"].to_numpy(), k),
+                            "rank": np.tile(np.arange(k, dtype=np.int8), len(sel)),
+                            "expert": indices[local].ravel(),
+                            "weight": weights[local].ravel(),
                         }
                     )
                 )
-        order = ["component", "layer", "pos", "rank"]
-        out = {
-            "routing": pd.concat(parts, ignore_index=True).sort_values(order, kind="stable"),
-            "router_stats": pd.concat(stats, ignore_index=True).sort_values(order[:3], kind="stable"),
-        }
-        if logits:
-            out["router_logits"] = pd.concat(logits, ignore_index=True).sort_values(
-                ["component", "layer", "pos", "expert"]
+            out["routing"] = pd.concat(parts, ignore_index=True)
+        logits = []
+        for name, layer_, start, _, _, _, _, _, raw in records:
+            if raw is None:
+                continue
+            n, e = raw.shape
+            logits.append(
+                pd.DataFrame(
+                    {
+                        "component": name,
+                        "layer": np.int16(layer_),
+                        "pos": np.repeat(np.arange(start, start + n, dtype=np.int32), e),
+                        "expert": np.tile(np.arange(e, dtype=np.int16), n),
+                        "logit": raw.ravel(),
+                    }
+                )
             )
+        if logits:
+            out["router_logits"] = pd.concat(logits, ignore_index=True)
         return out
 
     def _attention_table(self) -> pd.DataFrame:
@@ -530,15 +583,17 @@ def _spans(tokens: pd.DataFrame) -> pd.DataFrame:
     if len(tokens) == 0 or "modality" not in tokens:
         return pd.DataFrame(columns=["component", "modality", "item", "start", "end"])
     rows = []
-    for component, group in tokens.groupby("component", sort=False):
-        group = group.sort_values("pos")
-        key = group["modality"].astype(str) + ":" + group["item"].astype(str)
-        change = key.ne(key.shift()).to_numpy()
+    components = tokens["component"].to_numpy(dtype=object)
+    for component in pd.unique(components):
+        group = tokens[components == component]
+        order = np.argsort(group["pos"].to_numpy(), kind="stable")
+        pos = group["pos"].to_numpy()[order]
+        mods = group["modality"].to_numpy(dtype=object)[order]
+        items = group["item"].to_numpy()[order]
+        change = np.ones(len(pos), dtype=bool)
+        change[1:] = (mods[1:] != mods[:-1]) | (items[1:] != items[:-1])
         starts = np.flatnonzero(change)
-        ends = np.append(starts[1:], len(group))
-        pos = group["pos"].to_numpy()
-        mods = group["modality"].to_numpy()
-        items = group["item"].to_numpy()
+        ends = np.append(starts[1:], len(pos))
         for s, e in zip(starts, ends, strict=True):
             rows.append((component, mods[s], int(items[s]), int(pos[s]), int(pos[e - 1]) + 1))
     return pd.DataFrame(rows, columns=["component", "modality", "item", "start", "end"])
