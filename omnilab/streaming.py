@@ -836,7 +836,7 @@ class _Stream:
 
     # -- done -----------------------------------------------------------------------------------------
     def _done(self, gathered) -> StreamEvent:
-        from .instrument.tracer import _annotate, _pps, _spans, config_hash
+        from .instrument.tracer import _annotate, _pps, _spans, trace_meta
 
         clock = self.clock
         full = clock.now()
@@ -903,23 +903,15 @@ class _Stream:
                 {"frame": frames.ravel(), "codebook": books.ravel(), "code": codes.ravel()}
             )
         tables["timings"] = pd.DataFrame(list(stages), columns=["stage", "seconds", "calls"])
-        from . import __version__
-
-        meta = {
-            "model_id": self.lab.model_id,
-            "random_weights": self.lab.random_weights,
-            "config_hash": config_hash(self.model),
-            "omnilab_version": __version__,
-            "capture": ["routing", "positions", "codes", "timings"]
-            if self.trace
-            else ["positions", "codes", "timings"],
-            "position_id_per_seconds": pps,
-            "text": text,
-            "streamed": True,
-            "items": gathered.items,
-            "use_audio_in_video": self.options["use_audio_in_video"],
-            "latency": timings.as_dict(),
-        }
+        meta = trace_meta(
+            self.lab,
+            capture=["routing", "positions", "codes", "timings"] if self.trace else ["positions", "codes", "timings"],
+            text=text,
+            items=gathered.items,
+            use_audio_in_video=self.options["use_audio_in_video"],
+            streamed=True,
+            latency=timings.as_dict(),
+        )
         trace = Trace.build(audio=audio, sample_rate=SAMPLE_RATE, meta=meta, **tables)
         reply = Reply(
             text, token_ids, audio, SAMPLE_RATE, codes, self.lab.model_id, self.lab.random_weights, trace

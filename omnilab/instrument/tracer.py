@@ -114,8 +114,7 @@ class Tracer:
     def begin(self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool) -> None:
         self._prompt = {
             "length": prompt_length,
-            # Media are named by file name only: a trace must not carry the paths of the machine that made it.
-            "items": [{**item, "name": Path(str(item["name"])).name} for item in gathered.items],
+            "items": gathered.items,
             "use_audio_in_video": use_audio_in_video,
         }
 
@@ -300,37 +299,15 @@ class Tracer:
         if "timings" in self.capture:
             tables["timings"] = self._timings_table()
         reply = self._reply
-        model = self.model
-        meta = {
-            "model_id": self.lab.model_id,
-            "random_weights": self.lab.random_weights,
-            "config_hash": config_hash(model),
-            "omnilab_version": __version__,
-            "capture": list(self.capture),
-            "position_id_per_seconds": _pps(model),
-            "text": reply.text if reply is not None else "",
-            "components": self._component_meta(),
-            "items": self._prompt["items"] if self._prompt else [],
-            "use_audio_in_video": bool(self._prompt and self._prompt["use_audio_in_video"]),
-        }
+        meta = trace_meta(
+            self.lab,
+            capture=self.capture,
+            text=reply.text if reply is not None else "",
+            items=self._prompt["items"] if self._prompt else [],
+            use_audio_in_video=bool(self._prompt and self._prompt["use_audio_in_video"]),
+        )
         audio = reply.audio if reply is not None else None
         return Trace.build(audio=audio, sample_rate=24_000, meta=meta, **tables)
-
-    def _component_meta(self) -> dict:
-        out = {}
-        for component in ("thinker", "talker"):
-            module = component_module(self.model, component)
-            if module is None:
-                continue
-            text_config = (
-                module.config.text_config if hasattr(module.config, "text_config") else module.config
-            )
-            out[component] = {
-                "layers": int(text_config.num_hidden_layers),
-                "num_experts": int(text_config.num_experts),
-                "top_k": int(text_config.num_experts_per_tok),
-            }
-        return out
 
     def _tokens_table(self) -> pd.DataFrame:
         frames = []
@@ -516,6 +493,40 @@ class Tracer:
         ]
         rows = [(s, times[s], self._calls[s]) for s in stages if s in times]
         return pd.DataFrame(rows, columns=["stage", "seconds", "calls"])
+
+
+def trace_meta(lab, *, capture, text: str, items: list, use_audio_in_video: bool, **extra) -> dict:
+    """The metadata of a trace of `lab`: identity, capture spec and per-component routing shape."""
+    return {
+        "model_id": lab.model_id,
+        "random_weights": lab.random_weights,
+        "config_hash": config_hash(lab.model),
+        "omnilab_version": __version__,
+        "capture": list(capture),
+        "position_id_per_seconds": _pps(lab.model),
+        "text": text,
+        "components": component_meta(lab.model),
+        # Media are named by file name only: a trace must not carry the paths of the machine that made it.
+        "items": [{**item, "name": Path(str(item["name"])).name} for item in items],
+        "use_audio_in_video": bool(use_audio_in_video),
+        **extra,
+    }
+
+
+def component_meta(model) -> dict:
+    """Layers, experts and top-k of the thinker and (when present) the talker."""
+    out = {}
+    for component in ("thinker", "talker"):
+        module = component_module(model, component)
+        if module is None:
+            continue
+        text_config = module.config.text_config if hasattr(module.config, "text_config") else module.config
+        out[component] = {
+            "layers": int(text_config.num_hidden_layers),
+            "num_experts": int(text_config.num_experts),
+            "top_k": int(text_config.num_experts_per_tok),
+        }
+    return out
 
 
 def _pps(model) -> float:
