@@ -35,3 +35,17 @@ def best_of(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def best_of_interleaved(fns: dict, repeats: int = 5) -> dict[str, float]:
+    """The fastest run of each of `fns` (seconds), run in turns so that load on a shared machine
+    falls on all of them alike; one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
