@@ -58,8 +58,12 @@ def run(model: str = "small", tokens: int = 512, repeats: int = 5) -> dict:
     figures["peak_trace_memory_mb"] = peak / 2**20
     with tempfile.TemporaryDirectory() as tmp:
         path = tr.trace.save(Path(tmp) / "t")
-        size = (path / "routing.parquet").stat().st_size + (path / "router_stats.parquet").stat().st_size
-    figures["saved_bytes_per_token_layer"] = size / (n * layers)
+        routing = (path / "routing.parquet").stat().st_size
+        stats = (path / "router_stats.parquet").stat().st_size
+    top_k = thinker.config.text_config.num_experts_per_tok
+    figures["saved_bytes_per_token_layer"] = (routing + stats) / (n * layers)
+    # The budget: <= 3 bytes per (token, layer, k) for the routing itself (experts and weights).
+    figures["routing_bytes_per_token_layer_k"] = routing / (n * layers * top_k)
     return figures
 
 
