@@ -10,13 +10,24 @@ arrays computed once; `routing_suite(trace)` runs them all on one preparation.
                 router_confidence, routing_agreement, routing_suite
     positions   position_layout, av_alignment
     attention   attention_map, attention_modality_mass, attention_over_time
-    speech      codebook_usage, codebook_grid, spoken_text, mel_spectrogram, waveform_envelope
+    speech      codebook_usage, codebook_grid, spoken_text, mel_spectrogram, waveform_envelope,
+                residual_audio, residual_series (these two run the model's code2wav)
+    attribution attribute → Attribution; attribution_by_modality, attribution_by_item,
+                attribution_by_window, attribution_by_patch
 
-Attribution (which must run the model) lives in `omnilab.analysis.attribution`.
+Attribution and residual audio must run the model, so they take an OmniLab, not a Trace.
 """
 
 from ._source import ComponentRouting, RoutingData, prepare
 from .attention import attention_map, attention_modality_mass, attention_over_time
+from .attribution import (
+    Attribution,
+    attribute,
+    attribution_by_item,
+    attribution_by_modality,
+    attribution_by_patch,
+    attribution_by_window,
+)
 from .positions import av_alignment, position_layout
 from .routing import (
     ROUTING_ANALYSES,
@@ -34,15 +45,29 @@ from .routing import (
     token_paths,
     vocabulary_specialization,
 )
-from .speech import codebook_grid, codebook_usage, mel_spectrogram, spoken_text, waveform_envelope
+from .speech import (
+    codebook_grid,
+    codebook_usage,
+    mel_spectrogram,
+    residual_audio,
+    residual_series,
+    spoken_text,
+    waveform_envelope,
+)
 
 __all__ = [
     "ROUTING_ANALYSES",
+    "Attribution",
     "ComponentRouting",
     "RoutingData",
     "attention_map",
     "attention_modality_mass",
     "attention_over_time",
+    "attribute",
+    "attribution_by_item",
+    "attribution_by_modality",
+    "attribution_by_patch",
+    "attribution_by_window",
     "av_alignment",
     "coactivation",
     "codebook_grid",
@@ -57,6 +82,8 @@ __all__ = [
     "position_layout",
     "prepare",
     "repetition",
+    "residual_audio",
+    "residual_series",
     "router_confidence",
     "routing_agreement",
     "routing_suite",

@@ -9,9 +9,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..errors import TraceError
 from ._source import equals, meta, table
 
-__all__ = ["codebook_grid", "codebook_usage", "mel_spectrogram", "spoken_text", "waveform_envelope"]
+__all__ = [
+    "codebook_grid",
+    "codebook_usage",
+    "mel_spectrogram",
+    "residual_audio",
+    "residual_series",
+    "spoken_text",
+    "waveform_envelope",
+]
 
 FRAME_SECONDS = 0.08  # one talker frame
 DEFAULT_CODEBOOK_SIZE = 2048  # Qwen3-Omni's code2wav codebook_size
@@ -199,3 +208,48 @@ def waveform_envelope(trace, *, points: int = 2000) -> pd.DataFrame:
     low = np.minimum.reduceat(audio, edges[:-1])
     high = np.maximum.reduceat(audio, edges[:-1])
     return pd.DataFrame({"seconds": edges[:-1] / rate, "low": low, "high": high})
+
+
+def residual_audio(lab, trace_or_codes, *, keep: int) -> np.ndarray:
+    """The reply's speech re-synthesized from codebooks 0..keep-1 only: 24 kHz float32 audio.
+
+    What each residual codebook adds: code2wav embeds a frame's 16 codes and averages them; dropping
+    codebooks k..15 zeroes their embeddings (the divisor stays 16), which is residual-VQ truncation
+    as in SoundStream (Zeghidour et al., 2021) and EnCodec (Défossez et al., 2022): codebook 0 alone
+    is the coarse speech, each further one a refinement. keep=16 is the model's own decode (equal to
+    the reply's audio). `trace_or_codes`: a Trace (its codes table), a Reply (its codes) or an array
+    [frames, 16]. This runs the model's code2wav (see `omnilab.instrument.codec`).
+    """
+    from ..instrument.codec import decode_codes
+
+    return decode_codes(lab, codes_array(trace_or_codes), keep=keep)
+
+
+def residual_series(lab, trace_or_codes, *, keeps=range(1, 17)) -> dict[int, np.ndarray]:
+    """`residual_audio` for each number of kept codebooks in `keeps`: {keep: audio}."""
+    codes = codes_array(trace_or_codes)
+    return {int(k): residual_audio(lab, codes, keep=k) for k in keeps}
+
+
+def codes_array(source) -> np.ndarray:
+    """The codec frames of a Trace (codes table), a Reply (codes) or an array, as [frames, codebooks]."""
+    if isinstance(source, np.ndarray) or hasattr(source, "detach") or isinstance(source, (list, tuple)):
+        array = np.asarray(source.detach().cpu() if hasattr(source, "detach") else source)
+        return array.reshape(0, 16) if array.size == 0 else array
+    if hasattr(source, "token_ids") and hasattr(source, "codes"):  # a Reply
+        if source.codes is None:
+            raise TraceError("this reply has no speech codes: generate it with return_audio=True")
+        return np.asarray(source.codes)
+    codes = table(source, "codes")
+    if len(codes) == 0:
+        raise TraceError("this trace has no speech codes: trace a reply generated with return_audio=True")
+    frame = codes["frame"].to_numpy(dtype=np.int64)
+    book = codes["codebook"].to_numpy(dtype=np.int64)
+    frames, books = int(frame.max()) + 1, int(book.max()) + 1
+    array = np.full((frames, books), -1, dtype=np.int64)
+    array[frame, book] = codes["code"].to_numpy(dtype=np.int64)
+    if len(codes) != frames * books or (array < 0).any():
+        raise TraceError(
+            f"the codes table is incomplete: {len(codes)} rows for {frames} frames × {books} codebooks"
+        )
+    return array

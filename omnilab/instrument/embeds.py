@@ -55,9 +55,7 @@ def thinker_of(lab_or_model) -> torch.nn.Module:
     return model.thinker if hasattr(model, "thinker") else model
 
 
-def merge_inputs(
-    lab_or_model, inputs, *, use_audio_in_video: bool = False, append_ids=None
-) -> MergedInputs:
+def merge_inputs(lab_or_model, inputs, *, use_audio_in_video: bool = False, append_ids=None) -> MergedInputs:
     """The merged input embeddings of `inputs` (a BatchFeature from `lab.prepare`), batch 1.
 
     `append_ids` (token ids) are appended after the prompt as plain text tokens (a reply prefix, for
@@ -75,7 +73,9 @@ def merge_inputs(
     if append_ids is not None and len(append_ids):
         extra = torch.as_tensor(list(append_ids), dtype=input_ids.dtype, device=device).view(1, -1)
         input_ids = torch.cat([input_ids, extra], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(extra, dtype=attention_mask.dtype)], dim=1)
+        attention_mask = torch.cat(
+            [attention_mask, torch.ones_like(extra, dtype=attention_mask.dtype)], dim=1
+        )
 
     with torch.no_grad():
         embeds = thinker.get_input_embeddings()(input_ids)
@@ -95,7 +95,9 @@ def merge_inputs(
         if inputs.get("pixel_values") is not None:
             out = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
             features = torch.cat(out.pooler_output, dim=0).to(embeds.device, embeds.dtype)
-            image_mask, _, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+            image_mask, _, _ = inner.get_placeholder_mask(
+                input_ids, inputs_embeds=embeds, image_features=features
+            )
             embeds = embeds.masked_scatter(image_mask, features)
             image_mask = image_mask[..., 0]
             image_stack = [torch.cat(f, dim=0) for f in out.deepstack_features]
@@ -104,7 +106,9 @@ def merge_inputs(
                 inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True
             )
             features = torch.cat(out.pooler_output, dim=0).to(embeds.device, embeds.dtype)
-            _, video_mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=features)
+            _, video_mask, _ = inner.get_placeholder_mask(
+                input_ids, inputs_embeds=embeds, video_features=features
+            )
             embeds = embeds.masked_scatter(video_mask, features)
             video_mask = video_mask[..., 0]
             video_stack = [torch.cat(f, dim=0) for f in out.deepstack_features]
@@ -207,3 +211,54 @@ def gradients_to_inputs(lab_or_model) -> Iterator[None]:
         for module, training in modes:
             module.training = training
         thinker.model.rope_deltas = rope_deltas
+
+
+@contextlib.contextmanager
+def frozen_routing(lab_or_model, merged: MergedInputs) -> Iterator[None]:
+    """While open, every thinker router keeps, for each position, the experts it chose for `merged`
+    as it is; only the weights follow the router's softmax (renormalized over those experts where
+    the router renormalizes). The thinker then is a continuous function of its input embeddings.
+
+    Top-k routing is discontinuous: where two experts swap at the k-th place the layer's output
+    jumps. Gradient methods (Integrated Gradients) never see such jumps, so along a path that
+    crosses them completeness fails by their sum. With the routing frozen at the input's choices
+    there are none. Works for any batch of `merged`'s sequence (rows repeat per batch element).
+    """
+    from .sites import routers
+
+    found = routers(model_of(lab_or_model), "thinker")
+    chosen: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def recorder(layer):
+        def hook(module, args, output):
+            chosen[layer] = output[2].detach()
+
+        return hook
+
+    def freezer(layer):
+        def hook(module, args, output):
+            logits, weights, _ = output
+            indices = chosen[layer].repeat(logits.shape[0] // chosen[layer].shape[0], 1)
+            probs = torch.softmax(logits.float(), dim=-1)
+            new_weights = probs.gather(-1, indices)
+            if module.norm_topk_prob:
+                new_weights = new_weights / new_weights.sum(-1, keepdim=True)
+            return logits, new_weights.to(weights.dtype), indices
+
+        return hook
+
+    try:
+        for layer, module in found.items():
+            handles.append(module.register_forward_hook(recorder(layer)))
+        with torch.no_grad():
+            thinker_logits(lab_or_model, merged)
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+        for layer, module in found.items():
+            handles.append(module.register_forward_hook(freezer(layer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

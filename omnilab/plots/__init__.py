@@ -8,11 +8,13 @@ writes HTML, or PNG/SVG/PDF where a Chromium is available.
     positions   positions_3d, seconds_timeline
     attention   attention_heatmap, attention_mass_heatmap, attribution_bars
     speech      codebook_heatmap, spectrogram
+    attribution attribution_tokens, attribution_modality
 """
 
 from ._export import ExportError, browser_path, export
 from ._style import MODALITY_COLORS
 from .attention import attention_heatmap, attention_mass_heatmap, attribution_bars
+from .attribution import attribution_modality, attribution_tokens
 from .positions import positions_3d, seconds_timeline
 from .routing import (
     agreement_lines,
@@ -33,6 +35,8 @@ __all__ = [
     "attention_heatmap",
     "attention_mass_heatmap",
     "attribution_bars",
+    "attribution_modality",
+    "attribution_tokens",
     "coactivation_heatmap",
     "codebook_heatmap",
     "expert_load_bars",
