@@ -225,7 +225,7 @@ def residual_audio(lab, trace_or_codes, *, keep: int) -> np.ndarray:
     return decode_codes(lab, codes_array(trace_or_codes), keep=keep)
 
 
-def residual_series(lab, trace_or_codes, *, keeps=range(1, 17)) -> dict[int, np.ndarray]:
+def residual_series(lab, trace_or_codes, keeps=range(1, 17)) -> dict[int, np.ndarray]:
     """`residual_audio` for each number of kept codebooks in `keeps`: {keep: audio}."""
     codes = codes_array(trace_or_codes)
     return {int(k): residual_audio(lab, codes, keep=k) for k in keeps}
