@@ -136,14 +136,14 @@ def test_attention_mass_heatmap_rows_sum_to_one(trace):
     assert np.allclose(np.nansum(z, axis=1), 1.0)
 
 
-def test_attribution_bars_group_tokens_by_modality(trace):
+def test_attribution_tokens_group_tokens_by_modality(trace):
     frame = analysis.position_layout(trace)[["pos", "modality", "text"]].assign(attribution=0.1)
-    fig = plots.attribution_bars(frame)
+    frame["piece"] = frame["text"]
+    fig = plots.attribution_tokens(frame)
     assert [t.name for t in fig.data] == ["text", "audio", "video"]
     assert sum(len(t.x) for t in fig.data) == len(frame)
-    assert "%{customdata}" in fig.data[0].hovertemplate
     with pytest.raises(ValueError, match="attribution"):
-        plots.attribution_bars(frame.drop(columns="attribution"))
+        plots.attribution_tokens(frame.drop(columns="attribution"))
 
 
 def test_codebook_heatmap_is_codebooks_by_frames_with_spoken_text(trace):

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from ..trace import MODALITIES
 from ._style import TEMPLATE, as_text, modality_color, pick
 
-__all__ = ["attention_heatmap", "attention_mass_heatmap", "attribution_bars"]
+__all__ = ["attention_heatmap", "attention_mass_heatmap"]
 
 
 def attention_heatmap(attention: pd.DataFrame, *, layer=None, head=None, title=None) -> go.Figure:
@@ -125,47 +125,5 @@ def attention_mass_heatmap(mass: pd.DataFrame, *, layer=None, head=None, title=N
         title=title or f"Attention mass by modality, layer {layer} head {head}",
         xaxis_title="key modality",
         yaxis_title="query modality",
-    )
-    return fig
-
-
-def attribution_bars(attribution: pd.DataFrame, *, title=None) -> go.Figure:
-    """Attribution over the input tokens, one bar trace per modality (so they group and toggle in the
-    legend), x in pos order; hover shows the token text.
-
-    Input: a DataFrame with columns pos, modality, text, attribution (as the attribution analysis
-    returns).
-    """
-    missing = {"pos", "modality", "text", "attribution"} - set(attribution.columns)
-    if missing:
-        raise ValueError(
-            f"attribution_bars needs columns pos, modality, text, attribution; missing {sorted(missing)}"
-        )
-    names = as_text(attribution["modality"])
-    fig = go.Figure()
-    for modality in [*MODALITIES, *sorted(set(names) - set(MODALITIES))]:
-        rows = attribution[names == modality]
-        if len(rows) == 0:
-            continue
-        fig.add_trace(
-            go.Bar(
-                x=rows["pos"],
-                y=rows["attribution"],
-                name=modality,
-                marker_color=modality_color(modality),
-                customdata=as_text(rows["text"]),
-                hovertemplate="pos %{x} · %{customdata}<br>attribution %{y:.4g}<extra>"
-                + modality
-                + "</extra>",
-            )
-        )
-    fig.update_layout(
-        template=TEMPLATE,
-        title=title or "Attribution over input tokens",
-        xaxis_title="pos",
-        yaxis_title="attribution",
-        barmode="overlay",
-        bargap=0,
-        legend_title_text="modality",
     )
     return fig
