@@ -247,12 +247,22 @@ def test_tower_attention_maps_are_the_towers_own_and_rows_sum_to_one(tiny, all_m
     # The vision tower runs once for the image and once for the video; each attends within its windows.
     vision = maps[maps["tower"] == "vision_tower"]
     assert set(vision["call"]) == {0, 1}
-    for (_, window), rows in vision.groupby(["call", "window"]):
+    for _, rows in vision.groupby(["call", "window"]):
         assert rows["query"].min() == rows["key"].min() and rows["query"].max() == rows["key"].max()
     # Every audio frame the tower saw is a query exactly once per head and layer.
     audio = maps[(maps["tower"] == "audio_tower") & (maps["layer"] == 0) & (maps["head"] == 0)]
     queries = audio.groupby("call")["query"].nunique()
     assert (queries == audio.groupby("call")["query"].max() + 1).all()
+    # The analysis averages heads and places audio frames in time; the figure is query x key.
+    from omnilab import analysis, plots
+
+    mean = analysis.tower_attention_map(tr.trace, tower="audio_tower", layer=0)
+    assert set(mean["head"]) == {-1}
+    assert np.allclose(mean.groupby("query")["weight"].sum(), 1.0, atol=1e-4)
+    assert np.allclose(mean["query_seconds"], mean["query"] / tr.trace.meta["position_id_per_seconds"])
+    fig = plots.tower_attention_heatmap(mean)
+    n = int(mean["query"].max()) + 1
+    assert np.asarray(fig.data[0].z).shape == (n, n) and "audio tower" in fig.layout.title.text
 
 
 def test_tower_attention_asks_for_a_real_layer(tiny):
@@ -375,4 +385,7 @@ def test_forward_traces_the_prompt_with_its_media_items(tiny, all_media_conversa
     assert {i["modality"] for i in items} == {"audio", "image", "video"}
     # A trace names media by file name only, never by the path on the machine that made it.
     assert all("/" not in i["name"] for i in items)
-    assert tr.trace.meta["components"]["thinker"]["num_experts"] == tiny.model.config.thinker_config.text_config.num_experts
+    assert (
+        tr.trace.meta["components"]["thinker"]["num_experts"]
+        == tiny.model.config.thinker_config.text_config.num_experts
+    )

@@ -19,7 +19,7 @@ Attribution and residual audio must run the model, so they take an OmniLab, not 
 """
 
 from ._source import ComponentRouting, RoutingData, prepare
-from .attention import attention_map, attention_modality_mass, attention_over_time
+from .attention import attention_map, attention_modality_mass, attention_over_time, tower_attention_map
 from .attribution import (
     Attribution,
     attribute,
@@ -63,6 +63,7 @@ __all__ = [
     "attention_map",
     "attention_modality_mass",
     "attention_over_time",
+    "tower_attention_map",
     "attribute",
     "attribution_by_item",
     "attribution_by_modality",

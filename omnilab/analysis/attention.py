@@ -12,7 +12,7 @@ import pandas as pd
 from ..trace import MODALITIES
 from ._source import as_list, equals, labels, table
 
-__all__ = ["attention_map", "attention_modality_mass", "attention_over_time"]
+__all__ = ["attention_map", "attention_modality_mass", "attention_over_time", "tower_attention_map"]
 
 MAP_COLUMNS = [
     "component",
@@ -259,3 +259,45 @@ def attention_over_time(
     out["modality"] = labels(out["modality"].to_numpy(), MODALITIES)
     out.insert(0, "component", pd.Categorical([component] * len(out)))
     return out[TIME_COLUMNS]
+
+
+TOWER_COLUMNS = ["tower", "layer", "call", "head", "query", "key", "weight", "query_seconds", "key_seconds"]
+
+
+def tower_attention_map(
+    trace, *, tower: str = "audio_tower", layer=None, call: int = 0, head=None
+) -> pd.DataFrame:
+    """Attention inside the audio or vision tower: one row per (head, query, key) of one tower forward.
+
+    `call` picks the tower forward (the vision tower runs once for images and once for videos; the
+    audio tower once per prompt); `head=None` averages the recorded heads (head = -1). The towers
+    attend within windows, so keys outside a query's window are absent (weight 0). For the audio tower
+    query_seconds/key_seconds place each frame in time (the tower's frames are the prompt's audio
+    tokens, position_id_per_seconds of them a second); NaN for the vision tower, whose sequence is
+    patches. Source: the recording attention function of `lab.trace(capture=("attention",),
+    attention_layers={"audio_tower": [...]})`.
+    """
+    rows = table(trace, "tower_attention")
+    keep = equals(rows["tower"], tower) & (rows["call"].to_numpy() == call)
+    if layer is not None:
+        keep &= rows["layer"].isin(as_list(layer)).to_numpy()
+    if head is not None:
+        keep &= rows["head"].isin(as_list(head)).to_numpy()
+    rows = rows[keep]
+    if len(rows) == 0:
+        return pd.DataFrame({c: pd.Series(dtype="float64") for c in TOWER_COLUMNS})
+    if head is None:
+        heads = rows["head"].nunique()
+        rows = (
+            rows.groupby(["tower", "layer", "call", "query", "key"], sort=True)["weight"]
+            .sum()
+            .div(heads)
+            .reset_index()
+        )
+        rows["head"] = np.int16(-1)
+    pps = float(getattr(trace, "meta", {}).get("position_id_per_seconds", np.nan))
+    scale = 1.0 / pps if tower == "audio_tower" and pps > 0 else np.nan
+    out = rows[["tower", "layer", "call", "head", "query", "key", "weight"]].reset_index(drop=True)
+    out["query_seconds"] = out["query"].to_numpy() * scale
+    out["key_seconds"] = out["key"].to_numpy() * scale
+    return out

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from ..trace import MODALITIES
 from ._style import TEMPLATE, as_text, modality_color, pick
 
-__all__ = ["attention_heatmap", "attention_mass_heatmap"]
+__all__ = ["attention_heatmap", "attention_mass_heatmap", "tower_attention_heatmap"]
 
 
 def attention_heatmap(attention: pd.DataFrame, *, layer=None, head=None, title=None) -> go.Figure:
@@ -125,5 +125,45 @@ def attention_mass_heatmap(mass: pd.DataFrame, *, layer=None, head=None, title=N
         title=title or f"Attention mass by modality, layer {layer} head {head}",
         xaxis_title="key modality",
         yaxis_title="query modality",
+    )
+    return fig
+
+
+def tower_attention_heatmap(tower_map: pd.DataFrame, *, layer=None, title=None) -> go.Figure:
+    """Query × key attention inside the audio or vision tower at one layer (windows show as blocks).
+
+    Input: `analysis.tower_attention_map(trace, tower=..., call=...)` (one head, or the mean of heads).
+    Axes are the tower's frames (audio) or patches (vision); for audio the hover adds seconds.
+    """
+    rows, layer = pick(tower_map, "layer", layer, "tower_attention_map")
+    n = int(max(rows["query"].max(), rows["key"].max())) + 1 if len(rows) else 0
+    z = np.full((n, n), np.nan)
+    z[rows["query"].to_numpy(), rows["key"].to_numpy()] = rows["weight"].to_numpy(dtype=float)
+    seconds = np.full(n, np.nan)
+    seconds[rows["query"].to_numpy()] = rows["query_seconds"].to_numpy(dtype=float)
+    custom = np.stack(np.broadcast_arrays(seconds[:, None], seconds[None, :]), axis=-1)
+    tower = str(rows["tower"].iloc[0]) if len(rows) else "tower"
+    unit = "frame" if tower == "audio_tower" else "patch"
+    head = int(rows["head"].iloc[0]) if len(rows) else -1
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            customdata=custom,
+            colorscale="Greys",
+            zmin=0,
+            colorbar={"title": "weight"},
+            hovertemplate=f"query {unit} %{{y}} (%{{customdata[0]:.2f}} s)<br>key {unit} %{{x}} "
+            "(%{customdata[1]:.2f} s)<br>weight %{z:.4f}<extra></extra>",
+            name="attention",
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title
+        or f"{tower.replace('_', ' ')} attention, layer {layer}, "
+        + ("mean of heads" if head < 0 else f"head {head}"),
+        xaxis_title=f"key {unit}",
+        yaxis_title=f"query {unit}",
+        yaxis_autorange="reversed",
     )
     return fig
