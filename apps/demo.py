@@ -7,10 +7,13 @@ Safe by default: binds 127.0.0.1, no share link, uploads capped, one model job a
 bounded queue, monitoring and analytics off, no extra served paths, one `gr.State` per session.
 
 API endpoints for scripts (gradio_client): /chat (the streaming turn), /reply (the same turn, not
-streamed: reply text and a WAV file), /routing, /positions, /speech, /attention, /latency, /ablate,
-/trace_zip, /figures_html, /clear. /chat and /reply take, in order: text, audio, image, video,
-use the video's audio, system prompt, voice, speak, max new tokens, max speech frames, sample,
-temperature, top p, top k, seed, record attention.
+streamed: reply text and a WAV file), /routing, /positions, /speech, /residual_speech, /attention,
+/attribute, /latency, /ablate, /trace_zip, /figures_html, /clear. /chat and /reply take, in order:
+text, audio, image, video, use the video's audio, system prompt, voice, speak, max new tokens, max
+speech frames, sample, temperature, top p, top k, seed, record attention. /attribute takes the
+output token (an index into the last reply), the method (integrated_gradients or feature_ablation)
+and the steps; /residual_speech takes how many codebooks to keep (1-16) and returns the speech
+re-synthesized from codebooks 0..n-1.
 """
 
 from __future__ import annotations
@@ -138,10 +141,14 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         layer, slider = clamp(session, component, layer)
         figures = logic.all_figures(session, component, layer, None)
         tokens = logic.token_choices(session)
+        outputs = logic.output_tokens(lab, session)
         wav = logic.write_wav(session.last.reply, session.output_folder()) if session.last else None
         extra = {
             "layer": slider,
             "token": gr.Dropdown(choices=tokens, value=tokens[0][1] if tokens else None),
+            "attribution_token": gr.Dropdown(choices=outputs, value=outputs[0][1] if outputs else None),
+            "attribution_text": logic.attribution_text(session),
+            "residual_audio": None,
             "reply_wav": str(wav) if wav else None,
             "latency_text": logic.latency_text(session),
         }
@@ -152,6 +159,16 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         session = _session(state)
         layer, slider = clamp(session, component, layer)
         return (*logic.routing_figures(session, component, layer), slider)
+
+    @_guard
+    def residual(state, keep):
+        return SAMPLE_RATE, logic.pcm16(logic.residual_speech(lab, _session(state), keep))
+
+    @_guard
+    def explain(state, target, method, steps):
+        session = _session(state)
+        logic.attribute_turn(lab, session, target, method, steps)
+        return (*logic.attribution_figures(session), logic.attribution_text(session))
 
     @_guard
     def ablate(state, component, spec):
@@ -243,10 +260,33 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             with gr.Tab("Speech"):
                 codebook_plot = gr.Plot(label="codebooks")
                 spectrogram_plot = gr.Plot(label="spectrogram")
+                with gr.Row():
+                    keep = gr.Slider(1, 16, value=1, step=1, label="keep codebooks 0..n-1 (n)", scale=3)
+                    listen = gr.Button("Re-synthesize and listen", scale=1, elem_id="listen")
+                residual_audio = gr.Audio(
+                    label="speech from the kept codebooks", interactive=False, elem_id="residual-audio"
+                )
             with gr.Tab("Attention"):
                 token = gr.Dropdown(label="output token", choices=[], value=None)
                 attention_row_plot = gr.Plot(label="attention while producing the token")
                 attention_map_plot = gr.Plot(label="attention map")
+            with gr.Tab("Attribution"):
+                with gr.Row():
+                    attribution_token = gr.Dropdown(label="output token to explain", choices=[], value=None)
+                    method = gr.Radio(
+                        [(label, name) for name, label in logic.ATTRIBUTION_METHODS.items()],
+                        value="integrated_gradients", label="method",
+                    )  # fmt: skip
+                    steps = gr.Slider(
+                        2, logic.MAX_ATTRIBUTION_STEPS, value=32, step=1, label="steps (Integrated Gradients)",
+                        elem_id="attribution-steps",
+                    )  # fmt: skip
+                    explain_button = gr.Button("Explain", elem_id="explain")
+                attribution_text = gr.Textbox(
+                    label="target and convergence", interactive=False, elem_id="attribution-text"
+                )
+                attribution_tokens_plot = gr.Plot(label="attribution over tokens", elem_id="attribution-plot")
+                attribution_modality_plot = gr.Plot(label="attribution by modality")
             with gr.Tab("Latency"):
                 latency_plot = gr.Plot(label="latency")
                 latency_text = gr.Code(label="streamed latency breakdown", language=None, interactive=False)
@@ -278,10 +318,12 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         panel_out = {
             "routing": routing_plot, "expert_load": load_plot, "modality_specialization": modality_plot,
             "positions": positions_plot, "timeline": timeline_plot, "codebooks": codebook_plot,
-            "spectrogram": spectrogram_plot, "attention": attention_row_plot, "attention_map": attention_map_plot,
-            "latency": latency_plot, "latency_text": latency_text, "ablation_original": original_plot,
-            "ablation_ablated": ablated_plot, "ablation_agreement": agreement_plot, "layer": layer, "token": token,
-            "reply_wav": reply_wav,
+            "spectrogram": spectrogram_plot, "residual_audio": residual_audio, "attention": attention_row_plot,
+            "attention_map": attention_map_plot, "attribution_tokens": attribution_tokens_plot,
+            "attribution_modality": attribution_modality_plot, "attribution_text": attribution_text,
+            "attribution_token": attribution_token, "latency": latency_plot, "latency_text": latency_text,
+            "ablation_original": original_plot, "ablation_ablated": ablated_plot, "ablation_agreement": agreement_plot,
+            "layer": layer, "token": token, "reply_wav": reply_wav,
         }  # fmt: skip
         panel_names = list(panel_out)
         panel_in = [session, component, layer, token]
@@ -323,6 +365,15 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         hidden["speech"].click(
             _guard(logic.speech_figures), [session], [codebook_plot, spectrogram_plot], api_name="speech"
         )
+        listen.click(
+            residual, [session, keep], [residual_audio], api_name="residual_speech", preprocess=False,
+            concurrency_id=MODEL_JOBS, concurrency_limit=1,
+        )  # fmt: skip
+        explain_button.click(
+            explain, [session, attribution_token, method, steps],
+            [attribution_tokens_plot, attribution_modality_plot, attribution_text], api_name="attribute",
+            preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
+        )  # fmt: skip
         hidden["latency"].click(_guard(logic.latency_figure), [session], [latency_plot], api_name="latency")
         ablate_button.click(
             ablate, [session, ablate_component, ablate_spec],

@@ -126,6 +126,7 @@ def _bool(value, name: str) -> bool:
 
 def _number(value, name: str, low: float, high: float, *, whole: bool) -> float | int:
     kind = "a whole number" if whole else "a number"
+    given = value
     if isinstance(value, str):
         try:
             value = float(value.strip())
@@ -135,7 +136,7 @@ def _number(value, name: str, low: float, high: float, *, whole: bool) -> float 
         raise ConversationError(f"{name} is {_show(value)}; pass {kind} from {low:g} to {high:g}")
     value = float(value)
     if not math.isfinite(value) or not low <= value <= high or (whole and value != int(value)):
-        raise ConversationError(f"{name} is {_show(value)}; pass {kind} from {low:g} to {high:g}")
+        raise ConversationError(f"{name} is {_show(given)}; pass {kind} from {low:g} to {high:g}")
     return int(value) if whole else value
 
 
@@ -290,6 +291,7 @@ class Session:
     chat: list[dict] = field(default_factory=list)  # what the chat box shows
     last: Turn | None = None
     ablated: Turn | None = None
+    attribution: analysis.Attribution | None = None  # of the last reply, once asked for
     folder: str | None = None  # this session's downloads
 
     def conversation(self, system, message: dict) -> list[dict]:
@@ -309,7 +311,7 @@ class Session:
             {"role": "user", "content": chat_text(message)},
             {"role": "assistant", "content": turn.reply.text or "(no text)"},
         ]
-        self.last, self.ablated = turn, None
+        self.last, self.ablated, self.attribution = turn, None, None
 
     def output_folder(self) -> Path:
         """A folder of this session's own, for the files it downloads (created on first use)."""
@@ -633,6 +635,25 @@ def speech_figures(session: Session) -> tuple[go.Figure, go.Figure]:
     )
 
 
+def residual_speech(lab: OmniLab, session: Session, keep=4) -> np.ndarray:
+    """The last reply's speech re-synthesized from codebooks 0..keep-1 only (float32 at 24 kHz).
+
+    Codebook 0 carries the coarse content and each later codebook a finer residual; listening to
+    the first few shows what each adds. code2wav runs on the model, so this is a model job.
+    """
+    if session.last is None:
+        raise ConversationError("there is no speech to re-synthesize yet; send a message first")
+    reply = session.last.reply
+    if reply.codes is None or len(reply.codes) == 0:
+        raise ConversationError(
+            "the last reply has no speech; tick 'speak the reply' and send a message, then listen"
+        )
+    codebooks = int(np.asarray(reply.codes).shape[1])
+    keep = int(_number(keep, "codebooks to keep", 1, codebooks, whole=True))
+    with model_lock(lab):
+        return analysis.residual_audio(lab, reply, keep=keep)
+
+
 def token_choices(session: Session) -> list[tuple[str, int]]:
     """The last reply's generated thinker tokens as (label, pos) for a picker."""
     trace = _trace(session)
@@ -691,6 +712,89 @@ def attention_figures(session: Session, pos=None) -> tuple[go.Figure, go.Figure]
 def attention_figure(session: Session, pos=None) -> go.Figure:
     """Where the thinker looked while producing output token `pos` (see attention_figures)."""
     return attention_figures(session, pos)[1]
+
+
+ATTRIBUTION_METHODS = {"integrated_gradients": "Integrated Gradients", "feature_ablation": "feature ablation"}
+MAX_ATTRIBUTION_STEPS = 128
+
+
+def output_tokens(lab: OmniLab, session: Session) -> list[tuple[str, int]]:
+    """The last reply's generated thinker tokens as (label, index into the reply) for a picker."""
+    if session.last is None:
+        return []
+    decode = lab.processor.tokenizer.decode
+    return [(f"{i}: {decode([int(t)])!r}", i) for i, t in enumerate(session.last.reply.token_ids)]
+
+
+def attribute_turn(
+    lab: OmniLab, session: Session, target=None, method="integrated_gradients", steps=32
+) -> analysis.Attribution:
+    """Attribute output token `target` (an index into the last reply) to every input token.
+
+    Runs `omnilab.analysis.attribute` on the last turn's conversation, explaining the reply it gave
+    (not a new one); the session keeps the result for the panels and the figures download.
+    """
+    if session.last is None:
+        raise ConversationError("there is no reply to explain yet; send a message first")
+    if method not in ATTRIBUTION_METHODS:
+        raise ConversationError(
+            f"unknown attribution method {_show(method)}; choose {' or '.join(ATTRIBUTION_METHODS)}"
+        )
+    steps = int(_number(steps, "steps", 2, MAX_ATTRIBUTION_STEPS, whole=True))
+    last = session.last
+    count = len(last.reply.token_ids)
+    if count == 0:
+        raise ConversationError("the last reply has no generated tokens to explain; send a message")
+    if target is None or (isinstance(target, str) and not target.strip()):
+        target = 0
+    target = _number(target, "output token", 0, count - 1, whole=True)
+    with model_lock(lab), _upload_errors(last.conversation):
+        result = analysis.attribute(
+            lab,
+            last.conversation,
+            target=int(target),
+            method=method,
+            steps=steps,
+            use_audio_in_video=last.options.use_audio_in_video,
+            reply=last.reply,
+        )
+    session.attribution = result
+    return result
+
+
+def attribution_text(session: Session) -> str:
+    """One line on the attribution shown: its method, target token and convergence ("" before one)."""
+    result = session.attribution
+    if result is None:
+        return ""
+    target = result.target
+    method = ATTRIBUTION_METHODS.get(result.method, str(result.method))
+    text = (
+        f"{method} of output token {target['index']} {target['piece']!r} "
+        f"(log-probability {float(target['logprob']):.3f}); attributions sum to {float(result.total):.4f}"
+    )
+    delta = result.delta
+    if delta is None or not math.isfinite(float(delta)):
+        return text + "; no convergence delta for this method"
+    return text + (
+        f"; convergence delta {float(delta):.4f} (the sum's gap to the change in log-probability "
+        "from the baseline: raise the steps if it is large)"
+    )
+
+
+def attribution_figures(session: Session) -> tuple[go.Figure, go.Figure]:
+    """(attribution over the input tokens, attribution summed by modality) of the last attribution."""
+    titles = ("attribution over tokens", "attribution by modality")
+    if session.last is None:
+        return tuple(_note(NO_TURN, t) for t in titles)
+    if session.attribution is None:
+        note = "pick an output token and a method, then press Explain"
+        return tuple(_note(note, t) for t in titles)
+    result = session.attribution
+    return (
+        plots.attribution_tokens(result.tokens),
+        plots.attribution_modality(analysis.attribution_by_modality(result)),
+    )
 
 
 def latency_figure(session: Session) -> go.Figure:
@@ -766,6 +870,7 @@ def all_figures(session: Session, component="thinker", layer=0, pos=None) -> dic
     grid, spectrogram = speech_figures(session)
     attention_map, attention_row = attention_figures(session, pos)
     original, ablated, agreement = comparison_figures(session, component)
+    over_tokens, by_modality = attribution_figures(session)
     return {
         "routing": heatmap,
         "expert_load": load,
@@ -776,6 +881,8 @@ def all_figures(session: Session, component="thinker", layer=0, pos=None) -> dic
         "spectrogram": spectrogram,
         "attention_map": attention_map,
         "attention": attention_row,
+        "attribution_tokens": over_tokens,
+        "attribution_modality": by_modality,
         "latency": latency_figure(session),
         "ablation_original": original,
         "ablation_ablated": ablated,

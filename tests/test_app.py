@@ -1,7 +1,8 @@
 """The demo app: its handlers called directly, then the served app through gradio_client.
 
 Direct tests call omnilab.app_logic with the shared tiny lab; served tests launch apps/demo.py on
-127.0.0.1 at a free port and talk to /chat, /reply, /routing, /trace_zip as a script would.
+127.0.0.1 at a free port and talk to /chat, /reply, /routing, /attribute, /residual_speech and the
+downloads as a script would.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import plotly.graph_objects as go
@@ -277,6 +279,93 @@ def test_attention_follows_the_picked_token(turned):
     }
 
 
+def test_residual_speech_resynthesizes_the_reply_from_its_first_codebooks(lab, turned):
+    coarse = logic.residual_speech(lab, turned, 1)
+    full = logic.residual_speech(lab, turned, "16")  # a slider's value may arrive as text
+    assert coarse.dtype == np.float32 and full.dtype == np.float32
+    assert len(coarse) == len(full) > 0 and not np.allclose(coarse, full)
+    np.testing.assert_allclose(full, turned.last.reply.audio, atol=1e-5)  # all 16: the reply itself
+
+
+@pytest.mark.parametrize(
+    ("keep", "words"), [(0, "codebooks to keep is 0"), (17, "from 1 to 16"), ("all", "'all'")]
+)
+def test_residual_speech_refuses_a_codebook_count_out_of_range(lab, turned, keep, words):
+    with pytest.raises(ConversationError, match=words):
+        logic.residual_speech(lab, turned, keep)
+
+
+def test_residual_speech_needs_a_spoken_reply(lab, turned):
+    with pytest.raises(ConversationError, match="send a message first"):
+        logic.residual_speech(lab, logic.Session(), 4)
+    silent = replace(turned.last, reply=replace(turned.last.reply, audio=None, codes=None))
+    with pytest.raises(ConversationError, match="the last reply has no speech; tick 'speak the reply'"):
+        logic.residual_speech(lab, logic.Session(last=silent), 4)
+
+
+def test_output_tokens_index_the_reply(lab, turned):
+    choices = logic.output_tokens(lab, turned)
+    assert [index for _, index in choices] == list(range(len(turned.last.reply.token_ids)))
+    assert logic.output_tokens(lab, logic.Session()) == []
+
+
+@pytest.fixture(scope="module")
+def explained(lab, turned):
+    """A copy of the turned session after Integrated Gradients on its second output token."""
+    session = logic.Session(messages=turned.messages, last=turned.last)
+    logic.attribute_turn(lab, session, 1, "integrated_gradients", 4)
+    return session
+
+
+def test_attribution_explains_the_picked_output_token(explained):
+    result = explained.attribution
+    assert result.method == "integrated_gradients" and result.target["index"] == 1
+    assert result.target["token_id"] == explained.last.reply.token_ids[1]
+    assert {"text", "audio", "image"} <= set(result.tokens["modality"])
+    text = logic.attribution_text(explained)
+    assert text.startswith("Integrated Gradients of output token 1") and "convergence delta" in text
+
+
+def test_attribution_figures_show_tokens_and_modalities(explained):
+    over_tokens, by_modality = logic.attribution_figures(explained)
+    assert len(over_tokens.data) > 0 and len(by_modality.data) > 0
+    assert not over_tokens.layout.annotations  # a chart, not a note
+
+
+def test_feature_ablation_has_no_convergence_delta(lab, turned):
+    session = logic.Session(messages=turned.messages, last=turned.last)
+    logic.attribute_turn(lab, session, None, "feature_ablation", 32)
+    assert session.attribution.target["index"] == 0  # no pick: the first output token
+    assert "no convergence delta for this method" in logic.attribution_text(session)
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "steps", "words"),
+    [
+        (99, "integrated_gradients", 4, "output token is 99; pass a whole number from 0 to "),
+        (-1, "integrated_gradients", 4, "output token is -1; pass a whole number from 0 to "),
+        (0, "saliency", 4, "unknown attribution method 'saliency'"),
+        (0, "integrated_gradients", 10**6, "steps is 1000000"),
+    ],
+)
+def test_attribution_refuses_bad_requests_by_name(lab, turned, target, method, steps, words):
+    with pytest.raises(ConversationError, match=words):
+        logic.attribute_turn(lab, logic.Session(last=turned.last), target, method, steps)
+
+
+def test_attribution_needs_a_turn_first(lab):
+    with pytest.raises(ConversationError, match="send a message first"):
+        logic.attribute_turn(lab, logic.Session(), 0)
+    assert logic.attribution_text(logic.Session()) == ""
+
+
+def test_a_new_turn_drops_the_last_attribution(explained):
+    session = logic.Session(last=explained.last, attribution=explained.attribution)
+    session.record(logic.user_message("again"), explained.last)
+    assert session.attribution is None
+    assert "press Explain" in logic.attribution_figures(session)[0].layout.annotations[0].text
+
+
 def test_trace_zip_holds_the_turns_parquet_files(turned, tmp_path):
     with zipfile.ZipFile(logic.trace_zip(turned)) as archive:
         archive.extractall(tmp_path)
@@ -288,6 +377,11 @@ def test_trace_zip_holds_the_turns_parquet_files(turned, tmp_path):
 def test_figures_html_is_one_self_contained_page(turned):
     page = logic.figures_html(turned).read_text()
     assert page.count("plotly-graph-div") >= 11 and "Plotly.newPlot" in page
+
+
+def test_figures_html_includes_the_attribution(explained):
+    page = logic.figures_html(explained).read_text()
+    assert page.count("Plotly.newPlot") == len(logic.all_figures(explained)) and "press Explain" not in page
 
 
 def test_downloads_before_any_turn_say_what_to_do():
@@ -345,7 +439,16 @@ def test_banner_says_random_weights_and_how_to_load_real_ones(lab):
 def test_build_app_exposes_the_script_endpoints(lab):
     app = demo_module().build_app(lab)
     names = {fn.api_name for fn in app.fns.values() if fn.api_visibility == "public"}
-    assert {"chat", "reply", "routing", "ablate", "trace_zip", "figures_html"} <= names
+    assert {
+        "chat",
+        "reply",
+        "routing",
+        "residual_speech",
+        "attribute",
+        "ablate",
+        "trace_zip",
+        "figures_html",
+    } <= names
 
 
 def test_launch_keeps_its_safety_settings(lab):
@@ -368,8 +471,14 @@ def test_served_app_binds_loopback_only(served):
 def test_served_app_is_safe_by_default(served):
     app = SERVED[served]
     assert app.share is False and app.enable_monitoring is False and not app.allowed_paths
+    assert app.analytics_enabled is False
     assert app._queue.max_size == 16 and app.max_file_size == UPLOAD_LIMIT
-    model_jobs = [fn for fn in app.fns.values() if fn.api_name in ("chat", "reply", "ablate")]
+    model_jobs = [
+        fn
+        for fn in app.fns.values()
+        if fn.api_name in ("chat", "reply", "ablate", "attribute", "residual_speech")
+    ]
+    assert len(model_jobs) == 5
     assert {fn.concurrency_id for fn in model_jobs} == {"model"}
     assert all(fn.concurrency_limit == 1 for fn in model_jobs)
 
@@ -398,40 +507,62 @@ def test_omnilab_demo_command_serves_the_app_on_loopback(app_env):
         process.wait(timeout=30)
 
 
-def test_reply_endpoint_answers_audio_image_and_video_with_text_and_a_wav(script):
+@pytest.fixture(scope="module")
+def first_reply(script):
+    """The outputs of one /reply turn with the sample audio, image and video."""
     from gradio_client import handle_file
 
-    text, wav, chat = script.predict(
-        *turn_args(
-            "describe what you hear and see",
-            handle_file(str(DATA / "speech.wav")),
-            handle_file(str(DATA / "image.png")),
-            handle_file(str(DATA / "video.mp4")),
-        ),
-        api_name="/reply",
-    )
+    media = [handle_file(str(DATA / name)) for name in ("speech.wav", "image.png", "video.mp4")]
+    return script.predict(*turn_args("describe what you hear and see", *media), api_name="/reply")
+
+
+@pytest.fixture(scope="module")
+def answered(script, first_reply):
+    """The client whose session has had that turn (the panels' endpoints show it)."""
+    return script
+
+
+def test_reply_endpoint_answers_audio_image_and_video_with_text_and_a_wav(first_reply):
+    text, wav, chat = first_reply
     assert text and chat[-1]["role"] == "assistant"
     audio, rate = soundfile.read(wav)
     assert rate == 24_000 and len(audio) > 0 and open(wav, "rb").read(4) == b"RIFF"
 
 
-def test_routing_endpoint_returns_plotly_figures(script):
-    heatmap, load, specialization = script.predict("thinker", 2, api_name="/routing")
+def test_routing_endpoint_returns_plotly_figures(answered):
+    heatmap, load, specialization = answered.predict("thinker", 2, api_name="/routing")
     figure = plotly.io.from_json(heatmap["plot"])
     assert heatmap["type"] == "plotly" and figure.data[0].type == "heatmap"
     assert "video" in plotly.io.from_json(specialization["plot"]).data[0].y
 
 
-def test_trace_zip_endpoint_returns_the_last_turn(script, tmp_path):
-    with zipfile.ZipFile(script.predict(api_name="/trace_zip")) as archive:
+def test_trace_zip_endpoint_returns_the_last_turn(answered, tmp_path):
+    with zipfile.ZipFile(answered.predict(api_name="/trace_zip")) as archive:
         names = set(archive.namelist())
         meta = json.loads(archive.read("trace/meta.json"))
     assert {"trace/routing.parquet", "trace/tokens.parquet", "trace/codes.parquet"} <= names
     assert {item["modality"] for item in meta["items"]} == {"audio", "image", "video"}
 
 
-def test_a_second_turn_continues_the_conversation(script):
-    text, wav, chat = script.predict(*turn_args("and what happens next?"), api_name="/reply")
+def test_residual_speech_endpoint_returns_a_wav(answered):
+    audio, rate = soundfile.read(answered.predict(2, api_name="/residual_speech"))
+    assert rate == 24_000 and len(audio) > 0
+
+
+def test_attribute_endpoint_returns_plotly_figures_and_the_delta(answered):
+    over_tokens, by_modality, text = answered.predict(0, "integrated_gradients", 2, api_name="/attribute")
+    assert over_tokens["type"] == "plotly" and plotly.io.from_json(over_tokens["plot"]).data
+    assert {"audio", "image", "video"} <= set(plotly.io.from_json(by_modality["plot"]).data[0].x)
+    assert "output token 0" in text and "convergence delta" in text
+
+
+def test_figures_html_endpoint_returns_the_page(answered):
+    page = open(answered.predict("thinker", 0, None, api_name="/figures_html"), encoding="utf-8").read()
+    assert page.startswith("<!doctype html>") and page.count("Plotly.newPlot") >= 11
+
+
+def test_a_second_turn_continues_the_conversation(answered):
+    text, wav, chat = answered.predict(*turn_args("and what happens next?"), api_name="/reply")
     assert [m["role"] for m in chat] == ["user", "assistant"] * 2 and text
     assert "next?" in chat[2]["content"][0]["text"]
 

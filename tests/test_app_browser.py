@@ -85,3 +85,22 @@ def test_a_bad_input_shows_an_escaped_message_and_the_app_keeps_serving(page, tm
     )
     page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")
     assert page.evaluate("window.pwned") is None  # the message was shown, never run
+
+
+def test_the_attribution_and_residual_speech_panels_answer_in_the_page(page, tmp_path):
+    _send(page, "Say something.")
+    page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")  # the panels have the turn
+    page.get_by_role("tab", name="Attribution").click()
+    page.fill("#attribution-steps input[type=number]", "4")
+    page.press("#attribution-steps input[type=number]", "Enter")
+    page.click("#explain")
+    page.wait_for_selector("#attribution-plot .js-plotly-plot .barlayer .point")
+    assert "Integrated Gradients of output token 0" in page.input_value("#attribution-text textarea")
+    assert "convergence delta" in page.input_value("#attribution-text textarea")
+    _screenshot(page, tmp_path, "browser-attribution.png")
+    page.get_by_role("tab", name="Speech").click()
+    page.click("#listen")
+    page.wait_for_selector(
+        "#residual-audio audio[src], #residual-audio [data-testid='waveform-x'], #residual-audio .waveform-container"
+    )
+    _screenshot(page, tmp_path, "browser-residual-speech.png")

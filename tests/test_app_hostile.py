@@ -132,6 +132,10 @@ def test_panels_refuse_an_unknown_component(script):
 def test_interventions_and_downloads_need_a_turn_first(script):
     _assert_clear(_refusal(script, "thinker", "0: 1", api_name="/ablate"), "send a message first")
     _assert_clear(_refusal(script, api_name="/trace_zip"), "send a message first")
+    _assert_clear(
+        _refusal(script, 0, "integrated_gradients", 4, api_name="/attribute"), "send a message first"
+    )
+    _assert_clear(_refusal(script, 4, api_name="/residual_speech"), "send a message first")
 
 
 def test_an_upload_over_the_size_limit_is_refused(served, files):
@@ -200,3 +204,54 @@ def test_the_upload_limit_is_the_one_launched_with(served):
 
     config = httpx.get(f"{served}config").json()
     assert config.get("max_file_size") == UPLOAD_LIMIT
+
+
+# (case, endpoint, arguments, what the message says): panels that run the model, after a turn
+PANEL_CASES = [
+    (
+        "markup as attribution method",
+        "/attribute",
+        (0, "<b>x</b>", 4),
+        "unknown attribution method &#x27;&lt;b&gt;",
+    ),
+    (
+        "output token out of range",
+        "/attribute",
+        (10**6, "integrated_gradients", 4),
+        "output token is 1000000",
+    ),
+    (
+        "output token not a number",
+        "/attribute",
+        ("first", "feature_ablation", 4),
+        "output token is &#x27;first",
+    ),
+    ("attribution steps out of range", "/attribute", (0, "integrated_gradients", 10**6), "steps is 1000000"),
+    ("no codebooks kept", "/residual_speech", (0,), "codebooks to keep is 0"),
+    ("more codebooks than the codec has", "/residual_speech", (17,), "from 1 to 16"),
+    ("codebook count as markup", "/residual_speech", ("<i>",), "codebooks to keep is &#x27;&lt;i&gt;"),
+]
+
+
+@pytest.fixture(scope="module")
+def answered(served):
+    """A client of its own whose session has one spoken turn with the sample image."""
+    from gradio_client import handle_file
+
+    own = client(served)
+    own.predict(*turn_args("look", image=handle_file(str(DATA / "image.png"))), api_name="/reply")
+    return own
+
+
+@pytest.mark.parametrize(("case", "endpoint", "args", "words"), PANEL_CASES, ids=[c[0] for c in PANEL_CASES])
+def test_bad_panel_requests_get_a_clear_error(answered, case, endpoint, args, words):
+    _assert_clear(_refusal(answered, *args, api_name=endpoint), words)
+
+
+def test_the_panels_still_answer_afterwards(answered):
+    audio, rate = soundfile.read(answered.predict(3, api_name="/residual_speech"))
+    assert rate == 24_000 and len(audio) > 0
+    text = answered.predict(0, "feature_ablation", 4, api_name="/attribute")[2]
+    assert "feature ablation of output token 0" in text
+    reply, _, chat = answered.predict(*turn_args("one more", speak=False), api_name="/reply")
+    assert reply and len(chat) == 4
