@@ -82,7 +82,11 @@ def _guard_stream(fn):
 
 
 def _audio(reply):
-    return None if reply.audio is None else (reply.sample_rate, logic.pcm16(reply.audio))
+    return (
+        None
+        if reply.audio is None
+        else (reply.sample_rate, logic.pcm16(reply.audio, amplify=reply.random_weights))
+    )
 
 
 def _session(value) -> logic.Session:
@@ -118,7 +122,11 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                 if update.turn
                 else pending + [{"role": "assistant", "content": update.text or "…"}]
             )
-            audio = (SAMPLE_RATE, logic.pcm16(update.audio)) if update.audio is not None else gr.skip()
+            audio = (
+                (SAMPLE_RATE, logic.pcm16(update.audio, amplify=preset))
+                if update.audio is not None
+                else gr.skip()
+            )
             yield shown, audio, session
 
     @_guard
@@ -162,7 +170,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
 
     @_guard
     def residual(state, keep):
-        return SAMPLE_RATE, logic.pcm16(logic.residual_speech(lab, _session(state), keep))
+        return SAMPLE_RATE, logic.pcm16(logic.residual_speech(lab, _session(state), keep), amplify=preset)
 
     @_guard
     def explain(state, target, method, steps):

@@ -470,8 +470,17 @@ def write_wav(reply: Reply, folder: Path, stem: str = "reply") -> Path | None:
     return path
 
 
-def pcm16(audio: np.ndarray) -> np.ndarray:
-    """Float speech in [-1, 1] as 16-bit samples (what a browser plays without conversion)."""
+def pcm16(audio: np.ndarray, *, amplify: bool = False) -> np.ndarray:
+    """Float speech in [-1, 1] as 16-bit samples (what a browser plays without conversion).
+
+    amplify: scale the audio to a 0.5 peak first. Random-weight talkers speak at about 1e-6, which
+    16 bits round to silence; the app amplifies the players of the presets (saved WAVs stay raw).
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    if amplify and audio.size:
+        peak = float(np.abs(audio).max())
+        if peak > 0:
+            audio = audio * (0.5 / peak)
     return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
 
 
@@ -487,7 +496,10 @@ def banner(lab: OmniLab) -> str:
     talker = "thinker + talker (speaks)" if lab.has_talker else "thinker only (text)"
     text = f"### omnilab · Qwen3-Omni workbench\n**Model:** `{name}` — {talker}"
     if lab.random_weights:
-        text += f"\n\n⚠️ This is a {html.escape(RANDOM_WEIGHTS_NOTE)}."
+        text += (
+            f"\n\n⚠️ This is a {html.escape(RANDOM_WEIGHTS_NOTE)}. Its speech is near-silent "
+            "(peak about 1e-6); the players here amplify it so you can hear it (downloads stay raw)."
+        )
     return text
 
 

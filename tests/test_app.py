@@ -608,3 +608,11 @@ def test_four_clients_at_once_each_get_their_own_reply_and_trace(served, lab, tm
         assert trace.meta["text"] == text
         assert prompt.split()[-1] in "".join(trace.tokens.query("component == 'thinker'")["text"])
     assert len({text for text, _, _ in results.values()}) == len(prompts)
+
+
+def test_players_amplify_the_near_silent_speech_of_random_weights():
+    quiet = np.array([0.0, 1e-6, -2e-6], dtype=np.float32)
+    assert not logic.pcm16(quiet).any()  # 16 bits round random-weight speech to silence
+    loud = logic.pcm16(quiet, amplify=True)
+    assert loud.min() == -16383 and loud[1] == 8191  # scaled to a 0.5 peak, shape kept
+    assert not logic.pcm16(np.zeros(3), amplify=True).any()
