@@ -4,6 +4,7 @@ direct pandas computation, and accepts every input form (Trace, dict, attributes
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -472,6 +473,14 @@ def test_mel_spectrogram_finds_the_planted_tones(trace):
     second = peak[peak["seconds"] > 0.6]["hz"].median()
     assert 800 < first < 1250 and 2600 < second < 3500
     assert mel["db"].max() == pytest.approx(0.0)
+
+
+def test_mel_spectrogram_of_near_silent_speech_keeps_its_shape(trace):
+    """Random-weight talkers peak near 1e-6: the picture must be the same as at full scale."""
+    quiet = replace(trace, audio=trace.audio * 1e-6)
+    loud, soft = analysis.mel_spectrogram(trace), analysis.mel_spectrogram(quiet)
+    assert soft["db"].std() > 1.0
+    assert np.allclose(loud["db"], soft["db"], atol=1e-3)
 
 
 def test_waveform_envelope_brackets_the_samples(trace):

@@ -175,6 +175,11 @@ def mel_spectrogram(
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in MEL_COLUMNS})
     import librosa
 
+    # dB are relative to the maximum, so scaling the audio changes nothing but librosa's 1e-10 power
+    # floor: without it, quiet speech (random-weight talkers peak near 1e-6) would floor to one flat value.
+    peak = float(np.abs(audio).max())
+    if peak > 0:
+        audio = audio / peak
     hop = max(int(round(hop_seconds * rate)), 1)
     n_fft = min(n_fft, max(len(audio), 16))
     power = librosa.feature.melspectrogram(
