@@ -253,6 +253,17 @@ def test_token_figure_has_one_bar_trace_per_modality(ig):
     assert "&lt;|im_start|&gt;" in text.customdata[:, 0] and "\\n" in text.customdata[:, 0]
 
 
+def test_window_and_patch_figures_draw_the_summaries(ig):
+    windows = analysis.attribution_by_window(ig, "audio", seconds=1.0)
+    fig = plots.attribution_windows(windows, modality="audio")
+    assert sum(len(t.y) for t in fig.data) == len(windows)
+    assert np.allclose(np.concatenate([t.y for t in fig.data]), windows["attribution"])
+    patches = analysis.attribution_by_patch(ig, item=0)
+    grid = np.asarray(plots.attribution_patches(patches).data[0].z, dtype=float)
+    assert grid.shape == (patches["h"].max() + 1, patches["w"].max() + 1)
+    assert np.nansum(grid) == pytest.approx(patches["attribution"].sum())
+
+
 def test_modality_figure_draws_the_summary(ig):
     by_modality = analysis.attribution_by_modality(ig)
     fig = plots.attribution_modality(by_modality)

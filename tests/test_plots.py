@@ -146,6 +146,14 @@ def test_attribution_tokens_group_tokens_by_modality(trace):
         plots.attribution_tokens(frame.drop(columns="attribution"))
 
 
+def test_attention_time_lines_one_line_per_modality_item_and_head(trace):
+    over_time = analysis.attention_over_time(trace, layer=0)
+    fig = plots.attention_time_lines(over_time, layer=0)
+    groups = over_time.groupby(["modality", "item", "head"], observed=True).ngroups
+    assert len(fig.data) == groups and groups > 0
+    assert sum(len(t.x) for t in fig.data) == len(over_time)
+
+
 def test_codebook_heatmap_is_codebooks_by_frames_with_spoken_text(trace):
     fig = plots.codebook_heatmap(analysis.codebook_grid(trace), cursor=0.4)
     (heat,) = fig.data

@@ -6,15 +6,20 @@ writes HTML, or PNG/SVG/PDF where a Chromium is available.
     routing     routing_heatmap, token_route, expert_load_bars, specialization_heatmap,
                 coactivation_heatmap, paths_sankey, agreement_lines
     positions   positions_3d, seconds_timeline
-    attention   attention_heatmap, attention_mass_heatmap, tower_attention_heatmap
+    attention   attention_heatmap, attention_mass_heatmap, attention_time_lines, tower_attention_heatmap
     speech      codebook_heatmap, spectrogram
-    attribution attribution_tokens, attribution_modality
+    attribution attribution_tokens, attribution_modality, attribution_windows, attribution_patches
 """
 
 from ._export import ExportError, browser_path, export
 from ._style import MODALITY_COLORS
-from .attention import attention_heatmap, attention_mass_heatmap, tower_attention_heatmap
-from .attribution import attribution_modality, attribution_tokens
+from .attention import (
+    attention_heatmap,
+    attention_mass_heatmap,
+    attention_time_lines,
+    tower_attention_heatmap,
+)
+from .attribution import attribution_modality, attribution_patches, attribution_tokens, attribution_windows
 from .positions import positions_3d, seconds_timeline
 from .routing import (
     agreement_lines,
@@ -34,9 +39,12 @@ __all__ = [
     "browser_path",
     "attention_heatmap",
     "attention_mass_heatmap",
+    "attention_time_lines",
     "tower_attention_heatmap",
     "attribution_modality",
+    "attribution_patches",
     "attribution_tokens",
+    "attribution_windows",
     "coactivation_heatmap",
     "codebook_heatmap",
     "expert_load_bars",

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from ..trace import MODALITIES
 from ._style import TEMPLATE, as_text, modality_color, pick
 
-__all__ = ["attention_heatmap", "attention_mass_heatmap", "tower_attention_heatmap"]
+__all__ = ["attention_heatmap", "attention_mass_heatmap", "attention_time_lines", "tower_attention_heatmap"]
 
 
 def attention_heatmap(attention: pd.DataFrame, *, layer=None, head=None, title=None) -> go.Figure:
@@ -165,5 +165,36 @@ def tower_attention_heatmap(tower_map: pd.DataFrame, *, layer=None, title=None) 
         xaxis_title=f"key {unit}",
         yaxis_title=f"query {unit}",
         yaxis_autorange="reversed",
+    )
+    return fig
+
+
+def attention_time_lines(over_time: pd.DataFrame, *, layer=None, title=None) -> go.Figure:
+    """Where in media time attention goes: mass per frame against seconds, one line per (key modality,
+    item, head), coloured by modality.
+
+    Input: `analysis.attention_over_time(trace, ...)`: layer, head, modality, item, seconds, mass.
+    """
+    rows, layer = pick(over_time, "layer", layer, "attention_over_time")
+    fig = go.Figure()
+    for (modality, item, head), part in rows.groupby(["modality", "item", "head"], observed=True, sort=True):
+        part = part.sort_values("seconds")
+        who = "mean of heads" if int(head) < 0 else f"head {int(head)}"
+        fig.add_trace(
+            go.Scatter(
+                x=part["seconds"].to_numpy(dtype=float),
+                y=part["mass"].to_numpy(dtype=float),
+                mode="lines+markers",
+                name=f"{modality} {int(item)} · {who}",
+                line={"color": modality_color(str(modality))},
+                hovertemplate="%{x:.2f} s · mean attention %{y:.4f}<extra>"
+                + f"{modality} {int(item)} · {who}</extra>",
+            )
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or f"Attention over media time, layer {layer}",
+        xaxis_title="seconds",
+        yaxis_title="mean attention of a query",
     )
     return fig

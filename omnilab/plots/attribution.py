@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from ..trace import MODALITIES
 from ._style import TEMPLATE, as_text, modality_color
 
-__all__ = ["attribution_modality", "attribution_tokens"]
+__all__ = ["attribution_modality", "attribution_patches", "attribution_tokens", "attribution_windows"]
 
 
 def _frame(data, columns: set[str], what: str, source: str) -> pd.DataFrame:
@@ -113,5 +113,84 @@ def attribution_modality(by_modality: pd.DataFrame, *, title=None) -> go.Figure:
         xaxis_title="modality",
         yaxis_title="attribution",
         showlegend=False,
+    )
+    return fig
+
+
+def attribution_windows(by_window: pd.DataFrame, *, modality: str | None = None, title=None) -> go.Figure:
+    """Attribution over media time: one bar per window (audio) or frame (video), spanning its time,
+    one trace per media item.
+
+    Input: `analysis.attribution_by_window(attr, modality=...)`: item, window_start, window_end,
+    tokens, attribution.
+    """
+    frame = _frame(
+        by_window,
+        {"item", "window_start", "window_end", "attribution"},
+        "attribution_windows",
+        "attribution_by_window",
+    )
+    fig = go.Figure()
+    for item in sorted(pd.unique(frame["item"])):
+        rows = frame[frame["item"] == item]
+        start = rows["window_start"].to_numpy(dtype=float)
+        width = rows["window_end"].to_numpy(dtype=float) - start
+        tokens = rows["tokens"].to_numpy() if "tokens" in rows else np.full(len(rows), -1)
+        fig.add_trace(
+            go.Bar(
+                x=start + width / 2,
+                width=width,
+                y=rows["attribution"].to_numpy(dtype=float),
+                name=f"item {item}",
+                marker_color=modality_color(modality) if modality else None,
+                customdata=np.stack([start, start + width, tokens], axis=-1),
+                hovertemplate="%{customdata[0]:.2f}-%{customdata[1]:.2f} s · %{customdata[2]} tokens"
+                "<br>attribution %{y:.4g}<extra>item " + str(item) + "</extra>",
+            )
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or f"Attribution over {modality or 'media'} time",
+        xaxis_title="seconds from the item's start",
+        yaxis_title="attribution",
+        barmode="group",
+        legend_title_text="item",
+    )
+    return fig
+
+
+def attribution_patches(by_patch: pd.DataFrame, *, title=None) -> go.Figure:
+    """Attribution of an image's patches as a grid (rows h, columns w), diverging around zero.
+
+    Input: `analysis.attribution_by_patch(attr, item=...)`: h, w, pos, attribution.
+    """
+    frame = _frame(by_patch, {"h", "w", "attribution"}, "attribution_patches", "attribution_by_patch")
+    h = frame["h"].to_numpy(dtype=int)
+    w = frame["w"].to_numpy(dtype=int)
+    z = np.full((h.max() + 1 if len(h) else 0, w.max() + 1 if len(w) else 0), np.nan)
+    z[h, w] = frame["attribution"].to_numpy(dtype=float)
+    pos = np.full(z.shape, -1)
+    if "pos" in frame:
+        pos[h, w] = frame["pos"].to_numpy()
+    bound = float(np.nanmax(np.abs(z))) if z.size and np.isfinite(z).any() else 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            customdata=pos,
+            colorscale="RdBu",
+            zmid=0,
+            zmin=-bound,
+            zmax=bound,
+            colorbar={"title": "attribution"},
+            hovertemplate="patch row %{y}, column %{x} · pos %{customdata}<br>attribution %{z:.4g}<extra></extra>",
+            name="attribution",
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or "Attribution of the image's patches",
+        xaxis_title="w (patch column)",
+        yaxis_title="h (patch row)",
+        yaxis_autorange="reversed",
     )
     return fig
