@@ -153,13 +153,11 @@ def conform(table: str, frame: pd.DataFrame | None) -> pd.DataFrame:
             # Strings stay as they are (a C-level check); anything else (categories, numbers) becomes str.
             if values.dtype != object or pd.api.types.infer_dtype(values, skipna=False) != "string":
                 values = values.astype(str)
-            values = values.to_numpy(dtype=object)
-        elif str(values.dtype) != dtype:
-            values = values.to_numpy().astype(dtype)
+            # An explicit object Series: pandas 3 would otherwise infer (and convert to) its str dtype.
+            columns[column] = pd.Series(values.to_numpy(dtype=object), dtype=object, copy=True)
         else:
-            values = values.to_numpy()
-        columns[column] = values
-    return pd.DataFrame(columns, copy=True)
+            columns[column] = pd.Series(values.to_numpy().astype(dtype, copy=True))
+    return pd.DataFrame(columns, copy=False)
 
 
 @dataclass(frozen=True)

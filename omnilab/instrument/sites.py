@@ -63,18 +63,17 @@ def _component(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def find_sites(model: torch.nn.Module) -> list[Site]:
+def find_sites(model: torch.nn.Module, *, refresh: bool = False) -> list[Site]:
     """Every hook site of `model` (a full Qwen3-Omni or a thinker-only model), in module order.
 
     Found once per model and kept on it (walking every module costs milliseconds, paid on every
-    trace otherwise); a model whose module tree changed is walked again.
+    trace otherwise); `refresh=True` walks again (after changing the model's modules).
     """
-    count = sum(1 for _ in model.modules())
     cached = model.__dict__.get("_omnilab_sites")
-    if cached is not None and cached[0] == count:
-        return list(cached[1])
+    if cached is not None and not refresh:
+        return list(cached)
     sites = _walk(model)
-    model.__dict__["_omnilab_sites"] = (count, tuple(sites))
+    model.__dict__["_omnilab_sites"] = tuple(sites)
     return sites
 
 

@@ -577,10 +577,12 @@ def _annotate(frame: pd.DataFrame, component: str, tokenizer, pps: float) -> pd.
         frame_index[speech] = frame["step"].to_numpy()[speech] - 1
     text = np.full(n, "", dtype=object)
     if component == "thinker":
-        pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+        # Media placeholders repeat one id hundreds of times: decode each distinct id once.
+        unique, inverse = np.unique(ids, return_inverse=True)
+        pieces = tokenizer.convert_ids_to_tokens([int(i) for i in unique])
         text = np.array(
             [tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces], dtype=object
-        )
+        )[inverse]
     frame["text"] = text
     frame["modality"] = modality
     frame["item"] = item

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from ..errors import ConversationError, OmnilabError, TraceError
@@ -232,31 +233,56 @@ def run_sample(
 
 
 def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
-    """The non-empty tables of `trace` as Arrow tables in the store's schema (`sample_id` in front)."""
+    """The non-empty tables of `trace` as Arrow tables in the store's schema (`sample_id` in front).
+
+    Columns go to Arrow one by one in the schema's types (no pandas metadata round trip: this runs
+    once per sample and table, so its cost is part of what tracing costs a collection).
+    """
     out = {}
+    lookup = None
     for name in TRACE_TABLES:
         frame = trace.table(name)
-        if len(frame) == 0:
+        n = len(frame)
+        if n == 0:
             continue
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        table = table.add_column(0, "sample_id", pa.repeat(pa.scalar(sample_id, pa.string()), len(frame)))
-        if name in layout.WITH_MODALITY:
-            table = table.append_column("modality", pa.array(_modality_of(frame, trace.tokens), pa.string()))
-        out[name] = table.cast(layout.schema(name))
+        schema = layout.schema(name)
+        columns = {}
+        for column in schema:
+            if column.name == "sample_id":
+                columns[column.name] = pa.repeat(pa.scalar(sample_id, pa.string()), n)
+            elif column.name == "modality" and name in layout.WITH_MODALITY:
+                if lookup is None:
+                    lookup = _modality_lookup(trace.tokens)
+                columns[column.name] = pa.array(_modality_of(frame, lookup), column.type)
+            else:
+                values = frame[column.name]
+                values = values.to_numpy(dtype=object) if pa.types.is_string(column.type) else values.to_numpy()
+                columns[column.name] = pa.array(values, column.type)
+        out[name] = pa.Table.from_arrays(list(columns.values()), schema=schema)
     return out
 
 
-def _modality_of(rows, tokens) -> np.ndarray:
-    """Each row's token modality, looked up by (component, pos) in `tokens` (None where absent)."""
-    out = np.full(len(rows), None, dtype=object)
-    components = rows["component"].to_numpy()
-    positions = rows["pos"].to_numpy()
-    for component, group in tokens.groupby("component", sort=False):
-        pos = group["pos"].to_numpy()
-        lookup = np.full(int(pos.max()) + 2, None, dtype=object)  # the last slot stays None
-        lookup[pos] = group["modality"].to_numpy()
+def _modality_lookup(tokens) -> dict[str, np.ndarray]:
+    """Per component, the modality of each pos (None where absent, and in the last slot)."""
+    lookup = {}
+    components = tokens["component"].to_numpy(dtype=object)
+    for component in pd.unique(components):
         mask = components == component
-        out[mask] = lookup[np.minimum(positions[mask], len(lookup) - 1)]
+        pos = tokens["pos"].to_numpy()[mask]
+        table = np.full(int(pos.max()) + 2, None, dtype=object)
+        table[pos] = tokens["modality"].to_numpy(dtype=object)[mask]
+        lookup[component] = table
+    return lookup
+
+
+def _modality_of(rows, lookup: dict[str, np.ndarray]) -> np.ndarray:
+    """Each row's token modality, looked up by (component, pos) (None where absent)."""
+    out = np.full(len(rows), None, dtype=object)
+    components = rows["component"].to_numpy(dtype=object)
+    positions = rows["pos"].to_numpy()
+    for component, table in lookup.items():
+        mask = components == component
+        out[mask] = table[np.minimum(positions[mask], len(table) - 1)]
     return out
 
 
