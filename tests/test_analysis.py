@@ -525,6 +525,20 @@ def test_the_suite_runs_on_a_real_tiny_model_trace(real):
         assert np.allclose(rows["baseline_topk"], info["top_k"] / info["num_experts"])
 
 
+def test_prepare_by_phase_splits_the_routing_into_prompt_and_reply(real):
+    by_phase = {p: analysis.expert_load(analysis.prepare(real, phase=p)) for p in ("prefill", "decode")}
+    for phase, load in by_phase.items():
+        assert load["count"].sum() == (real.routing["phase"] == phase).sum(), phase
+    keys = ["component", "layer", "expert"]
+    both = (
+        by_phase["prefill"].merge(by_phase["decode"], on=keys, suffixes=("_p", "_d"), how="outer").fillna(0)
+    )
+    whole = analysis.expert_load(real).merge(both, on=keys)
+    assert (whole["count"] == whole["count_p"] + whole["count_d"]).all()
+    with pytest.raises(TraceError, match="unknown phase"):
+        analysis.prepare(real, phase="training")
+
+
 def test_real_audio_in_video_is_aligned_and_paired(real):
     alignment = analysis.av_alignment(real)
     audio = real.tokens.query("component == 'thinker' and modality == 'audio'")

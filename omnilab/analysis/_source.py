@@ -188,18 +188,32 @@ class RoutingData:
         return chosen
 
 
-def prepare(source, *, component=None, layer=None) -> RoutingData:
+def prepare(source, *, component=None, layer=None, phase=None) -> RoutingData:
     """Dense routing arrays of `source`, once, for any number of routing analyses.
 
     Every routing analysis accepts the result in place of a trace; `routing_suite` prepares once.
+    `phase` ("prefill" or "decode") keeps only the tokens of that phase, so any analysis can compare
+    how the prompt and the reply are routed: `expert_load(prepare(trace, phase="decode"))`.
     """
     if isinstance(source, RoutingData):
+        if phase is not None:
+            raise TraceError(
+                "choose the phase when preparing from the trace; this RoutingData is already prepared"
+            )
         return RoutingData(tuple(source.select(component, layer)), source.meta)
     routing = table(source, "routing")
     tokens = table(source, "tokens")
     stats = table(source, "router_stats")
     logits = table(source, "router_logits")
     info = meta(source)
+    if phase is not None:
+        if phase not in PHASES:
+            raise TraceError(f"unknown phase {phase!r}; the phases are {', '.join(PHASES)}")
+        routing = routing[equals(routing["phase"], phase)]
+        stats = stats[equals(stats["phase"], phase)] if "phase" in stats else stats
+        if len(logits) and "phase" not in logits:  # logits have no phase column: keep the routed positions
+            keys = routing[["component", "pos"]].drop_duplicates()
+            logits = logits.merge(keys, on=["component", "pos"], how="inner")
     if len(routing) == 0:
         return RoutingData((), info)
     extra = [c for c in routing.columns if c not in ROUTING_COLUMNS and c in tokens.columns]
