@@ -42,3 +42,25 @@ def all_media_conversation():
             ],
         },
     ]
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; never `playwright install`
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium through Playwright. A missing chromium fails (the README installs it): the
+    browser tests must never pass by being skipped."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Debian's chromium is not at {CHROMIUM}: apt-get install chromium (see README)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+

@@ -9,26 +9,10 @@ import pytest
 from conftest_app import DATA, OUTPUT
 
 pytest_plugins = ["conftest_app"]  # app_env, served
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.usefixtures("app_env"),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not at /usr/bin/chromium"),
 ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture

@@ -26,14 +26,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 OUTPUT = ROOT / "test-output" / "lab"
-CHROMIUM = "/usr/bin/chromium"
 START_TIMEOUT = 120  # seconds for the server to answer
 RUN_TIMEOUT = 420  # seconds for one notebook's cells on a busy 2-core machine
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not at /usr/bin/chromium"),
 ]
 
 # User settings for the test server: every cell stays in the DOM (no windowing), no news or update checks.
@@ -169,20 +167,6 @@ def jupyter_lab(tmp_path_factory):
     finally:
         _stop(server, base, token)
         log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 MESSAGES: list[str] = []  # the current page's errors and console errors, quoted when a test fails
