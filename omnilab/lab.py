@@ -176,39 +176,9 @@ class OmniLab:
         Greedy by default, text and speech alike (reproducible); `do_sample=True` samples both
         unless `speech_do_sample` says otherwise. `trace=True` (or a capture spec) attaches a Trace.
         """
-        if trace:
-            capture = None if trace is True else trace
-            with self.trace(capture=capture) as tracer:
-                reply = self.generate(
-                    conversation,
-                    speaker=speaker,
-                    return_audio=return_audio,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=top_k,
-                    max_speech_frames=max_speech_frames,
-                    speech_do_sample=speech_do_sample,
-                    use_audio_in_video=use_audio_in_video,
-                    seed=seed,
-                )
-            return replace(reply, trace=tracer.trace)
-        return_audio = self.has_talker if return_audio is None else return_audio
-        if return_audio and not self.has_talker:
-            raise ConversationError(
-                f"model '{self.model_id}' has no talker (a Thinking or Captioner checkpoint, or loaded "
-                "with talker=False), so it cannot speak; pass return_audio=False"
-            )
-        if return_audio:
-            self.speaker_id(speaker)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ConversationError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
-        inputs, gathered = self._prepare(conversation, use_audio_in_video)
-        kwargs = self.generation_kwargs(
-            inputs,
+        options = dict(
             speaker=speaker,
-            return_audio=return_audio,
+            return_audio=self.has_talker if return_audio is None else return_audio,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
@@ -218,6 +188,26 @@ class OmniLab:
             speech_do_sample=speech_do_sample,
             use_audio_in_video=use_audio_in_video,
         )
+        if not trace:
+            return self._generate(conversation, options, seed)
+        with self.trace(capture=None if trace is True else trace) as tracer:
+            reply = self._generate(conversation, options, seed)
+        return replace(reply, trace=tracer.trace)
+
+    def _generate(self, conversation, options: dict, seed: int | None) -> Reply:
+        return_audio, use_audio_in_video = options["return_audio"], options["use_audio_in_video"]
+        if return_audio and not self.has_talker:
+            raise ConversationError(
+                f"model '{self.model_id}' has no talker (a Thinking or Captioner checkpoint, or loaded "
+                "with talker=False), so it cannot speak; pass return_audio=False"
+            )
+        if return_audio:
+            self.speaker_id(options["speaker"])
+        max_new_tokens = options["max_new_tokens"]
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConversationError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        inputs, gathered = self._prepare(conversation, use_audio_in_video)
+        kwargs = self.generation_kwargs(inputs, **options)
         prompt_length = inputs["input_ids"].shape[1]
         with self._seeded(seed), self._recording_codes(return_audio) as codes, torch.inference_mode():
             from .instrument.tracer import active_tracer

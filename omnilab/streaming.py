@@ -836,7 +836,7 @@ class _Stream:
 
     # -- done -----------------------------------------------------------------------------------------
     def _done(self, gathered) -> StreamEvent:
-        from .instrument.tracer import _annotate, _pps, _spans, trace_meta
+        from .instrument.tracer import STAGES, _annotate, _pps, _spans, trace_meta
 
         clock = self.clock
         full = clock.now()
@@ -854,16 +854,7 @@ class _Stream:
         speech_seconds = 0.0 if audio is None else len(audio) / SAMPLE_RATE
         times, calls = clock.times, clock.calls
         per = lambda stage: times[stage] / calls[stage] if calls.get(stage) else math.nan  # noqa: E731
-        stage_order = (
-            "preprocessing",
-            "thinker_prefill",
-            "thinker_decode",
-            "talker_prefill",
-            "talker_decode",
-            "code_predictor",
-            "code2wav",
-        )
-        stages = tuple((s, times[s], calls[s]) for s in stage_order if s in times)
+        stages = tuple((s, times[s], calls[s]) for s in ("preprocessing", *STAGES) if s in times)
         timings = Timings(
             preprocessing=times.get("preprocessing", 0.0),
             thinker_ttft=self.ttft.get("thinker", math.nan),

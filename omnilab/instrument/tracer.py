@@ -30,6 +30,15 @@ from .tower_attention import TOWERS, TowerAttention
 
 DEFAULT_CAPTURE = ("routing", "positions", "codes", "timings")
 CAPTURES = ("routing", "positions", "codes", "timings", "attention", "logits")
+# The stages of a turn, in the order they first run (the names of the timings table).
+STAGES = (
+    "thinker_prefill",
+    "thinker_decode",
+    "talker_prefill",
+    "talker_decode",
+    "code_predictor",
+    "code2wav",
+)
 AUDIO_ID, IMAGE_ID, VIDEO_ID = 151675, 151655, 151656
 VISION_START_ID, AUDIO_START_ID = 151652, 151669
 
@@ -237,7 +246,10 @@ class Tracer:
             except IndexError as exc:
                 raise InterventionError(f"no attention site: {exc}; see lab.sites()") from None
         wanted = {
-            (c, int(layer)) for c, layers in self.attention_layers.items() if c not in TOWERS for layer in layers
+            (c, int(layer))
+            for c, layers in self.attention_layers.items()
+            if c not in TOWERS
+            for layer in layers
         }
         found = {(s.component, s.layer): s for s in sites if s.kind == "attention"}
         missing = wanted - set(found)
@@ -375,70 +387,47 @@ class Tracer:
 
     def _routing_tables(self) -> dict[str, pd.DataFrame]:
         # Concatenate the per-forward arrays first and build each table once (a DataFrame per layer and
-        # forward would cost more than the forward itself on small models).
-        records = sorted(
-            self._routing, key=lambda r: (r[0] != "thinker", r[1], r[2])
-        )  # component (thinker first), layer, start
-        n_of = [r[4].shape[0] for r in records]
-        k_of = [r[4].shape[1] for r in records]
-        component = np.concatenate([np.full(n, r[0], dtype=object) for r, n in zip(records, n_of, strict=True)])
-        layer = np.concatenate([np.full(n, r[1], dtype=np.int16) for r, n in zip(records, n_of, strict=True)])
-        pos = np.concatenate([np.arange(r[2], r[2] + n, dtype=np.int32) for r, n in zip(records, n_of, strict=True)])
-        phase = np.concatenate([np.full(n, r[3], dtype=object) for r, n in zip(records, n_of, strict=True)])
-        # Prefill and decode forwards of one layer interleave by start, so sort by (component, layer, pos).
-        order = np.lexsort((pos, layer, component != "thinker"))
-        stats = pd.DataFrame(
-            {
-                "component": component[order],
-                "layer": layer[order],
-                "pos": pos[order],
-                "phase": phase[order],
-                "entropy": np.concatenate([r[6] for r in records])[order],
-                "topk_mass": np.concatenate([r[7] for r in records])[order],
-            }
-        )
-        out = {"router_stats": stats}
-        if len(set(k_of)) == 1:
-            k = k_of[0]
-            indices = np.concatenate([r[4] for r in records])[order]
-            weights = np.concatenate([r[5] for r in records])[order]
-            out["routing"] = pd.DataFrame(
+        # forward would cost more than the forward itself on small models). Records sorted by
+        # (component, layer, start) give rows sorted by (component, layer, pos): a forward's positions
+        # are contiguous. One block per component, as thinker and talker pick different k.
+        records = sorted(self._routing, key=lambda r: (r[0] != "thinker", r[1], r[2]))
+        stats, routing = [], []
+        for name in ("thinker", "talker"):
+            rows = [r for r in records if r[0] == name]
+            if not rows:
+                continue
+            n_of = [r[4].shape[0] for r in rows]
+            block = pd.DataFrame(
                 {
-                    "component": np.repeat(stats["component"].to_numpy(), k),
-                    "layer": np.repeat(stats["layer"].to_numpy(), k),
-                    "pos": np.repeat(stats["pos"].to_numpy(), k),
-                    "phase": np.repeat(stats["phase"].to_numpy(), k),
-                    "rank": np.tile(np.arange(k, dtype=np.int8), len(order)),
-                    "expert": indices.ravel(),
-                    "weight": weights.ravel(),
+                    "component": np.full(sum(n_of), name, dtype=object),
+                    "layer": np.repeat(np.array([r[1] for r in rows], dtype=np.int16), n_of),
+                    "pos": np.concatenate(
+                        [np.arange(r[2], r[2] + n, dtype=np.int32) for r, n in zip(rows, n_of, strict=True)]
+                    ),
+                    "phase": np.repeat(np.array([r[3] for r in rows], dtype=object), n_of),
+                    "entropy": np.concatenate([r[6] for r in rows]),
+                    "topk_mass": np.concatenate([r[7] for r in rows]),
                 }
             )
-        else:  # thinker and talker pick different k: one block per component
-            parts = []
-            for name in ("thinker", "talker"):
-                rows = [r for r in records if r[0] == name]
-                if not rows:
-                    continue
-                sel = order[component[order] == name]
-                k = rows[0][4].shape[1]
-                sub = stats[stats["component"].to_numpy() == name]
-                indices = np.concatenate([r[4] for r in records if r[0] == name])
-                weights = np.concatenate([r[5] for r in records if r[0] == name])
-                local = np.searchsorted(np.flatnonzero(component == name), sel)
-                parts.append(
-                    pd.DataFrame(
-                        {
-                            "component": np.repeat(sub["component"].to_numpy(), k),
-                            "layer": np.repeat(sub["layer"].to_numpy(), k),
-                            "pos": np.repeat(sub["pos"].to_numpy(), k),
-                            "phase": np.repeat(sub["phase"].to_numpy(), k),
-                            "rank": np.tile(np.arange(k, dtype=np.int8), len(sel)),
-                            "expert": indices[local].ravel(),
-                            "weight": weights[local].ravel(),
-                        }
-                    )
+            k = rows[0][4].shape[1]
+            stats.append(block)
+            routing.append(
+                pd.DataFrame(
+                    {
+                        **{
+                            c: np.repeat(block[c].to_numpy(), k)
+                            for c in ("component", "layer", "pos", "phase")
+                        },
+                        "rank": np.tile(np.arange(k, dtype=np.int8), len(block)),
+                        "expert": np.concatenate([r[4] for r in rows]).ravel(),
+                        "weight": np.concatenate([r[5] for r in rows]).ravel(),
+                    }
                 )
-            out["routing"] = pd.concat(parts, ignore_index=True)
+            )
+        out = {
+            "router_stats": pd.concat(stats, ignore_index=True),
+            "routing": pd.concat(routing, ignore_index=True),
+        }
         logits = []
         for name, layer_, start, _, _, _, _, _, raw in records:
             if raw is None:
@@ -483,15 +472,7 @@ class Tracer:
         # The code predictor runs between talker forwards (while preparing the next step's inputs),
         # so the stages do not nest and each is its own time.
         times = dict(self._times)
-        stages = [
-            "thinker_prefill",
-            "thinker_decode",
-            "talker_prefill",
-            "talker_decode",
-            "code_predictor",
-            "code2wav",
-        ]
-        rows = [(s, times[s], self._calls[s]) for s in stages if s in times]
+        rows = [(s, times[s], self._calls[s]) for s in STAGES if s in times]
         return pd.DataFrame(rows, columns=["stage", "seconds", "calls"])
 
 
