@@ -265,6 +265,19 @@ def test_tower_attention_maps_are_the_towers_own_and_rows_sum_to_one(tiny, all_m
     assert np.asarray(fig.data[0].z).shape == (n, n) and "audio tower" in fig.layout.title.text
 
 
+def test_nested_tower_traces_both_record_and_restore_once(tiny, all_media_conversation):
+    inputs = tiny.prepare(all_media_conversation)
+    tower = tiny.model.thinker.model.audio_tower
+    with tiny.trace(capture=("attention",), attention_layers={"audio_tower": [0]}) as outer, torch.no_grad():
+        with tiny.trace(capture=("attention",), attention_layers={"audio_tower": [1]}) as inner:
+            tiny.model.thinker(**inputs)
+        tiny.model.thinker(**inputs)  # the inner exit must not switch the outer's recording off
+        assert tower.config._attn_implementation != "sdpa"
+    assert tower.config._attn_implementation == "sdpa"
+    assert set(inner.trace.tower_attention["call"]) == {0}
+    assert set(outer.trace.tower_attention["call"]) == {0, 1}
+
+
 def test_tower_attention_asks_for_a_real_layer(tiny):
     with pytest.raises(omnilab.InterventionError, match="audio_tower has"):
         with tiny.trace(capture=("attention",), attention_layers={"audio_tower": [99]}):
