@@ -453,7 +453,7 @@ def stream_turn(
     trace = done.trace if done.trace is not None else done.reply.trace
     if tracer is not None and trace is not None:
         capture = [*trace.meta.get("capture", []), "attention"]
-        trace = replace(trace, attention=tracer.trace.attention, meta={**trace.meta, "capture": capture})
+        trace = trace.replace(attention=tracer.trace.attention, meta={**trace.meta, "capture": capture})
     turn = Turn(conversation, opts, replace(done.reply, trace=trace), timings=done.timings)
     session.record(message, turn)
     yield Update(turn.reply.text, turn=turn)

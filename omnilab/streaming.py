@@ -836,7 +836,7 @@ class _Stream:
 
     # -- done -----------------------------------------------------------------------------------------
     def _done(self, gathered) -> StreamEvent:
-        from .instrument.tracer import STAGES, _annotate, _pps, _spans, trace_meta
+        from .instrument.tracer import STAGES, _annotate, _pps, _spans, concat_columns, trace_meta
 
         clock = self.clock
         full = clock.now()
@@ -876,12 +876,11 @@ class _Stream:
         tokens = [f for f in self.rows["tokens"] if len(f)] + [self._unfed_token()]
         if tokens:
             frame = pd.concat(tokens, ignore_index=True)
-            tables["tokens"] = pd.concat(
+            tables["tokens"] = concat_columns(
                 [
-                    _annotate(part, component, tokenizer, pps)
+                    _annotate({c: part[c].to_numpy() for c in part.columns}, component, tokenizer, pps)
                     for component, part in frame.groupby("component", sort=False)
-                ],
-                ignore_index=True,
+                ]
             )
             tables["spans"] = _spans(tables["tokens"])
         for name in ("routing", "router_stats"):

@@ -1,6 +1,6 @@
 """The Trace: what one run of Qwen3-Omni did inside, as tidy tables.
 
-Tables (pandas DataFrames; the same columns in Parquet, readable without omnilab):
+Tables (read as pandas DataFrames or Arrow tables; the same columns in Parquet, readable without omnilab):
 
 tokens        one row per token of each component's sequence
     component  str    "thinker" | "talker"
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -129,14 +128,29 @@ COLUMNS: dict[str, dict[str, str]] = {
 }
 
 
-_EMPTY: dict[str, pd.DataFrame] = {}
+ARROW_TYPES = {
+    "object": pa.string(),
+    "bool": pa.bool_(),
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float16": pa.float16(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+}
+# A table as column arrays: one 1-D NumPy array per documented column, all of one length.
+Columns = dict[str, np.ndarray]
+
+
+def arrow_schema(table: str) -> pa.Schema:
+    """The Arrow schema of a trace table (its columns in order, strings as `string`)."""
+    return pa.schema([pa.field(c, ARROW_TYPES[d]) for c, d in COLUMNS[table].items()])
 
 
 def empty(table: str) -> pd.DataFrame:
     """An empty table with the right columns and dtypes."""
-    if table not in _EMPTY:
-        _EMPTY[table] = pd.DataFrame({c: pd.Series(dtype=d) for c, d in COLUMNS[table].items()})
-    return _EMPTY[table].copy()
+    return _frame({c: np.empty(0, dtype=d) for c, d in COLUMNS[table].items()})
 
 
 def conform(table: str, frame: pd.DataFrame | None) -> pd.DataFrame:
@@ -153,44 +167,131 @@ def conform(table: str, frame: pd.DataFrame | None) -> pd.DataFrame:
             # Strings stay as they are (a C-level check); anything else (categories, numbers) becomes str.
             if values.dtype != object or pd.api.types.infer_dtype(values, skipna=False) != "string":
                 values = values.astype(str)
-            # An explicit object Series: pandas 3 would otherwise infer (and convert to) its str dtype.
-            columns[column] = pd.Series(values.to_numpy(dtype=object), dtype=object, copy=True)
+            columns[column] = values.to_numpy(dtype=object).copy()
         else:
-            columns[column] = pd.Series(values.to_numpy().astype(dtype, copy=True))
-    return pd.DataFrame(columns, copy=False)
+            columns[column] = values.to_numpy().astype(dtype, copy=True)
+    return _frame(columns)
 
 
-@dataclass(frozen=True)
+def conform_columns(table: str, columns: Columns) -> Columns:
+    """`columns` checked against the schema (names, one length) and cast to its dtypes, without copies
+    where they already match. Strings must already be strings (the tracer's tables are)."""
+    missing = [c for c in COLUMNS[table] if c not in columns]
+    if missing:
+        raise TraceError(f"table '{table}' lacks columns {missing}")
+    out = {c: np.asarray(columns[c]).astype(d, copy=False) for c, d in COLUMNS[table].items()}
+    lengths = {len(v) for v in out.values()}
+    if len(lengths) > 1 or any(v.ndim != 1 for v in out.values()):
+        shapes = {c: v.shape for c, v in out.items()}
+        raise TraceError(f"table '{table}' has columns of different lengths or not 1-D: {shapes}")
+    return out
+
+
+def to_arrow(values: np.ndarray, type: pa.DataType) -> pa.Array:
+    """One column to Arrow, NaN and None as null (as pandas means them)."""
+    return pa.array(values, type, from_pandas=True)
+
+
+def _frame(columns: Columns) -> pd.DataFrame:
+    # Explicit object Series: pandas 3 would otherwise infer (and convert to) its str dtype.
+    return pd.DataFrame(
+        {c: pd.Series(v, dtype=object, copy=False) if v.dtype == object else v for c, v in columns.items()},
+        copy=False,
+    )
+
+
 class Trace:
-    """What one run did inside: tables (see the module docstring), the reply's audio, and metadata."""
+    """What one run did inside: tables (see the module docstring), the reply's audio, and metadata.
 
-    tokens: pd.DataFrame = field(default_factory=lambda: empty("tokens"))
-    routing: pd.DataFrame = field(default_factory=lambda: empty("routing"))
-    router_stats: pd.DataFrame = field(default_factory=lambda: empty("router_stats"))
-    router_logits: pd.DataFrame = field(default_factory=lambda: empty("router_logits"))
-    codes: pd.DataFrame = field(default_factory=lambda: empty("codes"))
-    attention: pd.DataFrame = field(default_factory=lambda: empty("attention"))
-    tower_attention: pd.DataFrame = field(default_factory=lambda: empty("tower_attention"))
-    spans: pd.DataFrame = field(default_factory=lambda: empty("spans"))
-    timings: pd.DataFrame = field(default_factory=lambda: empty("timings"))
-    audio: np.ndarray | None = None
-    sample_rate: int = 24_000
-    meta: dict = field(default_factory=dict)
+    Build one with `Trace.build`. Each table is kept as it was given (a DataFrame, or column arrays
+    from the tracer) and read as a DataFrame (`trace.routing`, `trace.table("routing")`, built on
+    first access and kept) or as Arrow (`trace.arrow("routing")`, which needs no pandas at all: the
+    store writes traces this way).
+    """
+
+    __slots__ = ("_columns", "_frames", "audio", "sample_rate", "meta")
+
+    def __init__(self, columns: dict, frames: dict, *, audio, sample_rate: int, meta: dict):
+        self._columns: dict[str, Columns] = columns
+        self._frames: dict[str, pd.DataFrame] = frames
+        self.audio: np.ndarray | None = audio
+        self.sample_rate = sample_rate
+        self.meta = meta
 
     @classmethod
     def build(cls, *, audio=None, sample_rate: int = 24_000, meta: dict | None = None, **tables) -> Trace:
-        """A Trace whose tables are conformed to the schema (missing ones empty)."""
+        """A Trace of `tables` (DataFrames or dicts of column arrays, by table name; missing ones empty),
+        conformed to the schema."""
         unknown = set(tables) - set(TABLES)
         if unknown:
             raise TraceError(f"unknown trace tables {sorted(unknown)}; the tables are {', '.join(TABLES)}")
-        conformed = {name: conform(name, tables.get(name)) for name in TABLES}
+        columns, frames = {}, {}
+        for name in TABLES:
+            table = tables.get(name)
+            if table is None:
+                columns[name] = {c: np.empty(0, dtype=d) for c, d in COLUMNS[name].items()}
+            elif isinstance(table, dict):
+                columns[name] = conform_columns(name, table)
+            else:
+                frames[name] = conform(name, table)
         meta = {"schema_version": SCHEMA_VERSION, **(meta or {})}
-        return cls(**conformed, audio=audio, sample_rate=sample_rate, meta=meta)
+        return cls(columns, frames, audio=audio, sample_rate=sample_rate, meta=meta)
+
+    def replace(self, **changes) -> Trace:
+        """A copy with some tables (DataFrames or column arrays), `audio`, `sample_rate` or `meta` replaced."""
+        kept = {name: self._frames.get(name, self._columns.get(name)) for name in TABLES}
+        options = {"audio": self.audio, "sample_rate": self.sample_rate, "meta": self.meta}
+        for key, value in changes.items():
+            if key in options:
+                options[key] = value
+            elif key in TABLES:
+                kept[key] = value
+            else:
+                raise TraceError(f"a Trace has no field {key!r}; the tables are {', '.join(TABLES)}")
+        return Trace.build(**kept, **options)
 
     def table(self, name: str) -> pd.DataFrame:
         if name not in TABLES:
             raise TraceError(f"unknown table {name!r}; the tables are {', '.join(TABLES)}")
-        return getattr(self, name)
+        frame = self._frames.get(name)
+        if frame is None:
+            frame = self._frames[name] = _frame(self._columns[name])
+        return frame
+
+    def columns(self, name: str) -> Columns:
+        """Table `name` as column arrays in the schema's dtypes (no copy where it can be avoided)."""
+        if name not in TABLES:
+            raise TraceError(f"unknown table {name!r}; the tables are {', '.join(TABLES)}")
+        if name in self._columns:
+            return self._columns[name]
+        frame = self._frames[name]
+        return {c: frame[c].to_numpy(dtype=d) for c, d in COLUMNS[name].items()}
+
+    def rows(self, name: str) -> int:
+        """The number of rows of table `name` (without building its DataFrame)."""
+        return len(next(iter(self.columns(name).values())))
+
+    def arrow(self, name: str) -> pa.Table:
+        """Table `name` as an Arrow table in `arrow_schema(name)`; NaN (a token's `seconds` outside media)
+        becomes null, so SQL aggregates skip it."""
+        columns = self.columns(name)
+        schema = arrow_schema(name)
+        arrays = [to_arrow(columns[f.name], f.type) for f in schema]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    tokens = property(lambda self: self.table("tokens"), doc="one row per token of each component's sequence")
+    routing = property(lambda self: self.table("routing"), doc="one row per (token, layer, rank)")
+    router_stats = property(lambda self: self.table("router_stats"), doc="one row per (token, layer)")
+    router_logits = property(lambda self: self.table("router_logits"), doc="full router logits (capture 'logits')")
+    codes = property(lambda self: self.table("codes"), doc="one row per (speech frame, codebook)")
+    attention = property(lambda self: self.table("attention"), doc="thinker/talker attention of chosen layers")
+    tower_attention = property(lambda self: self.table("tower_attention"), doc="audio/vision tower attention")
+    spans = property(lambda self: self.table("spans"), doc="contiguous runs of one modality and item")
+    timings = property(lambda self: self.table("timings"), doc="seconds and calls per stage")
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{name}={self.rows(name)}" for name in TABLES if self.rows(name))
+        return f"Trace({sizes or 'empty'}; model={self.meta.get('model_id', '?')!r})"
 
     @property
     def text(self) -> str:
@@ -209,8 +310,7 @@ class Trace:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name in TABLES:
-            table = pa.Table.from_pandas(getattr(self, name), preserve_index=False)
-            _atomic_parquet(table, directory / f"{name}.parquet")
+            _atomic_parquet(self.arrow(name), directory / f"{name}.parquet")
         if self.audio is not None:
             tmp = directory / "audio.npy.tmp"
             with open(tmp, "wb") as f:
@@ -253,7 +353,7 @@ class Trace:
                 frame = pq.read_table(path).to_pandas()
             except (pa.ArrowInvalid, OSError) as exc:
                 raise TraceError(f"'{path}' is damaged or not Parquet: {exc}") from None
-            tables[name] = conform(name, frame)
+            tables[name] = frame
         audio_path = directory / "audio.npy"
         audio = None
         if audio_path.is_file():
@@ -262,7 +362,7 @@ class Trace:
             except (ValueError, OSError) as exc:
                 raise TraceError(f"'{audio_path}' is damaged: {exc}") from None
         sample_rate = int(meta.get("sample_rate", 24_000))
-        return cls(**tables, audio=audio, sample_rate=sample_rate, meta=meta)
+        return cls.build(**tables, audio=audio, sample_rate=sample_rate, meta=meta)
 
 
 def _atomic_parquet(table: pa.Table, path: Path) -> None:

@@ -367,6 +367,45 @@ def test_save_load_round_trip_is_lossless(traced, tmp_path):
     assert loaded.meta["config_hash"] == traced.trace.meta["config_hash"]
 
 
+def test_a_traced_run_reads_the_same_as_dataframes_and_as_arrow(traced):
+    from omnilab.trace import COLUMNS, TABLES
+
+    trace = traced.trace
+    for name in TABLES:
+        frame, table = trace.table(name), trace.arrow(name)
+        assert list(frame.columns) == list(COLUMNS[name]), name
+        assert [str(t) for t in frame.dtypes] == list(COLUMNS[name].values()), name
+        assert table.num_rows == len(frame) == trace.rows(name), name
+        assert table.to_pandas().astype(frame.dtypes.to_dict()).equals(frame), name
+    assert trace.tokens is trace.tokens  # built once, then kept
+
+
+def test_a_trace_built_from_columns_equals_one_built_from_dataframes(traced):
+    from omnilab.trace import TABLES
+
+    trace = traced.trace
+    from_frames = omnilab.Trace.build(meta=trace.meta, **{n: trace.table(n).copy() for n in TABLES})
+    from_columns = omnilab.Trace.build(meta=trace.meta, **{n: trace.columns(n) for n in TABLES})
+    for name in TABLES:
+        assert from_frames.table(name).equals(from_columns.table(name)), name
+        assert from_frames.arrow(name).equals(from_columns.arrow(name)), name  # NaN is stored as null
+    quiet = trace.replace(routing=None, meta={**trace.meta, "note": "x"})
+    assert len(quiet.routing) == 0 and quiet.meta["note"] == "x" and quiet.tokens.equals(trace.tokens)
+    assert len(trace.routing) > 0  # the original is untouched
+
+
+def test_bad_column_tables_get_clear_errors(traced):
+    columns = dict(traced.trace.columns("codes"))
+    with pytest.raises(omnilab.TraceError, match="lacks columns \\['code'\\]"):
+        omnilab.Trace.build(codes={k: v for k, v in columns.items() if k != "code"})
+    with pytest.raises(omnilab.TraceError, match="different lengths"):
+        omnilab.Trace.build(codes={**columns, "code": columns["code"][:-1]})
+    with pytest.raises(omnilab.TraceError, match="unknown trace tables"):
+        omnilab.Trace.build(experts=columns)
+    with pytest.raises(omnilab.TraceError, match="no field 'audios'"):
+        traced.trace.replace(audios=None)
+
+
 def test_saved_trace_is_readable_by_duckdb_without_omnilab(traced, tmp_path):
     import duckdb
 

@@ -224,6 +224,20 @@ def test_store_rows_equal_the_in_memory_traces(bundled, memory_traces):
             pd.testing.assert_frame_equal(stored.table(name), trace.table(name), obj=f"{sample_id}.{name}")
 
 
+def test_seconds_outside_media_are_null_so_sql_averages_skip_them(bundled, memory_traces):
+    out, _ = bundled
+    counts = query(
+        out,
+        "SELECT modality = 'text' AS text, count(seconds) AS timed, count(*) AS n, avg(seconds) AS mean "
+        "FROM tokens WHERE component = 'thinker' GROUP BY ALL ORDER BY text",
+    )
+    media, text = counts.iloc[0], counts.iloc[1]
+    assert text["timed"] == 0 and text["n"] > 0
+    assert media["timed"] == media["n"] and np.isfinite(media["mean"])
+    tokens = pd.concat([t.tokens[t.tokens["component"] == "thinker"] for t in memory_traces.values()])
+    assert media["mean"] == pytest.approx(tokens["seconds"].mean())
+
+
 def test_expert_load_in_duckdb_equals_the_in_memory_analysis(bundled, memory_traces):
     from omnilab import analysis
 
@@ -501,7 +515,7 @@ def test_collect_refuses_a_folder_that_is_not_a_store(tmp_path):
 @pytest.mark.slow
 def test_killed_runs_resume_to_exactly_once(tmp_path):
     """SIGKILL collect mid-write, after shards, and at a random moment; a last run finishes the rest."""
-    rows = text_rows(12, "k")
+    rows = text_rows(24, "k")  # enough that each kill lands before the run is through
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
     out = tmp_path / "store"
     rng = random.Random(8)
@@ -513,7 +527,7 @@ def test_killed_runs_resume_to_exactly_once(tmp_path):
         ("after two more shards", lambda before: committed(out) >= before + 2),
         (
             "at a random moment",
-            lambda before: committed(out) >= before + 1 and time.sleep(rng.uniform(0, 1.0)) is None,
+            lambda before: committed(out) >= before + 1 and time.sleep(rng.uniform(0, 0.2)) is None,
         ),
     ]
     progress = []

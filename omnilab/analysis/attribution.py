@@ -536,17 +536,15 @@ def _token_rows(lab, merged, prompt_length: int) -> pd.DataFrame:
     positions = merged.position_ids[:, 0].cpu().numpy().astype(np.int64)
     pos = np.arange(len(ids))
     decode = pos >= prompt_length
-    frame = pd.DataFrame(
-        {
-            "pos": pos,
-            "phase": np.where(decode, "decode", "prefill").astype(object),
-            "step": np.where(decode, pos - prompt_length + 1, 0),
-            "token_id": ids,
-            "t": positions[0],
-            "h": positions[1],
-            "w": positions[2],
-        }
-    )
-    frame = _annotate(frame, "thinker", lab.processor.tokenizer, _pps(lab))
+    columns = {
+        "pos": pos,
+        "phase": np.where(decode, "decode", "prefill").astype(object),
+        "step": np.where(decode, pos - prompt_length + 1, 0),
+        "token_id": ids,
+        "t": positions[0],
+        "h": positions[1],
+        "w": positions[2],
+    }
+    frame = pd.DataFrame(_annotate(columns, "thinker", lab.processor.tokenizer, _pps(lab)))
     frame["piece"] = frame["text"]
     return frame

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from ..trace import Trace, conform
+from ..trace import Trace
 
 TARGET_SECONDS = 10.0
 
@@ -21,8 +21,8 @@ TARGET_SECONDS = 10.0
 def synthetic_trace(
     tokens: int = 100_000, layers: int = 48, experts: int = 128, top_k: int = 8, seed: int = 0
 ) -> Trace:
-    """A thinker-only Trace of the real model's routing shape, built fast (vectorized, no `conform` pass
-    over the big tables, whose columns are made in the schema's dtypes directly).
+    """A thinker-only Trace of the real model's routing shape, built fast (vectorized column arrays in the
+    schema's dtypes, which `Trace.build` takes without copies).
 
     Tokens are text (Zipf-distributed ids), audio and video blocks, the last 2% decode; each token's k
     experts are distinct (an arithmetic progression modulo E with an odd step), drawn with a skew so
@@ -40,26 +40,21 @@ def synthetic_trace(
     token_id[is_audio] = 151675
     token_id[modality == "video"] = 151656
     phase = np.where(np.arange(n) >= n - n // 50, "decode", "prefill").astype(object)
-    token_table = conform(
-        "tokens",
-        pd.DataFrame(
-            {
-                "component": "thinker",
-                "phase": phase,
-                "step": 0,
-                "pos": np.arange(n),
-                "token_id": token_id,
-                "text": pd.Series(token_id).map(lambda i: f"t{i}").to_numpy(dtype=object),
-                "modality": modality,
-                "item": np.where(modality == "text", -1, 0),
-                "t": np.arange(n),
-                "h": np.arange(n),
-                "w": np.arange(n),
-                "seconds": np.nan,
-                "frame": -1,
-            }
-        ),
-    )
+    token_table = {
+        "component": np.full(n, "thinker", dtype=object),
+        "phase": phase,
+        "step": np.zeros(n, np.int32),
+        "pos": np.arange(n, dtype=np.int32),
+        "token_id": token_id,
+        "text": pd.Series(token_id).map(lambda i: f"t{i}").to_numpy(dtype=object),
+        "modality": modality,
+        "item": np.where(modality == "text", -1, 0).astype(np.int32),
+        "t": np.arange(n),
+        "h": np.arange(n),
+        "w": np.arange(n),
+        "seconds": np.full(n, np.nan),
+        "frame": np.full(n, -1, np.int32),
+    }
 
     start = (rng.power(3.0, size=(layers, n)) * experts).astype(np.int64) % experts
     start[:, is_audio] = rng.integers(0, experts // 8, size=(layers, int(is_audio.sum())))
@@ -71,42 +66,32 @@ def synthetic_trace(
     weight = (raw / raw.sum(axis=2, keepdims=True)).astype(np.float16)
 
     rows = layers * n * top_k
-    component = np.empty(rows, dtype=object)
-    component[:] = "thinker"
-    phase_of_token = np.repeat(phase, top_k)
-    routing = pd.DataFrame(
-        {
-            "component": pd.Series(component, dtype=object, copy=False),
-            "layer": np.repeat(np.arange(layers, dtype=np.int16), n * top_k),
-            "pos": np.tile(np.repeat(np.arange(n, dtype=np.int32), top_k), layers),
-            "phase": pd.Series(np.tile(phase_of_token, layers), dtype=object, copy=False),
-            "rank": np.tile(np.arange(top_k, dtype=np.int8), layers * n),
-            "expert": expert.reshape(-1),
-            "weight": weight.reshape(-1),
-        }
-    )
+    routing = {
+        "component": np.full(rows, "thinker", dtype=object),
+        "layer": np.repeat(np.arange(layers, dtype=np.int16), n * top_k),
+        "pos": np.tile(np.repeat(np.arange(n, dtype=np.int32), top_k), layers),
+        "phase": np.tile(np.repeat(phase, top_k), layers),
+        "rank": np.tile(np.arange(top_k, dtype=np.int8), layers * n),
+        "expert": expert.reshape(-1),
+        "weight": weight.reshape(-1),
+    }
     stats_rows = layers * n
-    stats_component = np.empty(stats_rows, dtype=object)
-    stats_component[:] = "thinker"
-    router_stats = pd.DataFrame(
-        {
-            "component": pd.Series(stats_component, dtype=object, copy=False),
-            "layer": np.repeat(np.arange(layers, dtype=np.int16), n),
-            "pos": np.tile(np.arange(n, dtype=np.int32), layers),
-            "phase": pd.Series(np.tile(phase, layers), dtype=object, copy=False),
-            "entropy": rng.uniform(1.5, 4.5, stats_rows).astype(np.float32),
-            "topk_mass": rng.uniform(0.3, 0.9, stats_rows).astype(np.float32),
-        }
-    )
+    router_stats = {
+        "component": np.full(stats_rows, "thinker", dtype=object),
+        "layer": np.repeat(np.arange(layers, dtype=np.int16), n),
+        "pos": np.tile(np.arange(n, dtype=np.int32), layers),
+        "phase": np.tile(phase, layers),
+        "entropy": rng.uniform(1.5, 4.5, stats_rows).astype(np.float32),
+        "topk_mass": rng.uniform(0.3, 0.9, stats_rows).astype(np.float32),
+    }
     meta = {
         "model_id": "synthetic-bench",
         "random_weights": True,
         "num_experts": {"thinker": experts},
         "top_k": {"thinker": top_k},
         "position_id_per_seconds": 13,
-        "schema_version": 1,
     }
-    return Trace(tokens=token_table, routing=routing, router_stats=router_stats, meta=meta)
+    return Trace.build(tokens=token_table, routing=routing, router_stats=router_stats, meta=meta)
 
 
 def run(tokens: int = 100_000, layers: int = 48, experts: int = 128, top_k: int = 8) -> dict:

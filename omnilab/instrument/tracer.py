@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..errors import InterventionError
-from ..trace import Trace
+from ..trace import Columns, Trace
 from .context import ForwardTracker
 from .sites import component_module, find_sites, rotary
 from .tower_attention import TOWERS, TowerAttention
@@ -293,6 +293,8 @@ class Tracer:
         self._saved_attn = {}
 
     # -- tables ----------------------------------------------------------------------------------
+    # Tables are built as column arrays in the schema's dtypes (no DataFrames: a collection pays this
+    # per sample, and the store writes the arrays to Arrow directly; DataFrames come on first access).
     def _build(self) -> Trace:
         tokens = self._tokens_table()
         tables = {"tokens": tokens, "spans": _spans(tokens)}
@@ -301,13 +303,11 @@ class Tracer:
         if self._codes:
             codes = np.stack(self._codes)
             frames, books = np.meshgrid(np.arange(codes.shape[0]), np.arange(codes.shape[1]), indexing="ij")
-            tables["codes"] = pd.DataFrame(
-                {"frame": frames.ravel(), "codebook": books.ravel(), "code": codes.ravel()}
-            )
+            tables["codes"] = {"frame": frames.ravel(), "codebook": books.ravel(), "code": codes.ravel()}
         if self._attention:
             tables["attention"] = self._attention_table()
         if self._tower_rows is not None and len(self._tower_rows["weight"]):
-            tables["tower_attention"] = pd.DataFrame(self._tower_rows)
+            tables["tower_attention"] = {name: np.asarray(values) for name, values in self._tower_rows.items()}
         if "timings" in self.capture:
             tables["timings"] = self._timings_table()
         reply = self._reply
@@ -321,15 +321,14 @@ class Tracer:
         audio = reply.audio if reply is not None else None
         return Trace.build(audio=audio, sample_rate=24_000, meta=meta, **tables)
 
-    def _tokens_table(self) -> pd.DataFrame:
-        frames = []
+    def _tokens_table(self) -> Columns:
+        parts = []
         for component in ("thinker", "talker"):
             rows = self._ids.get(component, {})
             if not rows:
                 continue
-            starts = sorted(rows)
             ids, phase, step, pos, t, h, w = [], [], [], [], [], [], []
-            for start in starts:
+            for start in sorted(rows):
                 ph, st, row_ids, length = rows[start]
                 if row_ids is None:
                     row_ids = np.full(length, -1, dtype=np.int64)
@@ -337,59 +336,54 @@ class Tracer:
                 if positions is None:
                     positions = np.tile(np.arange(start, start + length), (3, 1))
                 ids.append(row_ids[:length])
-                phase += [ph] * length
-                step.append(np.full(length, st))
-                pos.append(np.arange(start, start + length))
+                phase.append(np.full(length, ph, dtype=object))
+                step.append(np.full(length, st, dtype=np.int32))
+                pos.append(np.arange(start, start + length, dtype=np.int32))
                 t.append(positions[0]), h.append(positions[1]), w.append(positions[2])
-            frame = pd.DataFrame(
-                {
-                    "component": component,
-                    "phase": phase,
-                    "step": np.concatenate(step),
-                    "pos": np.concatenate(pos),
-                    "token_id": np.concatenate(ids),
-                    "t": np.concatenate(t),
-                    "h": np.concatenate(h),
-                    "w": np.concatenate(w),
-                }
-            )
+            columns = {
+                "component": None,
+                "phase": np.concatenate(phase),
+                "step": np.concatenate(step),
+                "pos": np.concatenate(pos),
+                "token_id": np.concatenate(ids),
+                "t": np.concatenate(t),
+                "h": np.concatenate(h),
+                "w": np.concatenate(w),
+            }
             if component == "thinker":
-                frame = self._append_unfed_tokens(frame)
-            frames.append(_annotate(frame, component, self.lab.processor.tokenizer, _pps(self.model)))
-        if not frames:
-            return pd.DataFrame(columns=["component"])
-        return pd.concat(frames, ignore_index=True)
+                columns = self._append_unfed_tokens(columns)
+            columns["component"] = np.full(len(columns["pos"]), component, dtype=object)
+            parts.append(_annotate(columns, component, self.lab.processor.tokenizer, _pps(self.model)))
+        return concat_columns(parts)
 
-    def _append_unfed_tokens(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def _append_unfed_tokens(self, columns: Columns) -> Columns:
         """Generated tokens that were never fed back (the last one) still belong in the trace."""
         reply = self._reply
         if reply is None or self._prompt is None:
-            return frame
+            return columns
         length = self._prompt["length"]
         wanted = np.arange(length, length + len(reply.token_ids))
-        missing = wanted[~np.isin(wanted, frame["pos"].to_numpy())]
+        missing = wanted[~np.isin(wanted, columns["pos"])]
         if len(missing) == 0:
-            return frame
-        last = frame.iloc[-1]
-        extra = pd.DataFrame(
-            {
-                "component": "thinker",
-                "phase": "decode",
-                "step": (missing - length + 1).astype(np.int64),
-                "pos": missing,
-                "token_id": np.asarray(reply.token_ids, dtype=np.int64)[missing - length],
-                "t": last["t"] + (missing - last["pos"]),
-                "h": last["h"] + (missing - last["pos"]),
-                "w": last["w"] + (missing - last["pos"]),
-            }
-        )
-        return pd.concat([frame, extra], ignore_index=True)
+            return columns
+        last = int(np.argmax(columns["pos"]))
+        offset = missing - columns["pos"][last]
+        extra = {
+            "component": None,
+            "phase": np.full(len(missing), "decode", dtype=object),
+            "step": (missing - length + 1).astype(np.int32),
+            "pos": missing.astype(np.int32),
+            "token_id": np.asarray(reply.token_ids, dtype=np.int64)[missing - length],
+            "t": columns["t"][last] + offset,
+            "h": columns["h"][last] + offset,
+            "w": columns["w"][last] + offset,
+        }
+        return {c: None if c == "component" else np.concatenate([v, extra[c]]) for c, v in columns.items()}
 
-    def _routing_tables(self) -> dict[str, pd.DataFrame]:
-        # Concatenate the per-forward arrays first and build each table once (a DataFrame per layer and
-        # forward would cost more than the forward itself on small models). Records sorted by
-        # (component, layer, start) give rows sorted by (component, layer, pos): a forward's positions
-        # are contiguous. One block per component, as thinker and talker pick different k.
+    def _routing_tables(self) -> dict[str, Columns]:
+        # Concatenate the per-forward arrays once per table. Records sorted by (component, layer,
+        # start) give rows sorted by (component, layer, pos): a forward's positions are contiguous.
+        # One block per component, as thinker and talker pick different k.
         records = sorted(self._routing, key=lambda r: (r[0] != "thinker", r[1], r[2]))
         stats, routing = [], []
         for name in ("thinker", "talker"):
@@ -397,83 +391,73 @@ class Tracer:
             if not rows:
                 continue
             n_of = [r[4].shape[0] for r in rows]
-            block = pd.DataFrame(
-                {
-                    "component": np.full(sum(n_of), name, dtype=object),
-                    "layer": np.repeat(np.array([r[1] for r in rows], dtype=np.int16), n_of),
-                    "pos": np.concatenate(
-                        [np.arange(r[2], r[2] + n, dtype=np.int32) for r, n in zip(rows, n_of, strict=True)]
-                    ),
-                    "phase": np.repeat(np.array([r[3] for r in rows], dtype=object), n_of),
-                    "entropy": np.concatenate([r[6] for r in rows]),
-                    "topk_mass": np.concatenate([r[7] for r in rows]),
-                }
-            )
+            block = {
+                "component": np.full(sum(n_of), name, dtype=object),
+                "layer": np.repeat(np.array([r[1] for r in rows], dtype=np.int16), n_of),
+                "pos": np.concatenate(
+                    [np.arange(r[2], r[2] + n, dtype=np.int32) for r, n in zip(rows, n_of, strict=True)]
+                ),
+                "phase": np.repeat(np.array([r[3] for r in rows], dtype=object), n_of),
+                "entropy": np.concatenate([r[6] for r in rows]),
+                "topk_mass": np.concatenate([r[7] for r in rows]),
+            }
             k = rows[0][4].shape[1]
             stats.append(block)
             routing.append(
-                pd.DataFrame(
-                    {
-                        **{
-                            c: np.repeat(block[c].to_numpy(), k)
-                            for c in ("component", "layer", "pos", "phase")
-                        },
-                        "rank": np.tile(np.arange(k, dtype=np.int8), len(block)),
-                        "expert": np.concatenate([r[4] for r in rows]).ravel(),
-                        "weight": np.concatenate([r[5] for r in rows]).ravel(),
-                    }
-                )
+                {
+                    **{c: np.repeat(block[c], k) for c in ("component", "layer", "pos", "phase")},
+                    "rank": np.tile(np.arange(k, dtype=np.int8), len(block["pos"])),
+                    "expert": np.concatenate([r[4] for r in rows]).ravel(),
+                    "weight": np.concatenate([r[5] for r in rows]).ravel(),
+                }
             )
-        out = {
-            "router_stats": pd.concat(stats, ignore_index=True),
-            "routing": pd.concat(routing, ignore_index=True),
-        }
+        out = {"router_stats": concat_columns(stats), "routing": concat_columns(routing)}
         logits = []
         for name, layer_, start, _, _, _, _, _, raw in records:
             if raw is None:
                 continue
             n, e = raw.shape
             logits.append(
-                pd.DataFrame(
-                    {
-                        "component": name,
-                        "layer": np.int16(layer_),
-                        "pos": np.repeat(np.arange(start, start + n, dtype=np.int32), e),
-                        "expert": np.tile(np.arange(e, dtype=np.int16), n),
-                        "logit": raw.ravel(),
-                    }
-                )
+                {
+                    "component": np.full(n * e, name, dtype=object),
+                    "layer": np.full(n * e, layer_, dtype=np.int16),
+                    "pos": np.repeat(np.arange(start, start + n, dtype=np.int32), e),
+                    "expert": np.tile(np.arange(e, dtype=np.int16), n),
+                    "logit": raw.ravel(),
+                }
             )
         if logits:
-            out["router_logits"] = pd.concat(logits, ignore_index=True)
+            out["router_logits"] = concat_columns(logits)
         return out
 
-    def _attention_table(self) -> pd.DataFrame:
+    def _attention_table(self) -> Columns:
         parts = []
         for component, layer, start, heads in self._attention:
             for head, weights in heads:
                 lq, lk = weights.shape
                 q, k = np.meshgrid(np.arange(start, start + lq), np.arange(lk), indexing="ij")
                 parts.append(
-                    pd.DataFrame(
-                        {
-                            "component": component,
-                            "layer": layer,
-                            "head": head,
-                            "query_pos": q.ravel(),
-                            "key_pos": k.ravel(),
-                            "weight": weights.ravel(),
-                        }
-                    )
+                    {
+                        "component": np.full(lq * lk, component, dtype=object),
+                        "layer": np.full(lq * lk, layer, dtype=np.int16),
+                        "head": np.full(lq * lk, head, dtype=np.int16),
+                        "query_pos": q.ravel(),
+                        "key_pos": k.ravel(),
+                        "weight": weights.ravel(),
+                    }
                 )
-        return pd.concat(parts, ignore_index=True)
+        return concat_columns(parts)
 
-    def _timings_table(self) -> pd.DataFrame:
+    def _timings_table(self) -> Columns:
         # The code predictor runs between talker forwards (while preparing the next step's inputs),
         # so the stages do not nest and each is its own time.
         times = dict(self._times)
-        rows = [(s, times[s], self._calls[s]) for s in STAGES if s in times]
-        return pd.DataFrame(rows, columns=["stage", "seconds", "calls"])
+        stages = [s for s in STAGES if s in times]
+        return {
+            "stage": np.array(stages, dtype=object),
+            "seconds": np.array([times[s] for s in stages], dtype=np.float64),
+            "calls": np.array([self._calls[s] for s in stages], dtype=np.int32),
+        }
 
 
 def trace_meta(lab, *, capture, text: str, items: list, use_audio_in_video: bool, **extra) -> dict:
@@ -515,23 +499,33 @@ def _pps(model) -> float:
     return float(thinker.config.position_id_per_seconds)
 
 
-def _annotate(frame: pd.DataFrame, component: str, tokenizer, pps: float) -> pd.DataFrame:
-    """Add text, modality, item, seconds and frame to a component's token rows (sorted by pos)."""
-    frame = frame.sort_values("pos", kind="stable").reset_index(drop=True)
-    ids = frame["token_id"].to_numpy()
-    n = len(frame)
+def concat_columns(parts: list[Columns]) -> Columns | None:
+    """Tables given as column arrays, one after the other (None for no parts)."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+def _annotate(columns: Columns, component: str, tokenizer, pps: float) -> Columns:
+    """A component's token columns, sorted by pos, with text, modality, item, seconds and frame added."""
+    order = np.argsort(columns["pos"], kind="stable")
+    columns = {c: v[order] for c, v in columns.items()}
+    ids = columns["token_id"]
+    n = len(ids)
     modality = np.full(n, "text", dtype=object)
     modality[ids == AUDIO_ID] = "audio"
     modality[ids == IMAGE_ID] = "image"
     modality[ids == VIDEO_ID] = "video"
     if component == "talker":
-        modality[frame["phase"].to_numpy() == "decode"] = "speech"
+        modality[columns["phase"] == "decode"] = "speech"
     # A media item is a run of its modality's tokens inside one <|vision_start|>/<|audio_start|> block.
     block = np.cumsum((ids == VISION_START_ID) | (ids == AUDIO_START_ID))
     item = np.full(n, -1, dtype=np.int32)
     frame_index = np.full(n, -1, dtype=np.int32)
     seconds = np.full(n, np.nan)
-    t = frame["t"].to_numpy()
+    t = columns["t"]
     for kind in ("audio", "image", "video"):
         where = np.flatnonzero(modality == kind)
         if len(where) == 0:
@@ -555,7 +549,7 @@ def _annotate(frame: pd.DataFrame, component: str, tokenizer, pps: float) -> pd.
                 frame_index[members] = 0
     if component == "talker":
         speech = modality == "speech"
-        frame_index[speech] = frame["step"].to_numpy()[speech] - 1
+        frame_index[speech] = columns["step"][speech] - 1
     text = np.full(n, "", dtype=object)
     if component == "thinker":
         # Media placeholders repeat one id hundreds of times: decode each distinct id once.
@@ -564,30 +558,32 @@ def _annotate(frame: pd.DataFrame, component: str, tokenizer, pps: float) -> pd.
         text = np.array(
             [tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces], dtype=object
         )[inverse]
-    frame["text"] = text
-    frame["modality"] = modality
-    frame["item"] = item
-    frame["seconds"] = seconds
-    frame["frame"] = frame_index
-    return frame
+    return {**columns, "text": text, "modality": modality, "item": item, "seconds": seconds, "frame": frame_index}
 
 
-def _spans(tokens: pd.DataFrame) -> pd.DataFrame:
+def _spans(tokens: Columns | None) -> Columns | None:
     """Contiguous runs of one modality (and item) in each component's sequence."""
-    if len(tokens) == 0 or "modality" not in tokens:
-        return pd.DataFrame(columns=["component", "modality", "item", "start", "end"])
-    rows = []
-    components = tokens["component"].to_numpy(dtype=object)
+    if tokens is None or len(tokens["pos"]) == 0:
+        return None
+    parts = []
+    components = tokens["component"]
     for component in pd.unique(components):
-        group = tokens[components == component]
-        order = np.argsort(group["pos"].to_numpy(), kind="stable")
-        pos = group["pos"].to_numpy()[order]
-        mods = group["modality"].to_numpy(dtype=object)[order]
-        items = group["item"].to_numpy()[order]
+        mask = components == component
+        order = np.argsort(tokens["pos"][mask], kind="stable")
+        pos = tokens["pos"][mask][order]
+        mods = tokens["modality"][mask][order]
+        items = tokens["item"][mask][order]
         change = np.ones(len(pos), dtype=bool)
         change[1:] = (mods[1:] != mods[:-1]) | (items[1:] != items[:-1])
         starts = np.flatnonzero(change)
         ends = np.append(starts[1:], len(pos))
-        for s, e in zip(starts, ends, strict=True):
-            rows.append((component, mods[s], int(items[s]), int(pos[s]), int(pos[e - 1]) + 1))
-    return pd.DataFrame(rows, columns=["component", "modality", "item", "start", "end"])
+        parts.append(
+            {
+                "component": np.full(len(starts), component, dtype=object),
+                "modality": mods[starts],
+                "item": items[starts],
+                "start": pos[starts],
+                "end": pos[ends - 1] + 1,
+            }
+        )
+    return concat_columns(parts)

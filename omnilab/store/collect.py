@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from ..errors import ConversationError, OmnilabError, TraceError
 from ..trace import TABLES as TRACE_TABLES
+from ..trace import to_arrow
 from . import layout
 from .manifest import Sample, read_manifest
 
@@ -235,55 +236,49 @@ def run_sample(
 def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
     """The non-empty tables of `trace` as Arrow tables in the store's schema (`sample_id` in front).
 
-    Columns go to Arrow one by one in the schema's types (no pandas metadata round trip: this runs
-    once per sample and table, so its cost is part of what tracing costs a collection).
+    Read from the trace's column arrays, never through pandas: this runs once per sample and table,
+    so its cost is part of what tracing costs a collection.
     """
     out = {}
-    lookup = None
+    modality_of = None
     for name in TRACE_TABLES:
-        frame = trace.table(name)
-        n = len(frame)
+        n = trace.rows(name)
         if n == 0:
             continue
+        columns = trace.columns(name)
         schema = layout.schema(name)
-        columns = {}
+        arrays = []
         for column in schema:
             if column.name == "sample_id":
-                columns[column.name] = pa.repeat(pa.scalar(sample_id, pa.string()), n)
+                arrays.append(pa.repeat(pa.scalar(sample_id, pa.string()), n))
             elif column.name == "modality" and name in layout.WITH_MODALITY:
-                if lookup is None:
-                    lookup = _modality_lookup(trace.tokens)
-                columns[column.name] = pa.array(_modality_of(frame, lookup), column.type)
+                if modality_of is None:
+                    modality_of = _modality_lookup(trace.columns("tokens"))
+                arrays.append(pa.array(modality_of(columns), column.type))
             else:
-                values = frame[column.name]
-                values = values.to_numpy(dtype=object) if pa.types.is_string(column.type) else values.to_numpy()
-                columns[column.name] = pa.array(values, column.type)
-        out[name] = pa.Table.from_arrays(list(columns.values()), schema=schema)
+                arrays.append(to_arrow(columns[column.name], column.type))
+        out[name] = pa.Table.from_arrays(arrays, schema=schema)
     return out
 
 
-def _modality_lookup(tokens) -> dict[str, np.ndarray]:
-    """Per component, the modality of each pos (None where absent, and in the last slot)."""
+def _modality_lookup(tokens: dict[str, np.ndarray]):
+    """A function giving each row's token modality, looked up by (component, pos) (None where absent)."""
     lookup = {}
-    components = tokens["component"].to_numpy(dtype=object)
-    for component in pd.unique(components):
-        mask = components == component
-        pos = tokens["pos"].to_numpy()[mask]
-        table = np.full(int(pos.max()) + 2, None, dtype=object)
-        table[pos] = tokens["modality"].to_numpy(dtype=object)[mask]
+    for component in pd.unique(tokens["component"]):
+        mask = tokens["component"] == component
+        pos = tokens["pos"][mask]
+        table = np.full(int(pos.max()) + 2, None, dtype=object)  # the last slot: positions past the end
+        table[pos] = tokens["modality"][mask]
         lookup[component] = table
-    return lookup
 
+    def modality_of(rows: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.full(len(rows["pos"]), None, dtype=object)
+        for component, table in lookup.items():
+            mask = rows["component"] == component
+            out[mask] = table[np.minimum(rows["pos"][mask], len(table) - 1)]
+        return out
 
-def _modality_of(rows, lookup: dict[str, np.ndarray]) -> np.ndarray:
-    """Each row's token modality, looked up by (component, pos) (None where absent)."""
-    out = np.full(len(rows), None, dtype=object)
-    components = rows["component"].to_numpy(dtype=object)
-    positions = rows["pos"].to_numpy()
-    for component, table in lookup.items():
-        mask = components == component
-        out[mask] = table[np.minimum(positions[mask], len(table) - 1)]
-    return out
+    return modality_of
 
 
 # -- writing -------------------------------------------------------------------------------------

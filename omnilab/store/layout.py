@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..errors import TraceError
-from ..trace import COLUMNS, SCHEMA_VERSION
+from ..trace import ARROW_TYPES, COLUMNS, SCHEMA_VERSION
 from ..trace import TABLES as TRACE_TABLES
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,6 @@ TMP = "_tmp"
 LOCK = ".lock"
 SHARD_PATTERN = re.compile(r"^shard=(\d{6,})$")
 
-_ARROW = {
-    "object": pa.string(),
-    "bool": pa.bool_(),
-    "int8": pa.int8(),
-    "int16": pa.int16(),
-    "int32": pa.int32(),
-    "int64": pa.int64(),
-    "float16": pa.float16(),
-    "float32": pa.float32(),
-    "float64": pa.float64(),
-}
 
 # One row per sample that ran. `conversation` and `extra` are JSON as written in the manifest
 # (media paths as given there); `meta` is the Trace's metadata as JSON.
@@ -107,7 +96,7 @@ TABLES = ("samples", "errors", *TRACE_TABLES)
 def schema(table: str) -> pa.Schema:
     """The Arrow schema of a store table: `sample_id`, then the table's columns."""
     fields = [pa.field("sample_id", pa.string(), nullable=False)]
-    fields += [pa.field(name, _ARROW[dtype]) for name, dtype in STORE_COLUMNS[table].items()]
+    fields += [pa.field(name, ARROW_TYPES[dtype]) for name, dtype in STORE_COLUMNS[table].items()]
     return pa.schema(fields, metadata={b"omnilab.schema_version": str(SCHEMA_VERSION).encode()})
 
 
