@@ -46,7 +46,6 @@ MAX_SPEECH_FRAMES = 4_096  # 5.5 min of speech at 12.5 frames/s
 MAX_TURNS = 16
 MAX_UPLOAD_BYTES = 200 * 1024**2
 MAX_ERROR_CHARS = 600
-STREAM_CHUNK_FRAMES = 4  # frames per code2wav decode after the first (amortizes its left context)
 CAPTURE = ("routing", "positions", "codes", "timings")
 
 
@@ -433,7 +432,7 @@ def stream_turn(
     """
     conversation = session.conversation(system, message)
     text, done = "", None
-    events = lab.stream(conversation, **opts.generate_kwargs(), trace=True, chunk_frames=STREAM_CHUNK_FRAMES)
+    events = lab.stream(conversation, **opts.generate_kwargs(), trace=True)
     with (
         model_lock(lab),
         _upload_errors(conversation),

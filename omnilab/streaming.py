@@ -16,7 +16,10 @@ thinker's prefill and that token, with the model's own `_get_talker_user_parts` 
 consumes, running thinker steps meanwhile. Audio leaves as soon as a frame's 16 codes exist: the code
 predictor runs first, code2wav decodes the new frames with causal left context, and only samples not
 yet sent are emitted (the causal transposed convolutions hold the last few hundred back until the
-next frame arrives, so samples are counted, never sliced by frames).
+next frame arrives, so samples are counted, never sliced by frames). By default each chunk after the
+first frame is as long as all the audio already sent (1, 2, 4 ... 32 frames): the exact left context
+(143 frames on the presets) is then paid a few times per reply, not once per frame, and the audio
+already playing covers the wait for the next chunk whenever codes come faster than real time.
 
 Each model is stepped with transformers' own generation machinery. Its `generate` prepares the
 decoding state (generation config, logits processors, stopping criteria, cache, position ids,
@@ -153,7 +156,7 @@ def stream(
     use_audio_in_video: bool = False,
     seed: int | None = None,
     trace: bool = True,
-    chunk_frames: int = 1,
+    chunk_frames: int | str = "grow",
     left_context: int | None = None,
 ) -> Iterator[StreamEvent]:
     """Stream one assistant turn: text deltas, audio chunks and trace events as they are made.
@@ -161,7 +164,10 @@ def stream(
     The options are those of `OmniLab.generate` (greedy by default; the same text and codes), plus:
     `trace` (emit "trace" events with each forward's routing and positions, and attach routing to
     the final Trace), `chunk_frames` (frames per code2wav decode after the first, which always
-    decodes the first frame alone for the soonest packet; more amortize the left context) and
+    decodes the first frame alone for the soonest packet; more amortize the left context; "grow"
+    makes each as long as all the audio sent before it (1, 2, 4, 8 ... up to `GROW_CAP_FRAMES`), so
+    that the audio already sent covers the wait for the next chunk whenever the codes come at least
+    as fast as real time) and
     `left_context` (frames of causal context per decode; default `exact_left_context`, the
     receptive field of code2wav, which keeps the audio equal to a full decode's to rounding).
     Returns a generator; nothing runs until the first `next()`, and `close()` stops it.
@@ -176,8 +182,8 @@ def stream(
         lab.speaker_id(speaker)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConversationError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
-    if not isinstance(chunk_frames, int) or chunk_frames < 1:
-        raise ConversationError(f"chunk_frames must be a positive int; got {chunk_frames!r}")
+    if chunk_frames != "grow" and (not isinstance(chunk_frames, int) or chunk_frames < 1):
+        raise ConversationError(f"chunk_frames must be a positive int or 'grow'; got {chunk_frames!r}")
     if left_context is not None and (not isinstance(left_context, int) or left_context < 1):
         raise ConversationError(f"left_context must be a positive number of frames; got {left_context!r}")
     options = dict(
@@ -336,6 +342,7 @@ def exact_left_context(code2wav) -> int:
 
 
 _CONV_CONTEXT_FRAMES = 8  # the causal convolutions after the transformer reach back < 8 frames
+GROW_CAP_FRAMES = 32  # the largest chunk of chunk_frames="grow" (2.56 s of speech)
 
 
 class SpeechDecoder:
@@ -346,11 +353,18 @@ class SpeechDecoder:
     yields n × 1,920 samples minus a tail the causal transposed convolutions hold back until the
     next frame comes, so the decoder counts the samples it has sent and emits only those after them.
     The first decode runs as soon as `first_chunk_frames` frames are in, later ones every
-    `chunk_frames`.
+    `chunk_frames`, or with `chunk_frames="grow"` after 1, 2, 4, 8 ... new frames (at most
+    `GROW_CAP_FRAMES`): each chunk is then as long as all the audio sent before it, and the left
+    context is paid about log2(n) + n / 32 times instead of n times.
     """
 
     def __init__(
-        self, code2wav, *, left_context: int | None = None, chunk_frames: int = 1, first_chunk_frames: int = 1
+        self,
+        code2wav,
+        *,
+        left_context: int | None = None,
+        chunk_frames: int | str = 1,
+        first_chunk_frames: int = 1,
     ):
         self.code2wav = code2wav
         self.left_context = exact_left_context(code2wav) if left_context is None else int(left_context)
@@ -369,8 +383,15 @@ class SpeechDecoder:
     def push(self, codes) -> np.ndarray | None:
         """Add one frame's 16 codes; the new samples if a chunk was due, else None."""
         self.frames.append(np.asarray(codes, dtype=np.int64).reshape(-1))
-        due = self.first_chunk_frames if self.frames_decoded == 0 else self.chunk_frames
-        return self._decode() if len(self.frames) - self.frames_decoded >= due else None
+        return self._decode() if len(self.frames) - self.frames_decoded >= self._due() else None
+
+    def _due(self) -> int:
+        """New frames the next decode waits for."""
+        if self.frames_decoded == 0:
+            return self.first_chunk_frames
+        if self.chunk_frames == "grow":
+            return min(self.frames_decoded, GROW_CAP_FRAMES)  # as long as what was sent so far
+        return self.chunk_frames
 
     def flush(self) -> np.ndarray | None:
         """Decode what is left; after the last frame this includes the tail held back so far."""

@@ -41,7 +41,7 @@ def reference(tiny):
 
 @pytest.fixture(scope="module")
 def events(tiny):
-    return _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES)
+    return _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, chunk_frames=1)
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +298,8 @@ def test_bad_options_fail_at_the_call_with_the_way_out(tiny):
         stream(tiny, HELLO, speaker="Nobody")
     with pytest.raises(ConversationError, match="chunk_frames"):
         stream(tiny, HELLO, chunk_frames=0)
+    with pytest.raises(ConversationError, match="a positive int or 'grow'"):
+        stream(tiny, HELLO, chunk_frames="fast")
     with pytest.raises(ConversationError, match="max_new_tokens"):
         stream(tiny, HELLO, max_new_tokens=0)
 
@@ -307,6 +309,10 @@ def test_larger_chunks_after_the_first_frame_keep_the_audio(tiny, done):
     chunks = [e for e in events if e.kind == "audio"]
     assert [c.frame for c in chunks] == [0, 3, 4]  # frame 0 alone, then every 3, then the rest
     assert np.array_equal(events[-1].reply.codes, done.reply.codes)
+    assert _relative_error(np.concatenate([c.audio for c in chunks]), done.reply.audio) <= 1e-5
+    grown = _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, trace=False)  # the default
+    chunks = [e for e in grown if e.kind == "audio"]
+    assert [c.frame for c in chunks] == [0, 1, 3, 4]  # 1, 1, 2 frames (each as long as all before), the rest
     assert _relative_error(np.concatenate([c.audio for c in chunks]), done.reply.audio) <= 1e-5
 
 
@@ -336,6 +342,19 @@ def test_speech_decoder_with_the_receptive_field_as_context_equals_a_full_decode
     audio, full = _decode_both_ways(short_window_code2wav, chunk_frames=3)
     assert len(audio) == len(full)
     assert _relative_error(audio, full) <= 1e-5
+
+
+def test_growing_chunks_double_until_the_cap_and_keep_the_audio(short_window_code2wav, monkeypatch):
+    import omnilab.streaming as streaming
+
+    monkeypatch.setattr(streaming, "GROW_CAP_FRAMES", 4)
+    codes = np.random.default_rng(0).integers(0, 2048, size=(24, 16))
+    decoder = SpeechDecoder(short_window_code2wav, chunk_frames="grow")
+    decoded_after = [i for i, frame in enumerate(codes) if decoder.push(frame) is not None]
+    # each chunk as long as everything sent before it: 1, 1, 2, then the cap of 4
+    assert decoded_after == [0, 1, 3, 7, 11, 15, 19, 23]
+    audio, full = _decode_both_ways(short_window_code2wav, chunk_frames="grow")
+    assert len(audio) == len(full) and _relative_error(audio, full) <= 1e-5
 
 
 def test_speech_decoder_with_only_the_sliding_window_as_context_drifts(short_window_code2wav):
