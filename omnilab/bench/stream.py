@@ -85,7 +85,7 @@ def run(
     }
     # The same turn with chunk_frames="grow": fewer code2wav decodes, the same first packet.
     grown = None
-    for event in lab.stream(conversation, chunk_frames="grow", left_context=left_context, trace=False, **options):
+    for event in lab.stream(conversation, chunk_frames="grow", left_context=left_context, **options):
         if event.kind == "done":
             grown = event
     g = grown.timings
