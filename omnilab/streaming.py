@@ -916,7 +916,9 @@ class _Stream:
         tables["timings"] = pd.DataFrame(list(stages), columns=["stage", "seconds", "calls"])
         meta = trace_meta(
             self.lab,
-            capture=["routing", "positions", "codes", "timings"] if self.trace else ["positions", "codes", "timings"],
+            capture=["routing", "positions", "codes", "timings"]
+            if self.trace
+            else ["positions", "codes", "timings"],
             text=text,
             items=gathered.items,
             use_audio_in_video=self.options["use_audio_in_video"],

@@ -282,9 +282,13 @@ class Trace:
     tokens = property(lambda self: self.table("tokens"), doc="one row per token of each component's sequence")
     routing = property(lambda self: self.table("routing"), doc="one row per (token, layer, rank)")
     router_stats = property(lambda self: self.table("router_stats"), doc="one row per (token, layer)")
-    router_logits = property(lambda self: self.table("router_logits"), doc="full router logits (capture 'logits')")
+    router_logits = property(
+        lambda self: self.table("router_logits"), doc="full router logits (capture 'logits')"
+    )
     codes = property(lambda self: self.table("codes"), doc="one row per (speech frame, codebook)")
-    attention = property(lambda self: self.table("attention"), doc="thinker/talker attention of chosen layers")
+    attention = property(
+        lambda self: self.table("attention"), doc="thinker/talker attention of chosen layers"
+    )
     tower_attention = property(lambda self: self.table("tower_attention"), doc="audio/vision tower attention")
     spans = property(lambda self: self.table("spans"), doc="contiguous runs of one modality and item")
     timings = property(lambda self: self.table("timings"), doc="seconds and calls per stage")

@@ -63,4 +63,3 @@ def browser():
             yield chromium
         finally:
             chromium.close()
-

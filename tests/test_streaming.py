@@ -137,7 +137,10 @@ def test_done_trace_has_tokens_routing_codes_and_timings(done):
     assert trace.meta["latency"]["first_packet_latency"] == done.timings.first_packet_latency
     # The same metadata as a traced generate: the analyses read the routing shape from it.
     assert set(trace.meta["components"]) == {"thinker", "talker"}
-    assert trace.meta["components"]["talker"]["top_k"] == int(trace.routing.query("component == 'talker'")["rank"].max()) + 1
+    assert (
+        trace.meta["components"]["talker"]["top_k"]
+        == int(trace.routing.query("component == 'talker'")["rank"].max()) + 1
+    )
 
 
 @pytest.mark.parametrize("table", ["tokens", "routing", "router_stats", "codes", "spans"])

@@ -30,11 +30,11 @@ LOAD_TARGET_S = 1.0
 RATIO_TARGET = 0.9
 
 
-def run(model: str | None = None, rows: int = ROWS, repeats: int = 3) -> dict:
+def run(model: str | None = None, rows: int = ROWS, repeats: int = 3, collect_repeats: int = 3) -> dict:
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         figures.update(_scale(Path(tmp) / "synthetic", rows, repeats))
-        figures.update(_throughput(model or "tiny", Path(tmp), repeats=3))
+        figures.update(_throughput(model or "tiny", Path(tmp), repeats=collect_repeats))
     return figures
 
 

@@ -4,8 +4,8 @@ first-packet latency / full-reply latency for `lab.stream` (target <= 0.15) and 
 `generate(return_audio=True)` (1.0 by construction: its audio exists only when everything is done);
 the real-time factor of both; the stream's stage breakdown (thinker TTFT, talker TTFT, code predictor
 per frame, code2wav per chunk), next to Qwen3-Omni's published GPU figures; and whether the streamed
-tokens and codes are generate's. The same turn again with chunk_frames="grow" (chunks as long as
-the audio already sent): its first packet, real-time factor and code2wav share.
+tokens and codes are generate's. The stream uses the default chunks (each as long as the audio
+already sent); the same turn decoded frame by frame (chunk_frames=1) shows what that saves.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def run(
     model: str = "small",
     speech_frames: int = 76,
     max_new_tokens: int = 24,
-    chunk_frames: int = 1,
+    chunk_frames: int | str = "grow",
     left_context: int | None = None,
 ) -> dict:
     """Run generate and stream once each on the same greedy turn (after a short warm-up of both)."""
@@ -83,21 +83,22 @@ def run(
         "audio_samples": len(done.reply.audio),
         "expected_samples_upper_bound": t.frames * SAMPLES_PER_FRAME,
     }
-    # The same turn with chunk_frames="grow": fewer code2wav decodes, the same first packet.
-    grown = None
-    for event in lab.stream(conversation, chunk_frames="grow", left_context=left_context, **options):
+    # The same turn decoded frame by frame (chunk_frames=1): what the growing chunks save.
+    single = None
+    for event in lab.stream(conversation, chunk_frames=1, left_context=left_context, **options):
         if event.kind == "done":
-            grown = event
-    g = grown.timings
+            single = event
+    f = single.timings
     figures.update(
         {
-            "grow_first_packet_s": g.first_packet_latency,
-            "grow_full_reply_s": g.full_reply_latency,
-            "grow_real_time_factor": g.real_time_factor,
-            "grow_code2wav_chunks": g.chunks,
-            "grow_code2wav_s": dict((stage, seconds) for stage, seconds, _ in g.stages).get("code2wav", 0.0),
-            "grow_audio_max_abs_diff": float(np.abs(grown.reply.audio - done.reply.audio).max()),
-            "grow_audio_peak": float(np.abs(done.reply.audio).max()),
+            "per_frame_first_packet_s": f.first_packet_latency,
+            "per_frame_real_time_factor": f.real_time_factor,
+            "per_frame_code2wav_chunks": f.chunks,
+            "per_frame_code2wav_s": dict((stage, seconds) for stage, seconds, _ in f.stages).get(
+                "code2wav", 0.0
+            ),
+            "per_frame_audio_max_abs_diff": float(np.abs(single.reply.audio - done.reply.audio).max()),
+            "audio_peak": float(np.abs(done.reply.audio).max()),
         }
     )
     if speech_s < MIN_SPEECH_SECONDS:

@@ -37,7 +37,9 @@ def recording_attention(module, query, key, value, attention_mask=None, scaling=
     """An attention function: the model's eager attention, keeping the weights, for recorded modules."""
     recorder = _recorders.get(id(module))
     if recorder is None:
-        return _original(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _original(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     output, weights = modeling.eager_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
     )
@@ -124,7 +126,9 @@ class TowerAttention:
             for call, window, offset, w in recorder.windows:
                 h, lq, lk = w.shape
                 head_ids = np.asarray(heads if heads is not None else range(h))
-                hh, qq, kk = np.meshgrid(head_ids, np.arange(lq) + offset, np.arange(lk) + offset, indexing="ij")
+                hh, qq, kk = np.meshgrid(
+                    head_ids, np.arange(lq) + offset, np.arange(lk) + offset, indexing="ij"
+                )
                 n = hh.size
                 columns["tower"].append(np.full(n, recorder.tower, dtype=object))
                 columns["layer"].append(np.full(n, recorder.layer))

@@ -307,7 +307,9 @@ class Tracer:
         if self._attention:
             tables["attention"] = self._attention_table()
         if self._tower_rows is not None and len(self._tower_rows["weight"]):
-            tables["tower_attention"] = {name: np.asarray(values) for name, values in self._tower_rows.items()}
+            tables["tower_attention"] = {
+                name: np.asarray(values) for name, values in self._tower_rows.items()
+            }
         if "timings" in self.capture:
             tables["timings"] = self._timings_table()
         reply = self._reply
@@ -558,7 +560,14 @@ def _annotate(columns: Columns, component: str, tokenizer, pps: float) -> Column
         text = np.array(
             [tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces], dtype=object
         )[inverse]
-    return {**columns, "text": text, "modality": modality, "item": item, "seconds": seconds, "frame": frame_index}
+    return {
+        **columns,
+        "text": text,
+        "modality": modality,
+        "item": item,
+        "seconds": seconds,
+        "frame": frame_index,
+    }
 
 
 def _spans(tokens: Columns | None) -> Columns | None:

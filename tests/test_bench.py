@@ -1,0 +1,54 @@
+"""`omnilab bench`: every benchmark runs end to end at a small size and reports coherent figures.
+
+Speeds are not asserted here (they are the benchmarks' business, as ratios in one run); what is
+asserted is what must hold at any speed: the streamed reply is generate's, the store holds every
+synthetic row at under 3 bytes a row, collection ran every sample both ways.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from omnilab.bench import forward, store, stream, trace
+from omnilab.bench._common import DATA
+from omnilab.store import read_manifest
+
+
+def _positive(figures: dict, *names: str) -> None:
+    for name in names:
+        assert figures[name] > 0 and math.isfinite(figures[name]), name
+
+
+def test_bench_forward_times_both_experts_implementations():
+    figures = forward.run("tiny", tokens=64, repeats=1)
+    _positive(figures, "default_s", "eager_s", "default_over_eager")
+    assert figures["tokens"] >= 64
+
+
+def test_bench_trace_measures_tracing_and_what_routing_costs_on_disk():
+    figures = trace.run("tiny", tokens=128, repeats=1)
+    _positive(figures, "bare_s", "traced_s", "peak_trace_memory_mb", "routing_bytes_per_token_layer_k")
+    assert figures["traced_over_bare"] == pytest.approx(figures["traced_s"] / figures["bare_s"])
+    assert "nnsight_s" in figures, figures.get("nnsight_error")
+
+
+@pytest.mark.slow
+def test_bench_store_writes_every_row_compactly_and_collects_every_sample_both_ways():
+    figures = store.run("tiny", rows=200_000, repeats=1, collect_repeats=1)
+    assert figures["routing_rows"] >= 200_000
+    assert figures["bytes_per_routing_row"] < 3
+    assert figures["collect_samples"] == len(read_manifest(DATA / "manifest.jsonl"))
+    _positive(figures, "expert_load_s", "collect_traced_samples_per_s", "collect_bare_samples_per_s")
+    assert 0 < figures["collect_traced_write_share"] < 1
+
+
+@pytest.mark.slow
+def test_bench_stream_streams_generates_reply_in_growing_chunks():
+    figures = stream.run("tiny", speech_frames=12, max_new_tokens=6)
+    assert figures["tokens_identical"] and figures["codes_identical"]
+    assert figures["per_frame_code2wav_chunks"] == figures["frames"]
+    assert figures["per_frame_audio_max_abs_diff"] <= 1e-5 * max(figures["audio_peak"], 1e-12)
+    assert 0 < figures["stream_first_over_full"] < 1
+    assert figures["audio_samples"] <= figures["expected_samples_upper_bound"]
