@@ -452,7 +452,10 @@ def stream_turn(
     trace = done.trace if done.trace is not None else done.reply.trace
     if tracer is not None and trace is not None:
         capture = [*trace.meta.get("capture", []), "attention"]
-        trace = trace.replace(attention=tracer.trace.attention, meta={**trace.meta, "capture": capture})
+        attention = tracer.trace.tables["attention"]
+        trace = replace(
+            trace, tables={**trace.tables, "attention": attention}, meta={**trace.meta, "capture": capture}
+        )
     turn = Turn(conversation, opts, replace(done.reply, trace=trace), timings=done.timings)
     session.record(message, turn)
     yield Update(turn.reply.text, turn=turn)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,15 @@ def conform(table: str, frame: pd.DataFrame | None) -> pd.DataFrame:
     """`frame` with exactly the documented columns, in order, with their dtypes."""
     if frame is None or len(frame) == 0:
         return empty(table)
+    return _frame(_conformed_columns(table, frame))
+
+
+def _conformed_columns(table: str, frame: pd.DataFrame) -> Columns:
+    """The documented columns of `frame` as fresh arrays in their dtypes."""
+    if not isinstance(frame, pd.DataFrame):
+        raise TraceError(
+            f"table '{table}' must be a DataFrame or a dict of column arrays; got {type(frame).__name__}"
+        )
     missing = [c for c in COLUMNS[table] if c not in frame.columns]
     if missing:
         raise TraceError(f"table '{table}' lacks columns {missing}")
@@ -165,12 +175,14 @@ def conform(table: str, frame: pd.DataFrame | None) -> pd.DataFrame:
         values = frame[column]
         if dtype == "object":
             # Strings stay as they are (a C-level check); anything else (categories, numbers) becomes str.
-            if values.dtype != object or pd.api.types.infer_dtype(values, skipna=False) != "string":
+            if len(values) and (
+                values.dtype != object or pd.api.types.infer_dtype(values, skipna=False) != "string"
+            ):
                 values = values.astype(str)
             columns[column] = values.to_numpy(dtype=object).copy()
         else:
             columns[column] = values.to_numpy().astype(dtype, copy=True)
-    return _frame(columns)
+    return columns
 
 
 def conform_columns(table: str, columns: Columns) -> Columns:
@@ -200,72 +212,58 @@ def _frame(columns: Columns) -> pd.DataFrame:
     )
 
 
+@dataclass(frozen=True, eq=False)
 class Trace:
     """What one run did inside: tables (see the module docstring), the reply's audio, and metadata.
 
-    Build one with `Trace.build`. Each table is kept as it was given (a DataFrame, or column arrays
-    from the tracer) and read as a DataFrame (`trace.routing`, `trace.table("routing")`, built on
-    first access and kept) or as Arrow (`trace.arrow("routing")`, which needs no pandas at all: the
-    store writes traces this way).
+    `tables` maps each table name to its column arrays in the schema's dtypes (DataFrames or column
+    dicts given to the constructor, `Trace.build` or `dataclasses.replace` are conformed; a missing
+    table is empty). Read a table as a DataFrame (`trace.routing`, `trace.table("routing")`: built on
+    first access, then kept) or as Arrow (`trace.arrow("routing")`, with no pandas at all: the
+    store and `save` write traces this way).
     """
 
-    __slots__ = ("_columns", "_frames", "audio", "sample_rate", "meta")
+    tables: dict = field(default_factory=dict)
+    audio: np.ndarray | None = None
+    sample_rate: int = 24_000
+    meta: dict = field(default_factory=dict)
+    _frames: dict = field(default_factory=dict, init=False, repr=False)
 
-    def __init__(self, columns: dict, frames: dict, *, audio, sample_rate: int, meta: dict):
-        self._columns: dict[str, Columns] = columns
-        self._frames: dict[str, pd.DataFrame] = frames
-        self.audio: np.ndarray | None = audio
-        self.sample_rate = sample_rate
-        self.meta = meta
+    def __post_init__(self) -> None:
+        unknown = set(self.tables) - set(TABLES)
+        if unknown:
+            raise TraceError(f"unknown trace tables {sorted(unknown)}; the tables are {', '.join(TABLES)}")
+        conformed = {}
+        for name in TABLES:
+            table = self.tables.get(name)
+            if table is None or (isinstance(table, pd.DataFrame) and len(table) == 0):
+                conformed[name] = {c: np.empty(0, dtype=d) for c, d in COLUMNS[name].items()}
+            elif isinstance(table, dict):
+                conformed[name] = conform_columns(name, table)
+            else:
+                conformed[name] = _conformed_columns(name, table)
+        object.__setattr__(self, "tables", conformed)
 
     @classmethod
     def build(cls, *, audio=None, sample_rate: int = 24_000, meta: dict | None = None, **tables) -> Trace:
-        """A Trace of `tables` (DataFrames or dicts of column arrays, by table name; missing ones empty),
-        conformed to the schema."""
-        unknown = set(tables) - set(TABLES)
-        if unknown:
-            raise TraceError(f"unknown trace tables {sorted(unknown)}; the tables are {', '.join(TABLES)}")
-        columns, frames = {}, {}
-        for name in TABLES:
-            table = tables.get(name)
-            if table is None:
-                columns[name] = {c: np.empty(0, dtype=d) for c, d in COLUMNS[name].items()}
-            elif isinstance(table, dict):
-                columns[name] = conform_columns(name, table)
-            else:
-                frames[name] = conform(name, table)
+        """A Trace of `tables` (DataFrames or dicts of column arrays, by table name; missing ones
+        empty), its meta stamped with the schema version."""
         meta = {"schema_version": SCHEMA_VERSION, **(meta or {})}
-        return cls(columns, frames, audio=audio, sample_rate=sample_rate, meta=meta)
-
-    def replace(self, **changes) -> Trace:
-        """A copy with some tables (DataFrames or column arrays), `audio`, `sample_rate` or `meta` replaced."""
-        kept = {name: self._frames.get(name, self._columns.get(name)) for name in TABLES}
-        options = {"audio": self.audio, "sample_rate": self.sample_rate, "meta": self.meta}
-        for key, value in changes.items():
-            if key in options:
-                options[key] = value
-            elif key in TABLES:
-                kept[key] = value
-            else:
-                raise TraceError(f"a Trace has no field {key!r}; the tables are {', '.join(TABLES)}")
-        return Trace.build(**kept, **options)
+        return cls(tables, audio=audio, sample_rate=sample_rate, meta=meta)
 
     def table(self, name: str) -> pd.DataFrame:
         if name not in TABLES:
             raise TraceError(f"unknown table {name!r}; the tables are {', '.join(TABLES)}")
         frame = self._frames.get(name)
         if frame is None:
-            frame = self._frames[name] = _frame(self._columns[name])
+            frame = self._frames[name] = _frame(self.tables[name])
         return frame
 
     def columns(self, name: str) -> Columns:
         """Table `name` as column arrays in the schema's dtypes (no copy where it can be avoided)."""
         if name not in TABLES:
             raise TraceError(f"unknown table {name!r}; the tables are {', '.join(TABLES)}")
-        if name in self._columns:
-            return self._columns[name]
-        frame = self._frames[name]
-        return {c: frame[c].to_numpy(dtype=d) for c, d in COLUMNS[name].items()}
+        return self.tables[name]
 
     def rows(self, name: str) -> int:
         """The number of rows of table `name` (without building its DataFrame)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError, replace
+
 import numpy as np
 import pytest
 import torch
@@ -389,9 +391,11 @@ def test_a_trace_built_from_columns_equals_one_built_from_dataframes(traced):
     for name in TABLES:
         assert from_frames.table(name).equals(from_columns.table(name)), name
         assert from_frames.arrow(name).equals(from_columns.arrow(name)), name  # NaN is stored as null
-    quiet = trace.replace(routing=None, meta={**trace.meta, "note": "x"})
+    quiet = replace(trace, tables={**trace.tables, "routing": None}, meta={**trace.meta, "note": "x"})
     assert len(quiet.routing) == 0 and quiet.meta["note"] == "x" and quiet.tokens.equals(trace.tokens)
     assert len(trace.routing) > 0  # the original is untouched
+    with pytest.raises(FrozenInstanceError):
+        trace.audio = None
 
 
 def test_bad_column_tables_get_clear_errors(traced):
@@ -402,8 +406,8 @@ def test_bad_column_tables_get_clear_errors(traced):
         omnilab.Trace.build(codes={**columns, "code": columns["code"][:-1]})
     with pytest.raises(omnilab.TraceError, match="unknown trace tables"):
         omnilab.Trace.build(experts=columns)
-    with pytest.raises(omnilab.TraceError, match="no field 'audios'"):
-        traced.trace.replace(audios=None)
+    with pytest.raises(omnilab.TraceError, match="must be a DataFrame or a dict of column arrays; got list"):
+        omnilab.Trace.build(codes=[1, 2, 3])
 
 
 def test_saved_trace_is_readable_by_duckdb_without_omnilab(traced, tmp_path):
