@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -393,20 +392,65 @@ def test_datasets_folder_without_datasets_gives_a_clear_error(tmp_path, monkeypa
         read_manifest(tmp_path)
 
 
-def test_datasets_folder_is_read_through_datasets_when_installed(tmp_path, monkeypatch):
-    class DatasetDict(dict):
-        pass
+def test_datasets_folder_collects_the_same_rows_as_the_jsonl_manifest(tmp_path, bundled, tiny):
+    import datasets
 
-    conversation = [{"role": "user", "content": [{"type": "image", "image": "img.png"}]}]
-    rows = [{"id": "a", "conversation": json.dumps(conversation)}, {"id": "b", "conversation": conversation}]
-    fake = types.SimpleNamespace(DatasetDict=DatasetDict, load_from_disk=lambda path: list(rows))
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    first, second = read_manifest(tmp_path)
-    assert first.resolved() == second.resolved()
-    assert first.resolved()[0]["content"][0]["image"] == str(tmp_path.resolve() / "img.png")
-    fake.load_from_disk = lambda path: DatasetDict(train=rows, test=rows)
+    ids = ["audio-only", "image-two", "video-with-audio", "text-greeting"]
+    rows = bundled_rows(ids)
+    # `conversation` as JSON text: one column type for every row, whatever its content
+    flat = [{**row, "conversation": json.dumps(row["conversation"])} for row in rows]
+    folder = tmp_path / "dataset"
+    datasets.Dataset.from_list(flat).save_to_disk(str(folder))
+    samples = read_manifest(folder)
+    assert [s.sample_id for s in samples] == ids
+    assert [s.resolved() for s in samples] == [row["conversation"] for row in rows]
+    assert [s.use_audio_in_video for s in samples] == [row["use_audio_in_video"] for row in rows]
+    out = tmp_path / "store"
+    summary = collect(folder, out, model=tiny, progress=False)
+    assert summary["done"] == len(ids) and summary["errors"] == 0
+    bundled_out, _ = bundled
+    for table in ("tokens", "routing", "router_stats"):
+        mine = store_rows(out, table)
+        theirs = store_rows(bundled_out, table)
+        theirs = theirs[theirs["sample_id"].isin(ids)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, theirs, obj=table)
+
+
+def test_datasets_folder_with_native_nested_conversations_runs(tmp_path, tiny):
+    """Arrow gives every content item every key of its column (None where absent): still a valid item."""
+    import datasets
+
+    rows = bundled_rows(["audio-image", "image-only"])
+    folder = tmp_path / "nested"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    samples = read_manifest(folder)
+    item = samples[0].conversation[0]["content"][0]
+    assert item["type"] == "audio" and "image" in item and item["image"] is None  # what Arrow made of it
+    summary = collect(folder, tmp_path / "store", model=tiny, progress=False)
+    assert summary["done"] == 2 and summary["errors"] == 0
+    reference = {s.sample_id: s for s in read_manifest(write_manifest(tmp_path / "m.jsonl", rows))}
+    for sample in samples:
+        a = lab_inputs(tiny, sample)
+        b = lab_inputs(tiny, reference[sample.sample_id])
+        assert torch.equal(a, b)
+
+
+def lab_inputs(lab, sample):
+    return lab.prepare(sample.resolved(), use_audio_in_video=sample.use_audio_in_video)["input_ids"]
+
+
+def test_datasets_folder_of_splits_asks_for_one_split(tmp_path):
+    import datasets
+
+    rows = text_rows(2)
+    flat = [{**row, "conversation": json.dumps(row["conversation"])} for row in rows]
+    split = datasets.Dataset.from_list(flat)
+    datasets.DatasetDict(train=split, test=split).save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(ConversationError, match="splits train, test"):
-        read_manifest(tmp_path)
+        read_manifest(tmp_path / "splits")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConversationError, match="not a dataset saved with save_to_disk"):
+        read_manifest(tmp_path / "other")
 
 
 # -- store rules (synthetic traces) ----------------------------------------------------------------------
