@@ -42,6 +42,8 @@ def test_bench_store_writes_every_row_compactly_and_collects_every_sample_both_w
     assert figures["collect_samples"] == len(read_manifest(DATA / "manifest.jsonl"))
     _positive(figures, "expert_load_s", "collect_traced_samples_per_s", "collect_bare_samples_per_s")
     assert 0 < figures["collect_traced_write_share"] < 1
+    assert figures["routing_bytes_per_row_compact"] < 20  # categoricals and float16, no string per row
+    assert figures["compact_over_plain_memory"] < 1
 
 
 @pytest.mark.slow

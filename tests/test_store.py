@@ -297,6 +297,61 @@ def test_routing_analyses_over_store_tables_equal_in_memory(bundled, memory_trac
     )
 
 
+def test_every_routing_analysis_takes_the_store_itself(bundled, memory_traces):
+    from omnilab import analysis
+
+    out, _ = bundled
+    memory = keyed(memory_traces)
+    con = open_store(out)
+    for name, fn in analysis.ROUTING_ANALYSES.items():
+        expected = fn(memory)
+        pd.testing.assert_frame_equal(fn(out), expected, obj=f"{name}(folder)", check_dtype=False)
+        pd.testing.assert_frame_equal(fn(con), expected, obj=f"{name}(connection)", check_dtype=False)
+    suite = analysis.routing_suite(str(out), component="thinker", layer=[1])
+    pd.testing.assert_frame_equal(
+        suite["expert_load"], analysis.expert_load(memory, component="thinker", layer=1), check_dtype=False
+    )
+
+
+def test_store_analyses_read_only_the_rows_asked_for_in_compact_columns(bundled, memory_traces):
+    from omnilab import analysis
+
+    out, _ = bundled
+    source = read_source(out, component="thinker", layer=[0, 2], sample_ids=["audio-only", "all-media"])
+    routing = source["routing"]
+    assert set(routing["layer"]) == {0, 2} and set(routing["sample_id"]) == {"audio-only", "all-media"}
+    expected = query(
+        out,
+        "SELECT count(*) AS n FROM routing WHERE layer IN (0, 2) AND sample_id IN ('audio-only', 'all-media')",
+    )["n"].iloc[0]
+    assert len(routing) == expected
+    for column in ("sample_id", "component", "phase"):
+        assert isinstance(routing[column].dtype, pd.CategoricalDtype), column
+    assert routing["weight"].dtype == np.float16 and routing["expert"].dtype == np.int16
+    assert isinstance(source["tokens"]["text"].dtype, pd.CategoricalDtype)
+    # prepare(store, phase=...) equals the same preparation in memory
+    memory = keyed(memory_traces)
+    pd.testing.assert_frame_equal(
+        analysis.expert_load(analysis.prepare(out, phase="prefill", layer=[3])),
+        analysis.expert_load(analysis.prepare(memory, phase="prefill", layer=[3])),
+        check_dtype=False,
+    )
+
+
+def test_analyses_refuse_a_path_that_is_not_a_store_and_per_trace_ones_refuse_a_store(bundled, tmp_path):
+    from omnilab import analysis
+
+    out, _ = bundled
+    with pytest.raises(TraceError, match=r"is not a trace store \(it has no store\.json\)"):
+        analysis.expert_load(tmp_path)
+    with pytest.raises(TraceError, match="is not a trace store"):
+        analysis.modality_nmi(str(tmp_path / "missing"))
+    with pytest.raises(TraceError, match=r"store holds many.*load_trace"):
+        analysis.position_layout(out)
+    with pytest.raises(TraceError, match=r"store holds many.*load_trace"):
+        analysis.codebook_usage(open_store(out))
+
+
 def test_query_answers_sql_over_views_of_every_table(bundled):
     out, _ = bundled
     con = open_store(out)

@@ -1,9 +1,10 @@
-"""omnilab.analysis: pure functions over a Trace (or a trace store's query results) → tidy DataFrames.
+"""omnilab.analysis: pure functions over a Trace (or a trace store) → tidy DataFrames.
 
 Every analysis is `fn(trace, *, component=None, layer=None, ...) -> DataFrame`, its definition and
 source paper in its docstring. `trace` may be an omnilab Trace, a dict of tables, or any object with
 `.routing` / `.tokens` / ... attributes. Routing analyses also take `prepare(trace)`, the dense routing
-arrays computed once; `routing_suite(trace)` runs them all on one preparation.
+arrays computed once (`routing_suite(trace)` runs them all on one preparation), and a trace store
+(its folder or `open_store` connection), of which DuckDB reads only the rows they need.
 
     routing     expert_load, load_balance, modality_specialization, modality_nmi, modality_experts,
                 coactivation, repetition, layer_transitions, token_paths, vocabulary_specialization,

@@ -1,9 +1,10 @@
 """Where analyses read their inputs, and the dense routing arrays they compute on.
 
 An analysis accepts any *source*: an omnilab `Trace`, a plain `dict` of DataFrames keyed by table name
-(`{"routing": ..., "tokens": ..., "meta": {...}}`), or any object with those attributes (a trace store
-hands in query results this way). A table may also be a pyarrow Table or anything with `.to_pandas()`
-or `.df()` (a DuckDB relation).
+(`{"routing": ..., "tokens": ..., "meta": {...}}`), or any object with those attributes. A table may
+also be a pyarrow Table or anything with `.to_pandas()` or `.df()` (a DuckDB relation). Routing
+analyses also take a trace store (its folder, or the connection `open_store` gives): DuckDB reads
+only the rows asked for (component, layer, phase) in compact form (`omnilab.store.read_source`).
 
 Routing analyses first turn the long routing table (one row per token, layer and rank) into dense
 arrays per component: `experts[layer, token, rank]` (int16, -1 where absent) and `weights` alike,
@@ -17,8 +18,10 @@ and "consecutive tokens" means pos and pos + 1 of the same trace.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,10 +30,40 @@ from ..errors import TraceError
 from ..trace import COLUMNS, COMPONENTS, MODALITIES, PHASES, empty
 
 ROUTING_COLUMNS = tuple(COLUMNS["routing"])
+ROUTING_TABLES = ("routing", "tokens", "router_stats", "router_logits")  # what `prepare` reads
+
+
+def store_of(source):
+    """`source` if it is a trace store (a folder with a store.json, or the DuckDB connection
+    `open_store` gives), else None. A path that is not a store is refused: it holds no tables."""
+    if isinstance(source, (str, os.PathLike)):
+        if (Path(source) / "store.json").is_file():
+            return source
+        raise TraceError(
+            f"'{source}' is not a trace store (it has no store.json); an analysis takes a Trace, a dict "
+            "of tables, or a store made by `omnilab collect` (a saved trace loads with omnilab.Trace.load)"
+        )
+    return source if "duckdb" in type(source).__module__ else None
+
+
+def _refuse_store(source, name: str) -> None:
+    if store_of(source) is not None:
+        raise TraceError(
+            f"this analysis reads one trace's '{name}', and a trace store holds many; pass one sample's "
+            "trace (omnilab.store.load_trace(store, sample_id)). Routing analyses take the store itself."
+        )
+
+
+def from_store(store, *, component=None, layer=None, phase=None) -> dict:
+    """The routing tables of a store, only the rows asked for, as the routing analyses read them."""
+    from ..store.sql import read_source
+
+    return read_source(store, tables=ROUTING_TABLES, component=component, layer=layer, phase=phase)
 
 
 def table(source, name: str) -> pd.DataFrame:
     """Table `name` of `source` (a Trace, a dict of tables, or an object with table attributes)."""
+    _refuse_store(source, name)
     if isinstance(source, Mapping):
         frame = source.get(name)
     else:
@@ -53,6 +86,7 @@ def meta(source) -> dict:
     """The source's metadata dict (empty when it has none)."""
     if isinstance(source, RoutingData):
         return source.meta
+    _refuse_store(source, "meta")
     value = source.get("meta") if isinstance(source, Mapping) else getattr(source, "meta", None)
     return dict(value) if isinstance(value, Mapping) else {}
 
@@ -201,6 +235,8 @@ def prepare(source, *, component=None, layer=None, phase=None) -> RoutingData:
                 "choose the phase when preparing from the trace; this RoutingData is already prepared"
             )
         return RoutingData(tuple(source.select(component, layer)), source.meta)
+    if store_of(source) is not None:
+        source = from_store(source, component=component, layer=layer, phase=phase)
     routing = table(source, "routing")
     tokens = table(source, "tokens")
     stats = table(source, "router_stats")
@@ -237,6 +273,8 @@ def routing_parts(source, component=None, layer=None) -> list[ComponentRouting]:
     """The ComponentRouting of each requested component (the entry point of every routing analysis)."""
     if isinstance(source, RoutingData):
         return source.select(component, layer)
+    if store_of(source) is not None:
+        source = from_store(source, component=component, layer=layer)
     data = prepare(source, component=component, layer=layer)
     wanted = as_list(component)
     if wanted is not None and not data.components and len(table(source, "routing")):

@@ -1,9 +1,10 @@
 """Routing analyses: what the routers of the thinker's and talker's MoE layers chose, as tidy tables.
 
 Every function is `fn(trace, *, component=None, layer=None, ...) -> DataFrame`; `trace` is a Trace, a
-dict of tables, any object with `.routing`/`.tokens` attributes, or the result of `prepare(trace)`
-(reuse it to run many analyses on one big trace). `component` and `layer` select (one value or a list);
-None means all. Label columns (component, modality, phase, text) are pandas Categoricals.
+dict of tables, any object with `.routing`/`.tokens` attributes, a trace store (folder or connection),
+or the result of `prepare(trace)` (reuse it to run many analyses on one big trace). `component` and
+`layer` select (one value or a list); None means all. Label columns (component, modality, phase,
+text) are pandas Categoricals.
 
 Notation used in the docstrings: a layer routes N tokens, each to a set S of k experts out of E; an
 *assignment* is one (token, expert in S) pair, so a layer makes N·k assignments.

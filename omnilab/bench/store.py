@@ -3,7 +3,9 @@
 1. A synthetic routing table of 10 M rows in the real thinker's shape (48 layers, top-8 of 128
    experts; ~26 k tokens in 1,024-token samples of text, audio, image and video), written as store
    shards of 16 samples: write time, size on disk, and expert load by layer × modality computed in
-   DuckDB over the store (target <= 1 s).
+   DuckDB over the store (target <= 1 s); a routing analysis (modality specialization) over the
+   whole store, and what reading its routing rows costs in memory, compact (`read_source`:
+   categoricals, float16) against DuckDB's plain DataFrame of the same rows.
 2. Collection over the bundled manifest on the tiny preset (prefill only): samples/s with tracing
    (routing, positions, codes) and without (capture=()), both writing a store, alternating every two
    samples (resumed collects), three times over; the ratio of throughputs (target >= 0.9) and the
@@ -76,6 +78,38 @@ def _scale(root: Path, rows: int, repeats: int) -> dict:
         "expert_load_s": min(times),
         "expert_load_target_s": LOAD_TARGET_S,
         "expert_load_pass": min(times) <= LOAD_TARGET_S,
+        **_store_analysis(root, routing_rows),
+    }
+
+
+def _store_analysis(root: Path, routing_rows: int) -> dict:
+    """A routing analysis straight over the store, and the memory its rows take, compact against plain."""
+    from .. import analysis
+    from ..store import open_store, read_source
+
+    start = time.perf_counter()
+    specialization = analysis.modality_specialization(root)
+    analysis_s = time.perf_counter() - start
+    assert int(specialization["count"].sum()) == routing_rows
+    columns = ["sample_id", "component", "layer", "pos", "phase", "rank", "expert", "weight"]
+    start = time.perf_counter()
+    compact = read_source(root, tables=("routing",))["routing"]
+    compact_s = time.perf_counter() - start
+    compact_bytes = int(compact.memory_usage(deep=True).sum())
+    del compact
+    start = time.perf_counter()
+    plain = open_store(root).sql(f"SELECT {', '.join(columns)} FROM routing").df()
+    plain_s = time.perf_counter() - start
+    plain_bytes = int(plain.memory_usage(deep=True).sum())
+    del plain
+    return {
+        "store_specialization_s": analysis_s,
+        "routing_read_compact_s": compact_s,
+        "routing_read_plain_s": plain_s,
+        "routing_bytes_per_row_compact": compact_bytes / routing_rows,
+        "routing_bytes_per_row_plain": plain_bytes / routing_rows,
+        "compact_over_plain_memory": compact_bytes / plain_bytes,
+        "compact_over_plain_read_s": compact_s / plain_s,
     }
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import TraceError
-from ..trace import COLUMNS, SCHEMA_VERSION, Trace
+from ..trace import ARROW_TYPES, COLUMNS, SCHEMA_VERSION, Trace
 from ..trace import TABLES as TRACE_TABLES
 from . import layout
 
@@ -182,32 +182,81 @@ def expert_load_sql(
     return frame.astype({"expert": "int16", "count": "int64", "share": "float64", "weight": "float64"})
 
 
-def read_source(store, *, sample_ids=None, tables=("routing", "tokens", "router_stats")) -> dict:
-    """Tables of a store (all samples, or `sample_ids`) as the analyses take them: a dict of
-    DataFrames, each with `sample_id` (which keeps samples apart), and `meta` (the first sample's).
+# The tables a routing analysis reads, and the columns read as dictionaries (pandas categoricals):
+# a store repeats a few strings (ids, component, phase, modality, token texts) over millions of rows.
+SOURCE_TABLES = ("routing", "tokens", "router_stats")
+_CATEGORICAL = {"sample_id", "component", "phase", "modality", "text", "tower", "stage"}
 
-    This loads the rows into memory; for the whole of a large store prefer SQL (`expert_load_sql`).
+
+def read_source(
+    store,
+    *,
+    sample_ids=None,
+    tables=SOURCE_TABLES,
+    component=None,
+    layer=None,
+    phase=None,
+    batch_rows: int = 1 << 20,
+) -> dict:
+    """Tables of a store as the analyses take them: a dict of DataFrames, each with `sample_id` (which
+    keeps samples apart), and `meta` (the first sample's). Every analysis also takes the store itself
+    (`analysis.expert_load("runs/store")`), which reads through this.
+
+    DuckDB selects the rows (`sample_ids`, `component`, `layer`, `phase`: one value or a list each,
+    applied to the tables that have that column) and streams them in Arrow batches of `batch_rows`;
+    strings arrive as categoricals and weights as float16, so 10 M routing rows take ~15 bytes each
+    in memory, never a Python string per row.
     """
     con = open_store(store)
-    ids = None if sample_ids is None else [str(i) for i in sample_ids]
+    filters = {"sample_id": sample_ids, "component": component, "layer": layer, "phase": phase}
+    filters = {
+        c: [str(v) if c != "layer" else int(v) for v in _listed(v)]
+        for c, v in filters.items()
+        if v is not None
+    }
     source = {}
     for table in tables:
         if table not in TRACE_TABLES:
             raise TraceError(f"unknown trace table {table!r}; the tables are {', '.join(TRACE_TABLES)}")
-        names = ", ".join(_quote(c) for c in ["sample_id", *COLUMNS[table]])
-        sql = f"SELECT {names} FROM {table}" + ("" if ids is None else " WHERE list_contains(?, sample_id)")
-        try:
-            source[table] = con.execute(sql, [] if ids is None else [ids]).df()
-        except duckdb.Error as exc:
-            raise TraceError(_message(exc, store)) from None
+        columns = {"sample_id": "object", **COLUMNS[table]}
+        where = [(c, v) for c, v in filters.items() if c in columns]
+        sql = f"SELECT {', '.join(_quote(c) for c in columns)} FROM {table}"
+        if where:
+            sql += " WHERE " + " AND ".join(f"list_contains(?, {_quote(c)})" for c, _ in where)
+        source[table] = _stream_frame(con, sql, [v for _, v in where], columns, batch_rows, store)
+    ids = filters.get("sample_id")
     first = con.execute(
         "SELECT meta FROM samples"
         + ("" if ids is None else " WHERE list_contains(?, sample_id)")
         + " LIMIT 1",
         [] if ids is None else [ids],
-    ).fetchone()
-    source["meta"] = json.loads(first[0]) if first and first[0] else {}
+    ).fetchall()  # not fetchone: it would leave the result open on a connection the caller may share
+    source["meta"] = json.loads(first[0][0]) if first and first[0][0] else {}
     return source
+
+
+def _stream_frame(con, sql: str, params: list, columns: dict, batch_rows: int, store) -> pd.DataFrame:
+    """The rows of `sql` as a DataFrame in `columns`' dtypes (strings as categoricals), batch by batch."""
+    schema = pa.schema(
+        pa.field(c, pa.dictionary(pa.int32(), pa.string()) if c in _CATEGORICAL else ARROW_TYPES[d])
+        for c, d in columns.items()
+    )
+    try:
+        reader = con.sql(sql, params=params).to_arrow_reader(batch_rows)
+        batches = [batch.cast(schema) for batch in reader]
+    except duckdb.Error as exc:
+        raise TraceError(_message(exc, store)) from None
+    table = pa.Table.from_batches(batches, schema=schema)
+    del batches
+    return table.to_pandas(split_blocks=True, self_destruct=True)
+
+
+def _listed(value) -> list:
+    return (
+        list(value)
+        if isinstance(value, (list, tuple, set, frozenset)) or hasattr(value, "tolist")
+        else [value]
+    )
 
 
 def verify_store(store: str | os.PathLike) -> dict:
