@@ -338,6 +338,24 @@ def test_store_analyses_read_only_the_rows_asked_for_in_compact_columns(bundled,
     )
 
 
+def test_phase_chosen_in_duckdb_equals_the_phase_chosen_in_memory(tmp_path, tiny):
+    from omnilab import analysis
+
+    manifest = write_manifest(tmp_path / "m.jsonl", text_rows(2))
+    out = tmp_path / "store"
+    collect(manifest, out, model=tiny, capture=("routing", "positions"), generate=3, progress=False)
+    plain = {name: read_table(out, name) for name in ("routing", "tokens", "router_stats")}
+    assert set(plain["routing"]["phase"]) == {"prefill", "decode"}
+    for phase in ("prefill", "decode"):
+        for fn in (analysis.expert_load, analysis.router_confidence, analysis.repetition):
+            pd.testing.assert_frame_equal(
+                fn(analysis.prepare(out, phase=phase)),
+                fn(analysis.prepare(plain, phase=phase)),
+                obj=f"{fn.__name__}({phase})",
+                check_dtype=False,
+            )
+
+
 def test_analyses_refuse_a_path_that_is_not_a_store_and_per_trace_ones_refuse_a_store(bundled, tmp_path):
     from omnilab import analysis
 
