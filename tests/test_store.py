@@ -368,6 +368,8 @@ def test_analyses_refuse_a_path_that_is_not_a_store_and_per_trace_ones_refuse_a_
         analysis.position_layout(out)
     with pytest.raises(TraceError, match=r"store holds many.*load_trace"):
         analysis.codebook_usage(open_store(out))
+    with pytest.raises(TraceError, match="layer must be a layer number"):
+        analysis.expert_load(out, layer="first")
 
 
 def test_query_answers_sql_over_views_of_every_table(bundled):

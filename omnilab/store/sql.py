@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
+from numbers import Integral
 from pathlib import Path
 
 import duckdb
@@ -209,11 +211,12 @@ def read_source(
     """
     con = open_store(store)
     filters = {"sample_id": sample_ids, "component": component, "layer": layer, "phase": phase}
-    filters = {
-        c: [str(v) if c != "layer" else int(v) for v in _listed(v)]
-        for c, v in filters.items()
-        if v is not None
-    }
+    filters = {c: _listed(v) for c, v in filters.items() if v is not None}
+    if "layer" in filters:
+        if not all(isinstance(v, Integral) and not isinstance(v, bool) for v in filters["layer"]):
+            raise TraceError(f"layer must be a layer number or a list of them; got {layer!r}")
+        filters["layer"] = [int(v) for v in filters["layer"]]
+    filters = {c: v if c == "layer" else [str(x) for x in v] for c, v in filters.items()}
     source = {}
     for table in tables:
         if table not in TRACE_TABLES:
@@ -252,11 +255,10 @@ def _stream_frame(con, sql: str, params: list, columns: dict, batch_rows: int, s
 
 
 def _listed(value) -> list:
-    return (
-        list(value)
-        if isinstance(value, (list, tuple, set, frozenset)) or hasattr(value, "tolist")
-        else [value]
-    )
+    """One value or many (a list, tuple, set, array) as a list."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
 
 
 def verify_store(store: str | os.PathLike) -> dict:
