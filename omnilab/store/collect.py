@@ -17,6 +17,9 @@ written to `errors` with its reason and the run goes on; it is not retried.
 Engines: "local" runs one model in this process; "ray" runs `workers` Ray actors, one model each
 (a whole GPU each where the cluster has GPUs, a fraction of a CPU each where it does not), while
 this process writes the shards. Both run the same `run_sample`, so they write the same rows.
+A Ray run killed with SIGKILL resumes like a local one; the local Ray instance it started then leaves
+Ray's dashboard and runtime-env agents running (Ray's own leak, ~100 MB each): kill the run's process
+group, or `ray stop --force`.
 """
 
 from __future__ import annotations
