@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="SQL over a trace store (DuckDB, read-only)")
     p.add_argument("store")
     p.add_argument("sql")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the whole result to a .csv, .parquet or .jsonl file instead of printing it",
+    )
     p.set_defaults(run=_query)
     return parser
 
@@ -198,11 +203,35 @@ def _collect(args) -> int:
     return 0
 
 
+QUERY_FORMATS = (".csv", ".parquet", ".jsonl")
+
+
 def _query(args) -> int:
     from .store import query
 
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.suffix not in QUERY_FORMATS:
+            raise OmnilabError(f"--out '{out}': write a {', '.join(QUERY_FORMATS)} file (by its suffix)")
+        if out.resolve().is_relative_to(Path(args.store).resolve()):
+            raise OmnilabError(
+                f"--out '{out}' is inside the store '{args.store}'; write the result elsewhere"
+            )
+        if not out.parent.is_dir():
+            raise OmnilabError(f"--out '{out}': the folder '{out.parent}' does not exist")
     frame = query(args.store, args.sql)
-    print(frame.to_string(index=False, max_rows=200))
+    if out is None:
+        print(frame.to_string(index=False, max_rows=200))
+        return 0
+    tmp = out.with_name(out.name + ".tmp")  # a file that is there is replaced whole, or not at all
+    if out.suffix == ".csv":
+        frame.to_csv(tmp, index=False)
+    elif out.suffix == ".parquet":
+        frame.to_parquet(tmp, index=False)
+    else:
+        frame.to_json(tmp, orient="records", lines=True)
+    os.replace(tmp, out)
+    print(f"wrote {len(frame)} rows to {out}")
     return 0
 
 

@@ -595,6 +595,28 @@ def test_query_is_read_only(small_store, tmp_path):
     assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
 
 
+def test_cli_query_writes_the_whole_result_to_csv_parquet_or_jsonl(small_store, tmp_path, capsys):
+    from omnilab.cli import main
+
+    root, _ = small_store
+    sql = "SELECT sample_id, layer, pos, rank, expert FROM routing ORDER BY ALL"
+    expected = query(root, sql)
+    for suffix, read in ((".csv", pd.read_csv), (".parquet", pd.read_parquet), (".jsonl", None)):
+        out = tmp_path / f"result{suffix}"
+        assert main(["query", str(root), sql, "--out", str(out)]) == 0
+        assert f"wrote {len(expected)} rows" in capsys.readouterr().out
+        frame = pd.read_json(out, lines=True) if read is None else read(out)
+        pd.testing.assert_frame_equal(frame, expected, check_dtype=False)
+    assert not list(tmp_path.glob("*.tmp"))
+    for bad, message in (
+        (tmp_path / "result.xlsx", "write a .csv, .parquet, .jsonl file"),
+        (root / "inside.csv", "is inside the store"),
+        (tmp_path / "missing" / "r.csv", "does not exist"),
+    ):
+        assert main(["query", str(root), sql, "--out", str(bad)]) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
+
+
 def test_empty_store_has_typed_empty_views(tmp_path):
     root = synthetic_store(tmp_path / "empty", {})
     frame = query(root, "SELECT * FROM routing")
