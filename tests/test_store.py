@@ -319,6 +319,41 @@ def test_every_routing_analysis_takes_the_store_itself(bundled, memory_traces):
     )
 
 
+def test_a_store_larger_than_the_chunk_is_analysed_a_few_layers_at_a_time(
+    bundled, memory_traces, monkeypatch
+):
+    from omnilab import analysis
+    from omnilab.analysis import _source
+    from omnilab.store import sql
+
+    out, _ = bundled
+    per_layer = sql.routing_layers(out)
+    assert per_layer["rows"].nunique() == 1  # every layer routes every token
+    monkeypatch.setattr(_source, "STORE_CHUNK_ROWS", int(per_layer["rows"].iloc[0] * 1.5))
+    assert [layers for _, layers, _ in _source.layer_chunks(out)] == [[i] for i in per_layer["layer"]]
+    largest = []
+    read_source = sql.read_source
+
+    def spy(*args, **kwargs):
+        source = read_source(*args, **kwargs)
+        largest.append(len(source.get("routing", ())))
+        return source
+
+    monkeypatch.setattr(sql, "read_source", spy)
+    memory = keyed(memory_traces)
+    expected = analysis.routing_suite(memory)
+    for name, fn in analysis.ROUTING_ANALYSES.items():
+        if name == "token_paths":  # as large as its input: read whole (see per_layer)
+            continue
+        largest.clear()
+        pd.testing.assert_frame_equal(fn(out), expected[name], obj=name, check_dtype=False)
+        # one layer at a time; two where the analysis pairs a layer with the next
+        assert max(largest) <= per_layer["rows"].iloc[0] * (2 if name == "layer_transitions" else 1), name
+    suite = analysis.routing_suite(out)
+    for name, frame in expected.items():
+        pd.testing.assert_frame_equal(suite[name], frame, obj=f"suite {name}", check_dtype=False)
+
+
 def test_store_analyses_read_only_the_rows_asked_for_in_compact_columns(bundled, memory_traces):
     from omnilab import analysis
 

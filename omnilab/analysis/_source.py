@@ -61,6 +61,36 @@ def from_store(store, *, component=None, layer=None, phase=None) -> dict:
     return read_source(store, tables=ROUTING_TABLES, component=component, layer=layer, phase=phase)
 
 
+# Routing rows a per-layer analysis reads from a store at once (~14 bytes each while read, ~4 as dense
+# arrays): a store larger than this is analysed a few consecutive layers at a time.
+STORE_CHUNK_ROWS = 20_000_000
+
+
+def layer_chunks(
+    store, *, component=None, layer=None, overlap: int = 0
+) -> list[tuple[str, list[int], list[int]]]:
+    """(component, layers, next layers) to read together from `store`: consecutive recorded layers of
+    one component with at most STORE_CHUNK_ROWS routing rows (one layer at least), in component and
+    layer order, and the `overlap` recorded layers after them (for analyses of layer pairs)."""
+    from ..store.sql import routing_layers
+
+    counts = routing_layers(store, component=component, layer=layer)
+    chunks = []
+    order = sorted(set(counts["component"]), key=lambda c: (COMPONENTS.index(c) if c in COMPONENTS else 9, c))
+    for name in order:
+        rows = counts[counts["component"] == name]
+        layers, sizes = rows["layer"].astype(int).tolist(), rows["rows"].astype(int).tolist()
+        start = 0
+        while start < len(layers):
+            end, total = start + 1, sizes[start]
+            while end < len(layers) and total + sizes[end] <= STORE_CHUNK_ROWS:
+                total += sizes[end]
+                end += 1
+            chunks.append((name, layers[start:end], layers[end : end + overlap]))
+            start = end
+    return chunks
+
+
 def table(source, name: str) -> pd.DataFrame:
     """Table `name` of `source` (a Trace, a dict of tables, or an object with table attributes)."""
     _refuse_store(source, name)

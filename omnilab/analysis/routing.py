@@ -12,11 +12,21 @@ Notation used in the docstrings: a layer routes N tokens, each to a set S of k e
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
 from ..trace import COMPONENTS, MODALITIES, PHASES
-from ._source import ComponentRouting, RoutingData, labels, prepare, routing_parts
+from ._source import (
+    ComponentRouting,
+    RoutingData,
+    labels,
+    layer_chunks,
+    prepare,
+    routing_parts,
+    store_of,
+)
 
 __all__ = [
     "ROUTING_ANALYSES",
@@ -57,6 +67,41 @@ def _table(pieces: list[dict], columns: list[str], categorical=("component",)) -
     if len(frames) == 1:
         return frames[0]
     return pd.concat(frames, ignore_index=True)
+
+
+def per_layer(fn=None, *, overlap: int = 0):
+    """Give `fn` (an analysis whose rows are per layer, in layer order) a trace store a few layers at a
+    time (see `layer_chunks`), so that no more than those layers' routing is ever in memory; the chunks'
+    results one after the other are the whole store's. `overlap` reads the next recorded layers too
+    (for pairs of layers) and keeps only the rows of the chunk's own layers. token_paths is not
+    chunked: its table has a row per token, layer and rank, as large as the routing it reads."""
+    if fn is None:
+        return functools.partial(per_layer, overlap=overlap)
+
+    @functools.wraps(fn)
+    def wrapper(trace, *, component=None, layer=None, **options):
+        chunks = None
+        if store_of(trace) is not None:
+            chunks = layer_chunks(trace, component=component, layer=layer, overlap=overlap)
+        if chunks is None or len(chunks) <= 1:
+            return fn(trace, component=component, layer=layer, **options)
+        parts = []
+        for name, layers, after in chunks:
+            part = fn(prepare(trace, component=name, layer=layers + after), **options)
+            parts.append(part[part["layer"].isin(layers)] if after else part)
+        return _concat(parts)
+
+    return wrapper
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Frames one after the other; a categorical column stays categorical (its categories united)."""
+    out = pd.concat(frames, ignore_index=True)
+    for column in frames[0].columns:
+        if isinstance(frames[0][column].dtype, pd.CategoricalDtype) and out[column].dtype == object:
+            categories = pd.unique(pd.concat([f[column].cat.categories.to_series() for f in frames]))
+            out[column] = pd.Categorical(out[column], categories=categories)
+    return out
 
 
 def _categories(column: str) -> list[str]:
@@ -182,6 +227,7 @@ def _probability_from_logits(part: ComponentRouting) -> np.ndarray:
     return out
 
 
+@per_layer
 def expert_load(trace, *, component=None, layer=None) -> pd.DataFrame:
     """Load of every expert: one row per (component, layer, expert).
 
@@ -211,6 +257,7 @@ def expert_load(trace, *, component=None, layer=None) -> pd.DataFrame:
     return _table(pieces, LOAD_COLUMNS)
 
 
+@per_layer
 def load_balance(trace, *, component=None, layer=None) -> pd.DataFrame:
     """How evenly each layer spreads its tokens: one row per (component, layer).
 
@@ -288,6 +335,7 @@ def _modality_counts(part: ComponentRouting) -> np.ndarray:
     return part.cached("modality_counts", compute)
 
 
+@per_layer
 def modality_specialization(trace, *, component=None, layer=None) -> pd.DataFrame:
     """Which modalities each expert serves, against what chance would give.
 
@@ -327,6 +375,7 @@ def modality_specialization(trace, *, component=None, layer=None) -> pd.DataFram
     return _table(pieces, SPECIALIZATION_COLUMNS, categorical=("component", "modality"))
 
 
+@per_layer
 def modality_nmi(trace, *, component=None, layer=None) -> pd.DataFrame:
     """How much a layer's expert choice tells about the token's modality: one row per (component, layer).
 
@@ -394,6 +443,7 @@ def modality_experts(
 COACTIVATION_COLUMNS = ["component", "layer", "expert", "other", "count", "p", "baseline", "lift"]
 
 
+@per_layer
 def coactivation(trace, *, component=None, layer=None) -> pd.DataFrame:
     """How often expert j is chosen together with expert i: one row per (component, layer, i, j ≠ i).
 
@@ -476,6 +526,7 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return shared
 
 
+@per_layer
 def repetition(trace, *, component=None, layer=None, by: str | None = None) -> pd.DataFrame:
     """Does a token go to the experts of the token before it? One row per (component, layer[, modality]).
 
@@ -536,6 +587,7 @@ TRANSITION_COLUMNS = ["component", "layer", "next_layer", "expert", "next_expert
 PATH_COLUMNS = ["component", "pos", "modality", "text", "layer", "rank", "expert", "weight"]
 
 
+@per_layer(overlap=1)
 def layer_transitions(trace, *, component=None, layer=None, ranks: int = 1) -> pd.DataFrame:
     """Where tokens go next: one row per (component, layer ℓ, expert at ℓ, expert at ℓ+1) that occurs.
 
@@ -632,6 +684,7 @@ VOCABULARY_COLUMNS = [
 ]
 
 
+@per_layer
 def vocabulary_specialization(
     trace, *, component=None, layer=None, ranks: int | None = None, min_occurrences: int = 1
 ) -> pd.DataFrame:
@@ -706,6 +759,7 @@ CONFIDENCE_COLUMNS = [
 ]
 
 
+@per_layer
 def router_confidence(trace, *, component=None, layer=None) -> pd.DataFrame:
     """How sure the router is: one row per (component, layer, modality, phase) with tokens.
 
@@ -839,7 +893,11 @@ ROUTING_ANALYSES = {
 def routing_suite(trace, *, component=None, layer=None) -> dict[str, pd.DataFrame]:
     """Every routing analysis of one trace (or store query result), keyed by the function's name.
 
-    The routing is prepared once (see `prepare`) and shared by all analyses.
+    The routing is prepared once (see `prepare`) and shared by all analyses; a trace store larger than
+    `STORE_CHUNK_ROWS` routing rows is read by each analysis a few layers at a time instead.
     """
+    if store_of(trace) is not None and len(layer_chunks(trace, component=component, layer=layer)) > 1:
+        # A store too large to prepare at once: each analysis reads it a few layers at a time.
+        return {name: fn(trace, component=component, layer=layer) for name, fn in ROUTING_ANALYSES.items()}
     data = trace if isinstance(trace, RoutingData) else prepare(trace, component=component, layer=layer)
     return {name: fn(data) for name, fn in ROUTING_ANALYSES.items()}

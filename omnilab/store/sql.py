@@ -210,13 +210,7 @@ def read_source(
     in memory, never a Python string per row.
     """
     con = open_store(store)
-    filters = {"sample_id": sample_ids, "component": component, "layer": layer, "phase": phase}
-    filters = {c: _listed(v) for c, v in filters.items() if v is not None}
-    if "layer" in filters:
-        if not all(isinstance(v, Integral) and not isinstance(v, bool) for v in filters["layer"]):
-            raise TraceError(f"layer must be a layer number or a list of them; got {layer!r}")
-        filters["layer"] = [int(v) for v in filters["layer"]]
-    filters = {c: v if c == "layer" else [str(x) for x in v] for c, v in filters.items()}
+    filters = _filters(sample_id=sample_ids, component=component, layer=layer, phase=phase)
     source = {}
     for table in tables:
         if table not in TRACE_TABLES:
@@ -238,6 +232,22 @@ def read_source(
     return source
 
 
+def routing_layers(store, *, component=None, layer=None) -> pd.DataFrame:
+    """Routing rows per (component, layer) of a store, counted in DuckDB: component, layer, rows."""
+    con = open_store(store)
+    filters = _filters(component=component, layer=layer)
+    where = " AND ".join(f"list_contains(?, {c})" for c in filters)
+    sql = (
+        "SELECT component, layer, count(*) AS rows FROM routing"
+        + (f" WHERE {where}" if where else "")
+        + " GROUP BY ALL ORDER BY component, layer"
+    )
+    try:
+        return con.execute(sql, list(filters.values())).df()
+    except duckdb.Error as exc:
+        raise TraceError(_message(exc, store)) from None
+
+
 def _stream_frame(con, sql: str, params: list, columns: dict, batch_rows: int, store) -> pd.DataFrame:
     """The rows of `sql` as a DataFrame in `columns`' dtypes (strings as categoricals), batch by batch."""
     schema = pa.schema(
@@ -252,6 +262,16 @@ def _stream_frame(con, sql: str, params: list, columns: dict, batch_rows: int, s
     table = pa.Table.from_batches(batches, schema=schema)
     del batches
     return table.to_pandas(split_blocks=True, self_destruct=True)
+
+
+def _filters(**values) -> dict[str, list]:
+    """Row filters by column, each a list (layer numbers as ints, the rest as strings); None is no filter."""
+    filters = {c: _listed(v) for c, v in values.items() if v is not None}
+    if "layer" in filters:
+        if not all(isinstance(v, Integral) and not isinstance(v, bool) for v in filters["layer"]):
+            raise TraceError(f"layer must be a layer number or a list of them; got {values['layer']!r}")
+        filters["layer"] = [int(v) for v in filters["layer"]]
+    return {c: v if c == "layer" else [str(x) for x in v] for c, v in filters.items()}
 
 
 def _listed(value) -> list:
