@@ -748,7 +748,7 @@ def run_ray_collect(manifest: Path, out: Path, *, kill_after_shards: int | None 
     (None: run to the end). Retried when Ray itself fails to start (its raylet has a fixed 30 s start-up
     window a loaded machine can miss). Returns the process's exit code."""
     options = {"engine": "ray", "workers": 2, "shard_samples": 2}
-    for attempt in range(3):
+    for _ in range(3):
         process = run_collect_process(manifest, out, **options)
         try:
             deadline = time.monotonic() + 300
@@ -764,9 +764,9 @@ def run_ray_collect(manifest: Path, out: Path, *, kill_after_shards: int | None 
             # A driver killed this way leaves Ray's own agents behind (a known Ray leak): end its group.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-        if "could not start or reach a local Ray instance" not in error or attempt == 2:
-            assert code in (0, -signal.SIGKILL), error[-2000:]
-            return code
+        if "could not start or reach a local Ray instance" not in error:
+            break
+    assert code in (0, -signal.SIGKILL), error[-2000:]
     return code
 
 
