@@ -224,13 +224,17 @@ def _query(args) -> int:
         print(frame.to_string(index=False, max_rows=200))
         return 0
     tmp = out.with_name(out.name + ".tmp")  # a file that is there is replaced whole, or not at all
-    if out.suffix == ".csv":
-        frame.to_csv(tmp, index=False)
-    elif out.suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
-    else:
-        frame.to_json(tmp, orient="records", lines=True)
-    os.replace(tmp, out)
+    try:
+        if out.suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        elif out.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_json(tmp, orient="records", lines=True)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OmnilabError(f"--out '{out}' could not be written: {exc}") from None
     print(f"wrote {len(frame)} rows to {out}")
     return 0
 

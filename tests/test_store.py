@@ -366,6 +366,9 @@ def test_store_analyses_read_only_the_rows_asked_for_in_compact_columns(bundled,
         "SELECT count(*) AS n FROM routing WHERE layer IN (0, 2) AND sample_id IN ('audio-only', 'all-media')",
     )["n"].iloc[0]
     assert len(routing) == expected
+    # expert_load_sql takes the same filters
+    load = expert_load_sql(out, component="thinker", layer=[0, 2], sample_ids=["audio-only", "all-media"])
+    assert set(load["layer"]) == {0, 2} and load["count"].sum() == expected
     for column in ("sample_id", "component", "phase"):
         assert isinstance(routing[column].dtype, pd.CategoricalDtype), column
     assert routing["weight"].dtype == np.float16 and routing["expert"].dtype == np.int16

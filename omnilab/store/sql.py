@@ -136,9 +136,9 @@ def load_trace(store, sample_id: str) -> Trace:
 def expert_load_sql(
     store,
     *,
-    component: str | None = None,
-    layer: int | None = None,
-    phase: str | None = None,
+    component=None,
+    layer=None,
+    phase=None,
     sample_ids=None,
     by=("component", "layer", "modality"),
 ) -> pd.DataFrame:
@@ -150,26 +150,19 @@ def expert_load_sql(
     appear. A token's modality is the one `tokens` gives it (stored beside each routing row).
     With by=("component", "layer") count and share are `omnilab.analysis.expert_load`'s; with the
     default, share is `modality_specialization`'s coverage (the expert's part of the modality's slots).
+    component, layer, phase and sample_ids each take one value or a list.
     """
     allowed = ("component", "layer", "modality", "phase")
     by = (by,) if isinstance(by, str) else tuple(by)
     if not set(by) <= set(allowed):
         raise TraceError(f"expert_load_sql groups by {', '.join(allowed)}; got {list(by)}")
     con = open_store(store)
-    where, params = [], []
-    for column, value in (("component", component), ("layer", layer), ("phase", phase)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if sample_ids is not None:
-        where.append("list_contains(?, sample_id)")
-        params.append([str(i) for i in sample_ids])
+    where, params = _where(_filters(component=component, layer=layer, phase=phase, sample_id=sample_ids))
     groups = ", ".join(by)
     sql = f"""
         WITH load AS (
             SELECT {groups + "," if groups else ""} expert, count(*) AS count, avg(weight) AS weight
-            FROM routing
-            {"WHERE " + " AND ".join(where) if where else ""}
+            FROM routing{where}
             GROUP BY ALL
         )
         SELECT {groups + "," if groups else ""} expert, count,
@@ -216,18 +209,14 @@ def read_source(
         if table not in TRACE_TABLES:
             raise TraceError(f"unknown trace table {table!r}; the tables are {', '.join(TRACE_TABLES)}")
         columns = {"sample_id": "object", **COLUMNS[table]}
-        where = [(c, v) for c, v in filters.items() if c in columns]
-        sql = f"SELECT {', '.join(_quote(c) for c in columns)} FROM {table}"
-        if where:
-            sql += " WHERE " + " AND ".join(f"list_contains(?, {_quote(c)})" for c, _ in where)
-        source[table] = _stream_frame(con, sql, [v for _, v in where], columns, batch_rows, store)
-    ids = filters.get("sample_id")
-    first = con.execute(
-        "SELECT meta FROM samples"
-        + ("" if ids is None else " WHERE list_contains(?, sample_id)")
-        + " LIMIT 1",
-        [] if ids is None else [ids],
-    ).fetchall()  # not fetchone: it would leave the result open on a connection the caller may share
+        where, params = _where({c: v for c, v in filters.items() if c in columns})
+        sql = f"SELECT {', '.join(_quote(c) for c in columns)} FROM {table}{where}"
+        source[table] = _stream_frame(con, sql, params, columns, batch_rows, store)
+    where, params = _where({c: v for c, v in filters.items() if c == "sample_id"})
+    try:  # fetchall, not fetchone: that would leave the result open on a connection the caller may share
+        first = con.execute(f"SELECT meta FROM samples{where} LIMIT 1", params).fetchall()
+    except duckdb.Error as exc:
+        raise TraceError(_message(exc, store)) from None
     source["meta"] = json.loads(first[0][0]) if first and first[0][0] else {}
     return source
 
@@ -235,15 +224,10 @@ def read_source(
 def routing_layers(store, *, component=None, layer=None) -> pd.DataFrame:
     """Routing rows per (component, layer) of a store, counted in DuckDB: component, layer, rows."""
     con = open_store(store)
-    filters = _filters(component=component, layer=layer)
-    where = " AND ".join(f"list_contains(?, {c})" for c in filters)
-    sql = (
-        "SELECT component, layer, count(*) AS rows FROM routing"
-        + (f" WHERE {where}" if where else "")
-        + " GROUP BY ALL ORDER BY component, layer"
-    )
+    where, params = _where(_filters(component=component, layer=layer))
+    sql = f"SELECT component, layer, count(*) AS rows FROM routing{where} GROUP BY ALL ORDER BY component, layer"
     try:
-        return con.execute(sql, list(filters.values())).df()
+        return con.execute(sql, params).df()
     except duckdb.Error as exc:
         raise TraceError(_message(exc, store)) from None
 
@@ -272,6 +256,13 @@ def _filters(**values) -> dict[str, list]:
             raise TraceError(f"layer must be a layer number or a list of them; got {values['layer']!r}")
         filters["layer"] = [int(v) for v in filters["layer"]]
     return {c: v if c == "layer" else [str(x) for x in v] for c, v in filters.items()}
+
+
+def _where(filters: dict[str, list]) -> tuple[str, list]:
+    """A WHERE clause (with its leading space; "" for no filters) and its parameters."""
+    if not filters:
+        return "", []
+    return " WHERE " + " AND ".join(f"list_contains(?, {_quote(c)})" for c in filters), list(filters.values())
 
 
 def _listed(value) -> list:
