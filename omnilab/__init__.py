@@ -7,8 +7,7 @@ reply = lab.generate([{"role": "user", "content": "Hello"}])
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: F401
 from .errors import (
     ConversationError,
     InterventionError,

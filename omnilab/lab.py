@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,10 @@ from . import conversation as conv
 from .errors import ConversationError
 from .models.loading import Loaded, load_model
 from .models.loading import save as save_checkpoint
+from .reply import SAMPLE_RATE, SAMPLES_PER_FRAME, Reply  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000  # code2wav output
-SAMPLES_PER_FRAME = 1_920  # 80 ms at 24 kHz: one talker frame (12.5 Hz)
 VIDEO_FPS = 2.0  # frames sampled per second of video, as in Qwen's cookbooks
 PRESET_SPEECH_FRAMES = 48  # random-weight talkers never emit EOS: cap their speech (3.84 s)
 DEFAULT_SYSTEM = (
@@ -31,30 +30,6 @@ RANDOM_WEIGHTS_NOTE = (
     "random-weight model of the real Qwen3-Omni architecture: its text and speech are noise; "
     "load real weights with omnilab.load('Qwen/Qwen3-Omni-30B-A3B-Instruct')"
 )
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One assistant turn.
-
-    text: the decoded reply (special tokens removed); token_ids: the generated thinker ids (the
-    end-of-turn token included when it was produced); audio: float32 mono at `sample_rate`, or None;
-    codes: the talker's codec frames [frames, 16] (codebook 0 from the talker, 1-15 from the code
-    predictor), or None; trace: the Trace when tracing was asked for.
-    """
-
-    text: str
-    token_ids: list[int]
-    audio: np.ndarray | None
-    sample_rate: int
-    codes: np.ndarray | None
-    model_id: str
-    random_weights: bool
-    trace: object | None = None
-
-    @property
-    def seconds(self) -> float:
-        return 0.0 if self.audio is None else len(self.audio) / self.sample_rate
 
 
 class OmniLab:

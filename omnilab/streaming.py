@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 
 from .errors import ConversationError
-from .lab import SAMPLE_RATE, Reply
+from .reply import SAMPLE_RATE, Reply
 from .trace import Trace
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
-def _model_lock(model) -> threading.RLock:
+def model_lock(model) -> threading.RLock:
     with _LOCKS_GUARD:
         lock = _LOCKS.get(model)
         if lock is None:
@@ -528,7 +528,7 @@ class _Stream:
         self.trace = trace
         self.chunk_frames = chunk_frames
         self.speech = options["return_audio"]
-        self.lock = _model_lock(self.model)
+        self.lock = model_lock(self.model)
         self.device = lab.device
         self.left_context = left_context
 

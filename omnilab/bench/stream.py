@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from ..lab import SAMPLE_RATE, SAMPLES_PER_FRAME
+from ..reply import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 TARGET = 0.15
 MIN_SPEECH_SECONDS = 5.0

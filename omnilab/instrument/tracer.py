@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import InterventionError
 from ..trace import Columns, Trace
 from .context import ForwardTracker

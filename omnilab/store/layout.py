@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import __version__
+from .._version import __version__
 from ..errors import TraceError
 from ..trace import ARROW_TYPES, COLUMNS, SCHEMA_VERSION
 from ..trace import TABLES as TRACE_TABLES
