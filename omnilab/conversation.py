@@ -89,9 +89,9 @@ def gather(conversation, *, use_audio_in_video: bool = False, video_fps: float =
             source = item[kind]
             name = _name(source, kind, counts[kind])
             if kind == "audio":
-                gathered.audio.append(
-                    media.load_audio(source, sample_rate=item.get("sampling_rate"), name=name)
-                )
+                audio = media.load_audio(source, sample_rate=item.get("sampling_rate"), name=name)
+                media.check_model_audio(audio, source, name=name)
+                gathered.audio.append(audio)
                 gathered.audio_from_video.append(None)
                 gathered.items.append({"modality": "audio", "index": counts["audio"], "name": name})
             elif kind == "image":
@@ -100,6 +100,7 @@ def gather(conversation, *, use_audio_in_video: bool = False, video_fps: float =
             else:
                 video = media.load_video(source, fps=video_fps, with_audio=use_audio_in_video, name=name)
                 if use_audio_in_video:
+                    media.check_model_audio(video.audio, source, name=name, kind="video")
                     gathered.audio.append(video.audio)
                     gathered.audio_from_video.append(counts["video"])
                 gathered.videos.append(video)

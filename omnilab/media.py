@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
 """Rate of every waveform omnilab returns (Qwen3-Omni's audio encoder runs at 16 kHz)."""
 MAX_AUDIO_SECONDS = 40 * 60
+MIN_AUDIO_SAMPLES = 201
+"""Shortest audio accepted, in samples at 16 kHz (12.6 ms): the Whisper feature extractor's STFT
+reflect-pads n_fft // 2 = 200 samples on each side, which needs more input than that."""
 """Longest audio accepted: 40 min, about what fits Qwen3-Omni's context."""
 MAX_IMAGE_PIXELS = 40_000_000
 """Largest image accepted, in pixels, checked from the header before any pixel is decoded."""
@@ -96,6 +99,12 @@ def _size_text(n_bytes: float) -> str:
         if n_bytes >= scale:
             return f"{n_bytes / scale:.1f} {unit}"
     return f"{int(n_bytes)} bytes"
+
+
+def _ffmpeg_reason(error: Exception) -> str:
+    """FFmpeg's own words for a decoding error, without PyAV's errno and call site."""
+    reason = getattr(error, "strerror", None) or str(error)
+    return f"FFmpeg: {reason[:1].lower()}{reason[1:]}"
 
 
 def _refuse_remote(source: Any, label: str) -> Any:
@@ -405,6 +414,19 @@ def _finish_audio(samples: np.ndarray, rate: float, subject: str) -> np.ndarray:
     return np.ascontiguousarray(np.clip(samples, -1.0, 1.0), dtype=np.float32)
 
 
+def check_model_audio(
+    samples: np.ndarray, source: Any, *, name: str | None = None, kind: str = "audio"
+) -> None:
+    """Refuse 16 kHz audio shorter than the model's feature extractor accepts (`MIN_AUDIO_SAMPLES`)."""
+    if len(samples) < MIN_AUDIO_SAMPLES:
+        subject = _subject(kind, source, name) + (" (its audio track)" if kind == "video" else "")
+        raise MediaError(
+            f"{subject} is {len(samples) / SAMPLE_RATE * 1000:.1f} ms long ({len(samples)} samples at 16 kHz); "
+            f"the shortest audio the model accepts is {MIN_AUDIO_SAMPLES / SAMPLE_RATE * 1000:.1f} ms "
+            f"({MIN_AUDIO_SAMPLES} samples); pass a longer recording"
+        )
+
+
 def _load_audio_file(source: str | os.PathLike, name: str | None) -> np.ndarray:
     label, subject = _label(source, name), _subject("audio", source, name)
     path = _check_file(source, max_bytes=MAX_FILE_BYTES, label=label)
@@ -483,7 +505,8 @@ def _open_av(path: Path, subject: str) -> av.container.InputContainer:
         return av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
         raise MediaError(
-            f"{subject} cannot be opened ({error}); it may be corrupt or cut short; re-export or re-copy it"
+            f"{subject} cannot be opened ({_ffmpeg_reason(error)}); it may be corrupt or cut short; "
+            "re-export or re-copy it"
         ) from error
 
 
@@ -541,7 +564,8 @@ def _read_with_av(path: Path, subject: str) -> tuple[np.ndarray, int]:
             samples = collector.samples()
         except av.FFmpegError as error:
             raise MediaError(
-                f"{subject} cannot be decoded ({error}); it may be corrupt; re-export it (e.g. as WAV)"
+                f"{subject} cannot be decoded ({_ffmpeg_reason(error)}); it is cut short or corrupt; "
+                "re-export it (e.g. as WAV)"
             ) from error
     return samples, collector.rate or stream.rate
 
@@ -717,7 +741,8 @@ def load_video(
             frames, last_time, audio = _decode_video(container, streams, rate, native, max_frames, subject)
         except av.FFmpegError as error:
             raise MediaError(
-                f"{subject} cannot be decoded ({error}); it may be corrupt; re-export it (e.g. as H.264 MP4)"
+                f"{subject} cannot be decoded ({_ffmpeg_reason(error)}); it is cut short or corrupt; "
+                "re-export it (e.g. as H.264 MP4)"
             ) from error
     if not frames:
         raise MediaError(f"{subject} has no frames; it is empty or corrupt; re-export it")

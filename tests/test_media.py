@@ -14,6 +14,7 @@ import soundfile
 from PIL import Image
 
 from omnilab import media
+from omnilab.conversation import gather
 from omnilab.errors import MediaError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -399,3 +400,34 @@ def test_loaders_refuse_urls(load):
 def test_loaders_refuse_a_source_of_the_wrong_type(load):
     with pytest.raises(MediaError, match=r"has type int; pass a file path"):
         load(42)
+
+
+def test_audio_shorter_than_the_feature_extractor_accepts_is_refused_naming_it(tmp_path):
+    path = tmp_path / "one.wav"
+    soundfile.write(path, np.array([0.1], dtype=np.float32), 16000)
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}]}]
+    with pytest.raises(
+        MediaError, match=r"one\.wav is 0\.1 ms long \(1 samples at 16 kHz\); the shortest"
+    ):
+        gather(conversation)
+    # the bound counts samples after resampling to 16 kHz
+    with pytest.raises(MediaError, match=r"109 samples at 16 kHz"):
+        media.check_model_audio(media.load_audio((np.zeros(300, dtype=np.float32), 44_100)), "clip")
+
+
+def test_the_shortest_accepted_audio_runs_through_the_model(tiny):
+    shortest = np.full(media.MIN_AUDIO_SAMPLES, 0.1, dtype=np.float32)
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": (shortest, 16000)}]}]
+    assert tiny.forward(conversation).shape[1] > 0
+    with pytest.raises(MediaError, match="the shortest audio the model accepts"):
+        tiny.forward([{"role": "user", "content": [{"type": "audio", "audio": (shortest[:-1], 16000)}]}])
+
+
+def test_load_video_names_a_cut_mp4_without_ffmpeg_errno(tmp_path):
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(VIDEO.read_bytes()[:4000])
+    with pytest.raises(MediaError) as error:
+        media.load_video(path)
+    message = str(error.value)
+    assert message.startswith("video 'cut.mp4' ") and "cut short or corrupt" in message
+    assert "Errno" not in message and "avcodec" not in message
