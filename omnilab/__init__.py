@@ -29,6 +29,10 @@ def card(name: str = "qwen3-omni-30b-a3b-instruct"):
         from .models.presets import preset_config
 
         return card_module.card(card_module.meta_model(preset_config(name)))
+    from .models import real_size
+
+    if name in real_size.NAMES:
+        return card_module.card(card_module.meta_model(real_size.config(name)))
     return card_module.card(card_module.meta_model(card_module.real_config(name)))
 
 

@@ -97,7 +97,7 @@ def _card(args) -> int:
     from . import card
     from .models.card import format_card
 
-    if args.model in ("tiny", "small") or args.model.startswith("qwen3-omni-30b-a3b"):
+    if args.model in ("tiny", "small") or args.model.startswith("qwen3-omni-30b-a3b"):  # built on meta
         frame = card(args.model)
     else:
         from . import load

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from ..errors import ModelLoadError
-from . import presets
+from . import presets, real_size
 from .processor import PRESET_VIDEO_PIXELS, build_processor
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,16 @@ def load_model(
     experts_implementation: str | None = None,
     talker: bool = True,
 ) -> Loaded:
-    """Load preset `name` ("tiny", "small") or a checkpoint (hub id or local directory)."""
-    if name in presets.PRESETS:
-        model = presets.build_preset(name, seed=seed)
+    """Load preset `name` ("tiny", "small"), the real size with random weights
+    ("qwen3-omni-30b-a3b-random", "-reduced"), or a checkpoint (hub id or local directory)."""
+    if name in presets.PRESETS or name in real_size.NAMES:
+        if name in real_size.NAMES:  # built on its device in its dtype (bfloat16 unless asked)
+            device = "cuda" if device_map == "auto" and torch.cuda.is_available() else device_map
+            device = "cpu" if device in (None, "auto") else device
+            model = real_size.build(name, seed=seed, dtype=_dtype(dtype or "bfloat16"), device=device)
+            dtype = device_map = None
+        else:
+            model = presets.build_preset(name, seed=seed)
         if not talker:
             model.disable_talker()
         if attn_implementation:
