@@ -306,3 +306,23 @@ def test_thinker_only_model_matches_the_full_models_thinker_rows(tiny_model, tin
     assert df.loc[rows, "params_total"].tolist() == tiny_card.loc[rows, "params_total"].tolist()
     assert df.loc[rows, "params_active"].tolist() == tiny_card.loc[rows, "params_active"].tolist()
     assert df.loc["audio_encoder", "module"] == "model.audio_tower"
+
+
+def test_building_the_configs_logs_no_rope_key_warning():
+    import logging
+
+    from omnilab.models import real_size
+    from omnilab.models.presets import preset_config
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.modeling_rope_utils")
+    logger.addHandler(handler)
+    try:
+        real_config(), preset_config("tiny"), real_size.config("qwen3-omni-30b-a3b-random-reduced")
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "rope_parameters" in r.getMessage()]
+    # the talker still reads its TM-RoPE sections
+    assert real_config().talker_config.text_config.rope_parameters["mrope_section"] == [24, 20, 20]

@@ -9,12 +9,10 @@ card of the real model costs half a second and no memory.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.resources
 import json
-import logging
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -29,6 +27,7 @@ from transformers import (
 )
 
 from omnilab.errors import ModelLoadError
+from omnilab.models.presets import config_from_dict
 
 # name -> whether the checkpoint speaks (has talker and code2wav). Thinking and Captioner are the
 # Instruct thinker without the speech path.
@@ -99,19 +98,6 @@ _SIZE_FIELDS = (
 )
 
 
-@contextlib.contextmanager
-def _quiet_rope_warning() -> Iterator[None]:
-    # transformers 5.24 warns that `mrope_section`/`interleaved` are unknown to rope_type "default";
-    # the Qwen3-Omni text models do read them, so the warning only misleads.
-    rope_logger = logging.getLogger("transformers.modeling_rope_utils")
-    level = rope_logger.level
-    rope_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        rope_logger.setLevel(level)
-
-
 def real_config(name: str = "qwen3-omni-30b-a3b-instruct") -> Qwen3OmniMoeConfig:
     """The published config of a Qwen3-Omni 30B-A3B checkpoint, from omnilab's package data.
 
@@ -124,8 +110,7 @@ def real_config(name: str = "qwen3-omni-30b-a3b-instruct") -> Qwen3OmniMoeConfig
     text = importlib.resources.files("omnilab").joinpath("models", "configs", _CONFIG_FILE).read_text()
     data = json.loads(text)
     data["enable_audio_output"] = VARIANTS[name]
-    with _quiet_rope_warning():
-        return Qwen3OmniMoeConfig.from_dict(data)
+    return config_from_dict(data)
 
 
 def meta_model(
@@ -140,7 +125,7 @@ def meta_model(
         if isinstance(config, Qwen3OmniMoeThinkerConfig)
         else Qwen3OmniMoeForConditionalGeneration
     )
-    with _quiet_rope_warning(), torch.device("meta"):
+    with torch.device("meta"):
         return model_class(config)
 
 

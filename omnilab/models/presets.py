@@ -182,9 +182,23 @@ def preset_config(name: str) -> Qwen3OmniMoeConfig:
     if name not in PRESETS:
         raise KeyError(name)
     merged = _merge(real_config_dict(), PRESETS[name])
-    merged.pop("transformers_version", None)
     merged["dtype"] = "float32"
-    return Qwen3OmniMoeConfig(**merged)
+    return config_from_dict(merged)
+
+
+# transformers 5.24's talker text config lacks the rope keys its thinker twin declares (the talker does
+# read mrope_section), so building the real config warns that they are unrecognized; declare them.
+_TALKER_ROPE_KEYS = ["mrope_section", "interleaved", "mrope_interleaved"]
+
+
+def config_from_dict(data: dict) -> Qwen3OmniMoeConfig:
+    """A Qwen3OmniMoeConfig from a config.json dict, without the talker's spurious rope-key warning."""
+    data = copy.deepcopy(data)
+    data.pop("transformers_version", None)
+    data.setdefault("talker_config", {}).setdefault("text_config", {})["ignore_keys_at_rope_validation"] = (
+        _TALKER_ROPE_KEYS
+    )
+    return Qwen3OmniMoeConfig(**data)
 
 
 def build_preset(name: str, seed: int = 0) -> Qwen3OmniMoeForConditionalGeneration:

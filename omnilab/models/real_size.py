@@ -16,7 +16,7 @@ import torch
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
 from . import presets
-from .card import _quiet_rope_warning, real_config
+from .card import real_config
 
 NAMES = {
     "qwen3-omni-30b-a3b-random": "qwen3-omni-30b-a3b-instruct",
@@ -43,10 +43,7 @@ def config(name: str) -> Qwen3OmniMoeConfig:
     """The config `name` builds: the published one, depth-reduced for the `-reduced` name."""
     if not name.endswith("-reduced"):
         return real_config(NAMES[name])
-    merged = presets._merge(presets.real_config_dict(), REDUCED)
-    merged.pop("transformers_version", None)
-    with _quiet_rope_warning():
-        return Qwen3OmniMoeConfig(**merged)
+    return presets.config_from_dict(presets._merge(presets.real_config_dict(), REDUCED))
 
 
 @contextlib.contextmanager
