@@ -15,6 +15,8 @@ arrays computed once (`routing_suite(trace)` runs them all on one preparation), 
                 residual_audio, residual_series (these two run the model's code2wav)
     attribution attribute → Attribution; attribution_by_modality, attribution_by_item,
                 attribution_by_window, attribution_by_patch
+    lens        logit_lens (runs the thinker)
+    probes      linear_probe (scikit-learn, over activations)
 
 Attribution and residual audio must run the model, so they take an OmniLab, not a Trace.
 """
@@ -29,7 +31,9 @@ from .attribution import (
     attribution_by_patch,
     attribution_by_window,
 )
+from .lens import logit_lens
 from .positions import av_alignment, position_layout
+from .probes import linear_probe
 from .routing import (
     ROUTING_ANALYSES,
     coactivation,
@@ -66,6 +70,8 @@ __all__ = [
     "attention_over_time",
     "tower_attention_map",
     "attribute",
+    "linear_probe",
+    "logit_lens",
     "attribution_by_item",
     "attribution_by_modality",
     "attribution_by_patch",

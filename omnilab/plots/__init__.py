@@ -9,6 +9,7 @@ writes HTML, or PNG/SVG/PDF where a Chromium is available.
     attention   attention_heatmap, attention_mass_heatmap, attention_time_lines, tower_attention_heatmap
     speech      codebook_heatmap, spectrogram
     attribution attribution_tokens, attribution_modality, attribution_windows, attribution_patches
+    lens        logit_lens_heatmap, probe_lines
 """
 
 from ._export import ExportError, browser_path, export
@@ -20,6 +21,7 @@ from .attention import (
     tower_attention_heatmap,
 )
 from .attribution import attribution_modality, attribution_patches, attribution_tokens, attribution_windows
+from .lens import logit_lens_heatmap, probe_lines
 from .positions import positions_3d, seconds_timeline
 from .routing import (
     agreement_lines,
@@ -49,8 +51,10 @@ __all__ = [
     "codebook_heatmap",
     "expert_load_bars",
     "export",
+    "logit_lens_heatmap",
     "paths_sankey",
     "positions_3d",
+    "probe_lines",
     "routing_heatmap",
     "seconds_timeline",
     "spectrogram",

@@ -1,0 +1,129 @@
+"""The logit lens: what each layer of the thinker would say if decoding stopped there.
+
+Each layer's residual stream (its decoder layer's output, the model's own `output_hidden_states`) is
+read through the model's final RMSNorm and `lm_head` (nostalgebraist, 2020, "interpreting GPT: the
+logit lens"; Belrose et al., 2023, "Eliciting Latent Predictions from Transformers with the Tuned
+Lens", for why intermediate layers read this way are biased). At the last layer the lens is the
+model's own next-token distribution: its top-1 equals `lab.forward`'s argmax (a test checks it).
+
+An analysis that must run the model, so it takes an OmniLab, as attribution does.
+
+    logit_lens(lab, conversation, target=...)  → layer, pos, modality, rank, token_id, token, prob
+                                                  (+ target_id, target_rank, target_prob)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import ConversationError
+from ..instrument.unembed import thinker_layers, thinker_unembed
+
+__all__ = ["logit_lens"]
+
+POSITION_CHUNK = 64  # positions unembedded at once: a 152k-word vocabulary is the memory here
+
+
+def logit_lens(
+    lab,
+    conversation,
+    *,
+    layers=None,
+    positions=None,
+    target: int | str | None = None,
+    top: int = 5,
+    use_audio_in_video: bool = False,
+) -> pd.DataFrame:
+    """The thinker's logit lens over the prompt of `conversation` (one forward, nothing generated).
+
+    layers: decoder layers (0-based, "after layer L"; None: all). positions: prompt positions (None:
+    all; negative counts from the end). target: a token id, or text whose first token is taken; its
+    rank (0 = the top token) and probability are added per layer and position. Returns one row per
+    (layer, pos, rank) for the `top` most probable next tokens, with the position's modality.
+    """
+    inputs = lab.prepare(conversation, use_audio_in_video=use_audio_in_video)
+    ids = inputs["input_ids"][0]
+    n_layers, length = thinker_layers(lab), int(ids.shape[0])
+    layers = _pick(layers, n_layers, "layer", f"the thinker has layers 0-{n_layers - 1}")
+    positions = _pick(positions, length, "position", f"the prompt has positions 0-{length - 1}")
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise ConversationError(f"top must be a whole number ≥ 1; got {top!r}")
+    tokenizer = lab.processor.tokenizer
+    target_id = _target_id(target, tokenizer, lab.thinker.config.text_config.vocab_size)
+    with torch.inference_mode():
+        hidden = lab.thinker(**inputs, output_hidden_states=True, use_audio_in_video=use_audio_in_video)
+    states = hidden.hidden_states  # (embeddings, layer 0 .. layer N-2 outputs, the final *normed* output)
+    unembed = thinker_unembed(lab)
+    head = lab.thinker.get_output_embeddings()
+    index = torch.as_tensor(positions, device=ids.device)
+    parts = []
+    for layer in layers:
+        state = states[layer + 1][0, index]
+        read = head if layer == n_layers - 1 else unembed  # the model's last state is already normed
+        parts.append(_top_rows(read, state, layer, positions, top, target_id))
+    frame = pd.concat(parts, ignore_index=True)
+    modality = _modalities(lab, ids.cpu().numpy())
+    frame.insert(2, "modality", pd.Categorical(modality[frame["pos"].to_numpy()]))
+    pieces = {int(t): tokenizer.decode([int(t)]) for t in pd.unique(frame["token_id"])}
+    frame.insert(5, "token", frame["token_id"].map(pieces))
+    return frame
+
+
+def _top_rows(
+    read, state: torch.Tensor, layer: int, positions: list[int], top: int, target_id
+) -> pd.DataFrame:
+    rows: dict[str, list] = {k: [] for k in ("pos", "rank", "token_id", "prob", "target_rank", "target_prob")}
+    for start in range(0, len(positions), POSITION_CHUNK):
+        with torch.inference_mode():
+            probs = torch.softmax(read(state[start : start + POSITION_CHUNK]).float(), dim=-1)
+        values, tokens = probs.topk(top, dim=-1)
+        pos = np.repeat(positions[start : start + POSITION_CHUNK], top)
+        rows["pos"].append(pos)
+        rows["rank"].append(np.tile(np.arange(top), len(probs)))
+        rows["token_id"].append(tokens.reshape(-1).cpu().numpy())
+        rows["prob"].append(values.reshape(-1).cpu().numpy())
+        if target_id is not None:
+            chosen = probs[:, target_id]
+            rank = (probs > chosen[:, None]).sum(dim=-1)  # tokens strictly more probable
+            rows["target_rank"].append(np.repeat(rank.cpu().numpy(), top))
+            rows["target_prob"].append(np.repeat(chosen.cpu().numpy(), top))
+    frame = pd.DataFrame({k: np.concatenate(v) for k, v in rows.items() if v})
+    frame.insert(0, "layer", layer)
+    if target_id is not None:
+        frame.insert(len(frame.columns) - 2, "target_id", target_id)
+    return frame
+
+
+def _pick(values, size: int, what: str, fits: str) -> list[int]:
+    if values is None:
+        return list(range(size))
+    values = [values] if isinstance(values, (int, np.integer)) else list(values)
+    picked = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not -size <= value < size:
+            raise ConversationError(f"{what} {value!r} is out of range; {fits}")
+        picked.append(int(value) % size)
+    return picked
+
+
+def _target_id(target, tokenizer, vocab: int) -> int | None:
+    if target is None:
+        return None
+    if isinstance(target, str):
+        ids = tokenizer.encode(target, add_special_tokens=False)
+        if not ids:
+            raise ConversationError("target is empty text; pass a word or a token id")
+        return int(ids[0])
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < vocab:
+        raise ConversationError(f"target {target!r} is not a token id of this model (0-{vocab - 1}) or text")
+    return int(target)
+
+
+def _modalities(lab, ids: np.ndarray) -> np.ndarray:
+    config = lab.thinker.config
+    out = np.full(len(ids), "text", dtype=object)
+    for name in ("audio", "image", "video"):
+        out[ids == getattr(config, f"{name}_token_id")] = name
+    return out

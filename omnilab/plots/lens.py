@@ -1,0 +1,91 @@
+"""Figures of the logit lens and of linear probes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ._style import TEMPLATE, as_text, modality_color
+
+__all__ = ["logit_lens_heatmap", "probe_lines"]
+
+
+def logit_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
+    """Layers × positions of `analysis.logit_lens`: each cell the top token's probability, its piece
+    written in the cell; with a target, the cell's colour is the target's rank (log scale, 0 = top)
+    instead. Hover shows the layer, pos, modality, top token and (with a target) its rank and prob.
+    """
+    top = lens[lens["rank"] == 0]
+    layers = np.unique(top["layer"].to_numpy())
+    positions = np.unique(top["pos"].to_numpy())
+    li = np.searchsorted(layers, top["layer"].to_numpy())
+    pi = np.searchsorted(positions, top["pos"].to_numpy())
+    has_target = "target_rank" in top.columns
+
+    def grid(values, fill=np.nan, dtype=float):
+        out = np.full((len(layers), len(positions)), fill, dtype=dtype)
+        out[li, pi] = values
+        return out
+
+    prob = grid(top["prob"].to_numpy(dtype=float))
+    piece = grid(as_text(top["token"]), "", object)
+    modality = grid(as_text(top["modality"]), "", object)
+    if has_target:
+        z = np.log10(1 + grid(top["target_rank"].to_numpy(dtype=float)))
+        target = grid(top["target_rank"].to_numpy(dtype=float))
+        colorbar, scale = {"title": "log10(1 + target rank)"}, "Viridis_r"
+    else:
+        z, target, colorbar, scale = prob, np.full_like(prob, np.nan), {"title": "top prob"}, "Viridis"
+    custom = np.stack([modality, piece, prob, target], axis=-1)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=positions,
+            y=layers,
+            text=piece,
+            texttemplate="%{text}" if len(positions) <= 48 else None,
+            customdata=custom,
+            colorscale=scale,
+            colorbar=colorbar,
+            hovertemplate="layer %{y}, pos %{x} (%{customdata[0]})<br>top: %{customdata[1]} "
+            "(p %{customdata[2]:.3g})"
+            + ("<br>target rank %{customdata[3]}" if has_target else "")
+            + "<extra></extra>",
+            name="lens",
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or "Logit lens: each layer read through the final norm and lm_head",
+        xaxis_title="pos",
+        yaxis_title="layer",
+    )
+    return fig
+
+
+def probe_lines(scores: pd.DataFrame, *, title=None) -> go.Figure:
+    """Held-out score per layer of `analysis.linear_probe` (one line per `label` column value when
+    present), with each probe's baseline dashed."""
+    fig = go.Figure()
+    groups = scores.groupby("label", sort=False) if "label" in scores.columns else [("probe", scores)]
+    for i, (name, rows) in enumerate(groups):
+        color = modality_color(name) if str(name) in ("text", "audio", "image", "video") else None
+        color = color or ["#4C78A8", "#F58518", "#54A24B", "#B279A2", "#E45756"][i % 5]
+        rows = rows.sort_values("layer")
+        fig.add_trace(
+            go.Scatter(x=rows["layer"], y=rows["test_score"], mode="lines+markers", name=str(name),
+                       line={"color": color})
+        )  # fmt: skip
+        fig.add_trace(
+            go.Scatter(x=rows["layer"], y=rows["baseline"], mode="lines", name=f"{name} baseline",
+                       line={"color": color, "dash": "dash"}, showlegend=False)
+        )  # fmt: skip
+    metric = scores["metric"].iloc[0] if len(scores) else "score"
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or "Linear probe, held-out score per layer (dashed: the label alone)",
+        xaxis_title="layer",
+        yaxis_title=metric,
+    )
+    return fig
