@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import OmnilabError
 
-BENCHES = ("forward", "trace", "analysis", "stream", "store")
+BENCHES = ("forward", "trace", "analysis", "stream", "store", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
