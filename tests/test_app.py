@@ -220,6 +220,22 @@ def test_a_stream_closed_early_frees_the_model_and_records_nothing(lab):
     assert not getattr(lab, "_tracers", [])
 
 
+def test_a_stream_advanced_from_several_threads_holds_the_model_lock_until_it_ends(lab):
+    session = sessions.Session()
+    updates = jobs.stream_turn(lab, session, sessions.user_message("threads"), sessions.settings(lab, **FAST))
+    lock, seen = model_lock(lab.model), []
+    while not seen or seen[-1] is not None:  # as Gradio does: each step on whichever thread is free
+        step = threading.Thread(target=lambda: seen.append(next(updates, None)))
+        step.start()
+        step.join(timeout=120)
+        assert not step.is_alive(), "a step of the stream hung on the model lock"
+        if seen[-1] is not None and seen[-1].turn is None:
+            assert not lock.acquire(blocking=False)  # held between steps, by the job's own thread
+    assert seen[-2].turn is not None and session.last is seen[-2].turn
+    assert lock.acquire(blocking=False)
+    lock.release()
+
+
 def test_every_panel_has_data_after_a_streamed_turn(streamed):
     _, session = streamed
     figures = panels.all_figures(session)

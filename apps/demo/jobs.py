@@ -9,9 +9,8 @@ install hooks on the shared model.
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -94,25 +93,17 @@ class Update:
     turn: Turn | None = None
 
 
-def _stream_job(lab: OmniLab, conversation, settings: Settings, out: queue.Queue, stop: threading.Event):
-    """Run `lab.stream` under the model lock, putting ("event", e) ... then ("end", tracer) or ("error", exc)."""
-    tracer = None
-    try:
-        events = lab.stream(conversation, **asdict(settings.generation), trace=True)
-        with (
-            model_lock(lab.model),
-            _upload_errors(conversation),
-            _capture(lab, settings, capture=()) as tracer,
-            contextlib.closing(events),
-        ):
-            for event in events:
-                out.put(("event", event))
-                if stop.is_set():
-                    return
-    except BaseException as exc:
-        out.put(("error", exc))
-    finally:
-        out.put(("end", tracer))
+def _stream_job(lab: OmniLab, conversation, settings: Settings, opened: list) -> Iterator:
+    """`lab.stream`'s events under the model lock; `opened` receives the attention tracer (or None)."""
+    events = lab.stream(conversation, **asdict(settings.generation), trace=True)
+    with (
+        model_lock(lab.model),
+        _upload_errors(conversation),
+        _capture(lab, settings, capture=()) as tracing,
+        contextlib.closing(events),
+    ):
+        opened.append(tracing)
+        yield from events
 
 
 def stream_turn(
@@ -121,34 +112,28 @@ def stream_turn(
     """Answer `message` through `OmniLab.stream`, yielding text and speech as they are made.
 
     The last update carries the Turn; its trace is the stream's own (routing, positions, codes, the
-    latency breakdown), with attention added when asked for. The model job runs on a thread of its
-    own, which holds the model lock from start to end: Gradio advances a generator on any of its
-    worker threads, and the lock belongs to the thread that took it. Closing this generator (a
-    browser that goes away closes it) stops the job at its next event and waits for it to let go.
+    latency breakdown), with attention added when asked for. Every step of the job runs on one
+    thread of its own, which holds the model lock until the stream ends or this generator is closed
+    (a browser that goes away closes it): Gradio advances a generator on any of its worker threads,
+    and the lock belongs to the thread that took it.
     """
     conversation = session.conversation(system, message)
-    out: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    job = threading.Thread(target=_stream_job, args=(lab, conversation, settings, out, stop), daemon=True)
-    job.start()
+    opened: list = []
+    job = _stream_job(lab, conversation, settings, opened)
     text, done = "", None
-    try:
-        while (item := out.get())[0] == "event":
-            event = item[1]
-            if event.kind == "text":
-                text += event.text
-                yield Update(text)
-            elif event.kind == "audio" and event.audio is not None and len(event.audio):
-                yield Update(text, audio=event.audio)
-            elif event.kind == "done":
-                done = event
-    finally:
-        stop.set()
-        job.join()
-    kind, value = item
-    if kind == "error":
-        raise value
-    tracer = value
+    with ThreadPoolExecutor(1, thread_name_prefix="omnilab-stream") as thread:
+        try:
+            for event in iter(lambda: thread.submit(next, job, None).result(), None):
+                if event.kind == "text":
+                    text += event.text
+                    yield Update(text)
+                elif event.kind == "audio" and event.audio is not None and len(event.audio):
+                    yield Update(text, audio=event.audio)
+                elif event.kind == "done":
+                    done = event
+        finally:
+            thread.submit(job.close).result()
+    tracer = opened[0] if opened else None
     if done is None or done.reply is None:
         raise ConversationError("the stream ended without a reply; send the message again")
     trace = done.trace if done.trace is not None else done.reply.trace

@@ -315,72 +315,56 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             "ablation_original": original_plot, "ablation_ablated": ablated_plot, "ablation_agreement": agreement_plot,
             "layer": layer, "token": token, "reply_wav": reply_wav,
         }  # fmt: skip
-        panel_in = [session, component, layer, token]
-        media_in = [text, audio_in, image_in, video_in]
+        panel_in, panels_out = [session, component, layer, token], list(panel_out.values())
         private = {"api_visibility": "private"}
-
-        def cleared():
-            return "", None, None, None
-
-        # Upload payloads reach `session.user_message` raw (preprocess=False): it checks them by content
-        # before anything decodes them, and `session.settings` checks every setting.
+        # Payloads reach `session.user_message` and `session.settings` raw (preprocess=False): uploads are
+        # checked by content before anything decodes them, and every setting is checked there.
+        raw = {"preprocess": False}
+        job = {**raw, "concurrency_id": MODEL_JOBS, "concurrency_limit": 1}  # one model job at a time
         for trigger, visibility in ((send.click, "public"), (text.submit, "private")):
             trigger(
-                chat, turn_in, [chatbot, speech, session], api_name="chat", api_visibility=visibility,
-                preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
-            ).success(cleared, None, media_in, queue=False, **private).then(
-                show_panels, panel_in, list(panel_out.values()), **private
-            )  # fmt: skip
-        hidden = {name: gr.Button(visible=False) for name in ("reply", "positions", "speech", "latency")}
-        hidden["reply"].click(
-            reply, turn_in, [reply_text, reply_wav, chatbot, session], api_name="reply", preprocess=False,
-            concurrency_id=MODEL_JOBS, concurrency_limit=1,
-        ).success(show_panels, panel_in, list(panel_out.values()), **private)  # fmt: skip
-        layer.release(
-            _guard(panels.routing_figures), [session, component, layer], [routing_plot, load_plot, modality_plot],
-            api_name="routing", preprocess=False,
-        )  # fmt: skip
-        component.change(
-            component_changed, [session, component, layer], [routing_plot, load_plot, modality_plot, layer],
-            preprocess=False, **private,
-        )  # fmt: skip
+                chat, turn_in, [chatbot, speech, session], api_name="chat", api_visibility=visibility, **job
+            ).success(
+                lambda: ("", None, None, None), None, [text, audio_in, image_in, video_in], queue=False, **private
+            ).then(show_panels, panel_in, panels_out, **private)  # fmt: skip
+        gr.Button(visible=False).click(
+            reply, turn_in, [reply_text, reply_wav, chatbot, session], api_name="reply", **job
+        ).success(show_panels, panel_in, panels_out, **private)  # fmt: skip
+        routing_out = [routing_plot, load_plot, modality_plot]
+        layer.release(_guard(panels.routing_figures), panel_in[:3], routing_out, api_name="routing", **raw)
+        component.change(component_changed, panel_in[:3], [*routing_out, layer], **raw, **private)
         token.change(
             _guard(panels.attention_figures), [session, token], [attention_map_plot, attention_row_plot],
-            api_name="attention", preprocess=False,
+            api_name="attention", **raw,
         )  # fmt: skip
-        hidden["positions"].click(
-            _guard(panels.position_figures), [session], [positions_plot, timeline_plot], api_name="positions"
-        )
-        hidden["speech"].click(
-            _guard(panels.speech_figures), [session], [codebook_plot, spectrogram_plot], api_name="speech"
-        )
-        listen.click(
-            residual, [session, keep], [residual_audio], api_name="residual_speech", preprocess=False,
-            concurrency_id=MODEL_JOBS, concurrency_limit=1,
-        )  # fmt: skip
+        for name, figures, outputs in (
+            ("positions", panels.position_figures, [positions_plot, timeline_plot]),
+            ("speech", panels.speech_figures, [codebook_plot, spectrogram_plot]),
+            ("latency", panels.latency_figure, [latency_plot]),
+        ):
+            gr.Button(visible=False).click(_guard(figures), [session], outputs, api_name=name)
+        listen.click(residual, [session, keep], [residual_audio], api_name="residual_speech", **job)
         explain_button.click(
             explain, [session, attribution_token, method, steps],
-            [attribution_tokens_plot, attribution_modality_plot, attribution_text], api_name="attribute",
-            preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
+            [attribution_tokens_plot, attribution_modality_plot, attribution_text], api_name="attribute", **job,
         )  # fmt: skip
-        hidden["latency"].click(_guard(panels.latency_figure), [session], [latency_plot], api_name="latency")
         ablate_button.click(
             ablate, [session, ablate_component, ablate_spec],
             [original_text, original_audio, ablated_text, ablated_audio, original_plot, ablated_plot, agreement_plot],
-            api_name="ablate", preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
+            api_name="ablate", **job,
         )  # fmt: skip
         zip_button.click(
             _guard(lambda s: str(panels.trace_zip(_session(s)))), [session], [download], api_name="trace_zip"
         )
         html_button.click(
             _guard(lambda s, c, la, t: str(panels.figures_html(_session(s), c, la, t))), panel_in, [download],
-            api_name="figures_html", preprocess=False,
+            api_name="figures_html", **raw,
         )  # fmt: skip
-        app.load(show_panels, panel_in, list(panel_out.values()), **private)
+        app.load(show_panels, panel_in, panels_out, **private)
         clear_button.click(
             clear, [session], [session, chatbot, speech, text, audio_in, image_in, video_in], api_name="clear",
             queue=False,
-        ).then(show_panels, panel_in, list(panel_out.values()), **private)  # fmt: skip
+        ).then(show_panels, panel_in, panels_out, **private)  # fmt: skip
     return app
 
 

@@ -288,31 +288,24 @@ def comparison_figures(session: Session, component="thinker") -> tuple[go.Figure
     return tuple(figures)
 
 
+FIGURES = (
+    "routing expert_load modality_specialization positions timeline codebooks spectrogram attention_map "
+    "attention attribution_tokens attribution_modality latency ablation_original ablation_ablated ablation_agreement"
+).split()
+
+
 def all_figures(session: Session, component="thinker", layer=0, pos=None) -> dict[str, go.Figure]:
-    """Every panel's figures for the last turn, by name."""
-    heatmap, load, specialization = routing_figures(session, component, layer)
-    scatter, timeline = position_figures(session)
-    grid, spectrogram = speech_figures(session)
-    attention_map, attention_row = attention_figures(session, pos)
-    original, ablated, agreement = comparison_figures(session, component)
-    over_tokens, by_modality = attribution_figures(session)
-    return {
-        "routing": heatmap,
-        "expert_load": load,
-        "modality_specialization": specialization,
-        "positions": scatter,
-        "timeline": timeline,
-        "codebooks": grid,
-        "spectrogram": spectrogram,
-        "attention_map": attention_map,
-        "attention": attention_row,
-        "attribution_tokens": over_tokens,
-        "attribution_modality": by_modality,
-        "latency": latency_figure(session),
-        "ablation_original": original,
-        "ablation_ablated": ablated,
-        "ablation_agreement": agreement,
-    }
+    """Every panel's figures for the last turn, by name (the names of FIGURES, in that order)."""
+    figures = (
+        *routing_figures(session, component, layer),
+        *position_figures(session),
+        *speech_figures(session),
+        *attention_figures(session, pos),
+        *attribution_figures(session),
+        latency_figure(session),
+        *comparison_figures(session, component),
+    )
+    return dict(zip(FIGURES, figures, strict=True))
 
 
 # --- downloads ----------------------------------------------------------------------------------------------
