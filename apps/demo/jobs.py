@@ -1,9 +1,6 @@
-"""The demo's model jobs as plain functions: a turn (whole or streamed), an ablated rerun, the
-speech of a few codebooks, an attribution.
-
-Each job holds the model's lock (`omnilab.streaming.model_lock(lab.model)`, the one `lab.stream`
-takes at each step) from start to end, so jobs run one at a time: the tracer and interventions
-install hooks on the shared model.
+"""The demo's model jobs: a turn (whole or streamed), an ablated rerun, the speech of a few
+codebooks, an attribution. Each holds the model's lock (`omnilab.streaming.model_lock`, which
+`lab.stream` takes at each step) from start to end: tracers and interventions hook the shared model.
 """
 
 from __future__ import annotations

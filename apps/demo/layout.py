@@ -25,6 +25,7 @@ from omnilab.trace import COMPONENTS  # noqa: E402
 
 from . import jobs, panels  # noqa: E402
 from . import session as sessions  # noqa: E402
+from .session import RANGES  # noqa: E402
 
 log = logging.getLogger("omnilab.app")
 
@@ -32,8 +33,9 @@ MAX_FILE_SIZE = sessions.MAX_UPLOAD_BYTES
 QUEUE_SIZE = 16
 SESSION_SECONDS = 3600
 MODEL_JOBS = "model"  # one concurrency group for every event that runs the model
-SETTINGS = ("video_audio", "system", "voice", "speak", "max_new_tokens", "max_speech_frames", "do_sample",
-            "temperature", "top_p", "top_k", "seed", "attention")  # fmt: skip
+# The settings of /chat and /reply, after text, audio, image, video, use the video's audio, system prompt:
+SETTINGS = ("speaker", "speak", "max_new_tokens", "max_speech_frames", "do_sample", "temperature", "top_p",
+            "top_k", "seed", "attention")  # fmt: skip
 
 
 def _user_error(exc: Exception) -> gr.Error:
@@ -72,22 +74,18 @@ def _session(value) -> sessions.Session:
 
 def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Blocks:
     """The demo's Blocks for `lab` (not launched)."""
-    preset, speaks = lab.random_weights, lab.has_talker
+    preset, speaks, given = lab.random_weights, lab.has_talker, GenerationOptions()
 
     def player(audio):
         return None if audio is None else (SAMPLE_RATE, panels.pcm16(audio, amplify=preset))
 
-    def turn_inputs(text, audio, image, video, *settings):
-        """The message and settings of a turn, checked (raw Gradio payloads: nothing decoded yet)."""
-        values = dict(zip(SETTINGS, settings, strict=True))
+    def turn_inputs(text, audio, image, video, use_audio_in_video, system, *values):
+        """(message, settings, system prompt) of a turn, checked (raw Gradio payloads: nothing decoded yet)."""
         message = sessions.user_message(
             text, audio=audio, image=image, video=video, max_bytes=max_upload_bytes
         )
-        system = values.pop("system")
-        checked = sessions.settings(
-            lab, speaker=values.pop("voice"), use_audio_in_video=values.pop("video_audio"), **values
-        )
-        return message, checked, system
+        given = dict(zip(SETTINGS, values, strict=True), use_audio_in_video=use_audio_in_video)
+        return message, sessions.settings(lab, **given), system
 
     @_guard
     def chat(*args):
@@ -99,7 +97,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             shown = (
                 session.chat
                 if update.turn
-                else pending + [{"role": "assistant", "content": update.text or "…"}]
+                else [*pending, {"role": "assistant", "content": update.text or "…"}]
             )
             yield shown, gr.skip() if update.audio is None else player(update.audio), session
 
@@ -154,22 +152,15 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
     @_guard
     def ablate(state, component, spec):
         session = _session(state)
-        original, ablated = jobs.ablate_turn(lab, session, component, spec)
-        replies = (
-            original.reply.text,
-            player(original.reply.audio),
-            ablated.reply.text,
-            player(ablated.reply.audio),
-        )
-        return (*replies, *panels.comparison_figures(session, component))
+        original, ablated = (turn.reply for turn in jobs.ablate_turn(lab, session, component, spec))
+        speech = (original.text, player(original.audio), ablated.text, player(ablated.audio))
+        return (*speech, *panels.comparison_figures(session, component))
 
     def clear(state):
         return sessions.clear(_session(state)), [], None, "", None, None, None
 
     with gr.Blocks(title="omnilab · Qwen3-Omni", analytics_enabled=False) as app:
-        session = gr.State(
-            sessions.Session(), time_to_live=SESSION_SECONDS, delete_callback=sessions.close_session
-        )
+        session = gr.State(sessions.Session(), time_to_live=SESSION_SECONDS, delete_callback=sessions.close_session)  # fmt: skip
         gr.Markdown(panels.banner(lab), elem_id="banner")
 
         with gr.Row():
@@ -191,41 +182,32 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                         label="Audio (file or microphone)", sources=["upload", "microphone"], type="filepath",
                         elem_id="audio-in",
                     )  # fmt: skip
-                    image_in = gr.Image(
-                        label="Image", type="filepath", sources=["upload"], elem_id="image-in"
-                    )
+                    image_in = gr.Image(label="Image", type="filepath", sources=["upload"], elem_id="image-in")  # fmt: skip
                     with gr.Column():
                         video_in = gr.Video(label="Video", sources=["upload"], elem_id="video-in")
                         video_audio = gr.Checkbox(label="use the video's audio", value=False)
             with gr.Column(scale=1):
                 with gr.Accordion("Settings", open=True):
                     system = gr.Textbox(
-                        label="System prompt",
-                        value=DEFAULT_SYSTEM,
-                        lines=3,
-                        max_length=sessions.MAX_SYSTEM_CHARS,
-                    )
+                        label="System prompt", value=DEFAULT_SYSTEM, lines=3, max_length=sessions.MAX_SYSTEM_CHARS
+                    )  # fmt: skip
                     voice = gr.Dropdown(
-                        label="Voice",
-                        choices=lab.speakers or [GenerationOptions.speaker],
-                        value=GenerationOptions.speaker,
+                        label="Voice", choices=lab.speakers or [given.speaker], value=given.speaker
                     )
                     speak = gr.Checkbox(label="speak the reply", value=speaks, interactive=speaks)
                     max_new_tokens = gr.Slider(
-                        1,
-                        sessions.MAX_NEW_TOKENS,
-                        value=32 if preset else 256,
-                        step=1,
-                        label="max new tokens",
+                        *RANGES["max_new_tokens"], value=32 if preset else 256, step=1, label="max new tokens"
                     )
                     max_speech_frames = gr.Slider(
-                        1, sessions.MAX_SPEECH_FRAMES, value=24 if preset else 2048, step=1,
+                        *RANGES["max_speech_frames"], value=24 if preset else 2048, step=1,
                         label="max speech frames (12.5 per second)",
                     )  # fmt: skip
-                    do_sample = gr.Checkbox(label="sample (otherwise greedy)", value=False)
-                    temperature = gr.Slider(0.01, 2.0, value=0.7, step=0.01, label="temperature")
-                    top_p = gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="top p")
-                    top_k = gr.Slider(1, 1000, value=20, step=1, label="top k")
+                    do_sample = gr.Checkbox(label="sample (otherwise greedy)", value=given.do_sample)
+                    temperature = gr.Slider(
+                        *RANGES["temperature"], value=given.temperature, step=0.01, label="temperature"
+                    )
+                    top_p = gr.Slider(*RANGES["top_p"], value=given.top_p, step=0.01, label="top p")
+                    top_k = gr.Slider(*RANGES["top_k"], value=given.top_k, step=1, label="top k")
                     seed = gr.Number(label="seed", value=0, precision=0)
                     attention = gr.Checkbox(
                         label="record attention (first and last thinker layer)", value=preset

@@ -1,9 +1,6 @@
-"""What the page shows of the last turn: the panels' figures (from `omnilab.analysis` and
-`omnilab.plots`), the banner, the players' audio and the downloads.
-
-Each panel function takes the session and returns plotly figures; before any turn (or when the turn
-lacks what a panel shows) the figure is a note that says what to do.
-"""
+"""What the page shows: the banner, the players' audio, the downloads, and the panels' figures of
+the last turn (from `omnilab.analysis` and `omnilab.plots`; a note that says what to do when the
+turn lacks what a panel shows)."""
 
 from __future__ import annotations
 
@@ -65,10 +62,13 @@ def _trace(session: Session):
     return session.last.reply.trace if session.last is not None else None
 
 
-def _note(text: str, title: str = "") -> go.Figure:
+def _note(text: str, *titles: str) -> go.Figure | tuple[go.Figure, ...]:
+    """A figure that says `text` instead of a chart; one per title when given several."""
+    if len(titles) > 1:
+        return tuple(_note(text, title) for title in titles)
     fig = go.Figure()
     fig.add_annotation(text=html.escape(text), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, height=320)
+    fig.update_layout(title=titles[0] if titles else "", xaxis_visible=False, yaxis_visible=False, height=320)
     return fig
 
 
@@ -100,9 +100,9 @@ def routing_figures(session: Session, component="thinker", layer=0) -> tuple[go.
     titles = ("routing", "expert load", "modality specialization")
     trace = _trace(session)
     if trace is None:
-        return tuple(_note(NO_TURN, t) for t in titles)
+        return _note(NO_TURN, *titles)
     if not (trace.routing["component"] == component).any():
-        return tuple(_note(f"no {component} routing in this turn", t) for t in titles)
+        return _note(f"no {component} routing in this turn", *titles)
     layers = layer_count(trace, component)
     if layer >= layers:
         raise ConversationError(f"layer {layer} is out of range: the {component} has layers 0..{layers - 1}")
@@ -120,7 +120,7 @@ def position_figures(session: Session) -> tuple[go.Figure, go.Figure]:
     """(TM-RoPE positions in 3-D, the tokens on TM-RoPE's time axis with audio/video alignment)."""
     trace = _trace(session)
     if trace is None:
-        return _note(NO_TURN, "positions"), _note(NO_TURN, "timeline")
+        return _note(NO_TURN, "positions", "timeline")
     layout = analysis.position_layout(trace, component="thinker")
     alignment = analysis.av_alignment(trace, component="thinker")
     return plots.positions_3d(layout), plots.seconds_timeline(layout, alignment=alignment)
@@ -130,7 +130,7 @@ def speech_figures(session: Session) -> tuple[go.Figure, go.Figure]:
     """(codebook grid: the code of each frame and codebook; the reply's waveform over its spectrogram)."""
     trace = _trace(session)
     if trace is None:
-        return _note(NO_TURN, "codebooks"), _note(NO_TURN, "spectrogram")
+        return _note(NO_TURN, "codebooks", "spectrogram")
     grid = analysis.codebook_grid(trace)
     mel = analysis.mel_spectrogram(trace)
     return (
@@ -156,10 +156,10 @@ def attention_figures(session: Session, pos=None) -> tuple[go.Figure, go.Figure]
     producing output token `pos`: the attention row of the query at pos - 1, the step that chose it)."""
     trace = _trace(session)
     if trace is None:
-        return _note(NO_TURN, "attention"), _note(NO_TURN, "attention of a token")
+        return _note(NO_TURN, "attention", "attention of a token")
     if trace.attention.empty:
         note = "attention was not recorded for this turn (tick 'record attention')"
-        return _note(note, "attention"), _note(note, "attention of a token")
+        return _note(note, "attention", "attention of a token")
     layers = sorted(int(x) for x in trace.attention["layer"].unique())
     rows = analysis.attention_map(trace, component="thinker", average_heads=True)
     heatmap = plots.attention_heatmap(rows, layer=layers[-1], head=-1)
@@ -220,9 +220,9 @@ def attribution_figures(session: Session) -> tuple[go.Figure, go.Figure]:
     """(attribution over the input tokens, attribution summed by modality) of the last attribution."""
     titles = ("attribution over tokens", "attribution by modality")
     if session.last is None:
-        return tuple(_note(NO_TURN, t) for t in titles)
+        return _note(NO_TURN, *titles)
     if session.attribution is None:
-        return tuple(_note("pick an output token and a method, then press Explain", t) for t in titles)
+        return _note("pick an output token and a method, then press Explain", *titles)
     result = session.attribution
     return (
         plots.attribution_tokens(result.tokens),
@@ -268,8 +268,7 @@ def comparison_figures(session: Session, component="thinker") -> tuple[go.Figure
     """(original expert load, ablated expert load) at the first ablated layer, and their routing agreement."""
     component = _component(component)
     if session.last is None or session.ablated is None:
-        note = "ablate experts and rerun to compare"
-        return _note(note, "original"), _note(note, "ablated"), _note(note, "routing agreement")
+        return _note("ablate experts and rerun to compare", "original", "ablated", "routing agreement")
     ablated_layers = sorted(session.ablated.ablate.get(component, {})) if session.ablated.ablate else []
     layer = ablated_layers[0] if ablated_layers else 0
     figures = []

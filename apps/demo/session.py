@@ -1,12 +1,9 @@
-"""A turn's inputs, checked, and one browser session's state.
+"""A turn's inputs, checked, and one browser session's state (kept in `gr.State`: sessions never
+see each other's conversation or traces).
 
-Inputs arrive as a browser or a script sends them (text, file paths, numbers, maybe garbage), so
-nothing is trusted: every value is checked, and every refusal is an `OmnilabError` whose message
-names the input, the reason and the way out. `error_text` turns any exception into text that is
-safe to show (HTML-escaped, bounded, never a stack trace).
-
-One `Session` per browser session (the app keeps it in `gr.State`, so sessions never see each
-other's conversation or traces).
+Inputs arrive as a browser or a script sends them (text, file paths, numbers, maybe garbage): every
+value is checked, and every refusal is an `OmnilabError` naming the input, the reason and the way
+out. `error_text` turns any exception into text that is safe to show.
 """
 
 from __future__ import annotations
@@ -29,11 +26,16 @@ from omnilab.reply import Reply
 
 MAX_MESSAGE_CHARS = 10_000
 MAX_SYSTEM_CHARS = 4_000
-MAX_NEW_TOKENS = 1_024
-MAX_SPEECH_FRAMES = 4_096  # 5.5 min of speech at 12.5 frames/s
 MAX_TURNS = 16
 MAX_UPLOAD_BYTES = 200 * 1024**2
 MAX_ERROR_CHARS = 600
+RANGES = {  # the numbers a turn's settings accept (the sliders show the same); the defaults: GenerationOptions'
+    "max_new_tokens": (1, 1_024),
+    "max_speech_frames": (1, 4_096),  # 5.5 min of speech at 12.5 frames/s
+    "temperature": (0.01, 2.0),
+    "top_p": (0.01, 1.0),
+    "top_k": (1, 1_000),
+}
 
 
 # --- errors, as a person should see them -----------------------------------------------------------
@@ -103,19 +105,22 @@ def number(value, name: str, low: float, high: float, *, whole: bool) -> float |
     return int(value) if whole else value
 
 
+_GIVEN = GenerationOptions()
+
+
 def settings(
     lab,
     *,
-    speaker="Ethan",
+    speaker=_GIVEN.speaker,
     speak=True,
     max_new_tokens=32,
     max_speech_frames=24,
-    do_sample=False,
-    temperature=0.7,
-    top_p=0.8,
-    top_k=20,
-    seed=None,
-    use_audio_in_video=False,
+    do_sample=_GIVEN.do_sample,
+    temperature=_GIVEN.temperature,
+    top_p=_GIVEN.top_p,
+    top_k=_GIVEN.top_k,
+    seed=_GIVEN.seed,
+    use_audio_in_video=_GIVEN.use_audio_in_video,
     attention=True,
 ) -> Settings:
     """Check a turn's settings as a browser or a script sends them; a bad one gets a clear error.
@@ -133,18 +138,18 @@ def settings(
     seed_value = None
     if seed is not None and not (isinstance(seed, str) and not seed.strip()):
         if not (isinstance(seed, float) and math.isnan(seed)):
-            seed_value = int(number(seed, "seed", 0, 2**31 - 1, whole=True))
+            seed_value = number(seed, "seed", 0, 2**31 - 1, whole=True)
     generation = GenerationOptions(
         speaker=speaker,
         return_audio=speak,
-        max_new_tokens=int(number(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS, whole=True)),
-        max_speech_frames=int(
-            number(max_speech_frames, "max_speech_frames", 1, MAX_SPEECH_FRAMES, whole=True)
+        max_new_tokens=number(max_new_tokens, "max_new_tokens", *RANGES["max_new_tokens"], whole=True),
+        max_speech_frames=number(
+            max_speech_frames, "max_speech_frames", *RANGES["max_speech_frames"], whole=True
         ),
         do_sample=_bool(do_sample, "do_sample"),
-        temperature=float(number(temperature, "temperature", 0.01, 2.0, whole=False)),
-        top_p=float(number(top_p, "top_p", 0.01, 1.0, whole=False)),
-        top_k=int(number(top_k, "top_k", 1, 1000, whole=True)),
+        temperature=number(temperature, "temperature", *RANGES["temperature"], whole=False),
+        top_p=number(top_p, "top_p", *RANGES["top_p"], whole=False),
+        top_k=number(top_k, "top_k", *RANGES["top_k"], whole=True),
         seed=seed_value,
         use_audio_in_video=_bool(use_audio_in_video, "use the video's audio"),
     )
