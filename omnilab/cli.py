@@ -166,11 +166,16 @@ def _chat(args) -> int:
 
 
 def _demo(args) -> int:
-    app = Path(__file__).resolve().parent.parent / "apps" / "demo.py"
-    if not app.is_file():
-        raise OmnilabError(f"the Gradio app is not at {app}; run omnilab demo from a source checkout")
-    sys.argv = [str(app), "--model", args.model, "--port", str(args.port)]
-    runpy.run_path(str(app), run_name="__main__")
+    # The app (apps/demo/) sits beside the package in a checkout and is not installed; nothing in
+    # omnilab imports it, this command only runs it, as `python -m apps.demo` would.
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "apps" / "demo" / "__main__.py").is_file():
+        raise OmnilabError(
+            f"the Gradio app is not in {root / 'apps' / 'demo'}; run omnilab demo from a source checkout"
+        )
+    sys.path.insert(0, str(root))
+    sys.argv = ["apps.demo", "--model", args.model, "--port", str(args.port)]
+    runpy.run_module("apps.demo", run_name="__main__", alter_sys=True)
     return 0
 
 

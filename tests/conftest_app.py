@@ -10,12 +10,12 @@ PYTEST_DONT_REWRITE (no assertions here; imported before pytest could rewrite it
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import wave
 import zlib
@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # apps/ (the demo) lives beside omnilab/ and is not installed
 DATA = ROOT / "data"
 OUTPUT = ROOT / "test-output" / "app"
 UPLOAD_LIMIT = 1024**2  # the served test app refuses uploads over 1 MiB
@@ -75,11 +77,10 @@ def shared_lab():
 
 
 def demo_module():
-    """apps/demo.py as a module (apps/ is not an installed package)."""
-    spec = importlib.util.spec_from_file_location("omnilab_demo_app", ROOT / "apps" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """apps/demo/layout.py, the app's Blocks and launch (apps/ is beside omnilab/, not installed)."""
+    from apps.demo import layout
+
+    return layout
 
 
 def free_port() -> int:

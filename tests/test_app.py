@@ -1,6 +1,6 @@
 """The demo app: its handlers called directly, then the served app through gradio_client.
 
-Direct tests call omnilab.app_logic with the shared tiny lab; served tests launch apps/demo.py on
+Direct tests call apps/demo's plain functions with the shared tiny lab; served tests launch the app on
 127.0.0.1 at a free port and talk to /chat, /reply, /routing, /attribute, /residual_speech and the
 downloads as a script would.
 """
@@ -14,6 +14,7 @@ import threading
 import time
 import zipfile
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import plotly.graph_objects as go
@@ -32,8 +33,11 @@ from conftest_app import (
     turn_args,
 )
 
-from omnilab import app_logic as logic
+from apps.demo import jobs, panels
+from apps.demo import session as sessions
 from omnilab.errors import ConversationError, InterventionError, MediaError
+from omnilab.options import GenerationOptions
+from omnilab.streaming import model_lock
 from omnilab.trace import Trace
 
 pytest_plugins = ["conftest_app"]  # app_env, served
@@ -48,20 +52,29 @@ def lab():
 @pytest.fixture(scope="module")
 def turned(lab):
     """A session after one turn with the sample image and audio."""
-    session = logic.Session()
-    message = logic.user_message("what is this?", image=DATA / "image.png", audio=DATA / "speech.wav")
-    logic.run_turn(lab, session, message, logic.options(**FAST))
+    session = sessions.Session()
+    message = sessions.user_message("what is this?", image=DATA / "image.png", audio=DATA / "speech.wav")
+    jobs.run_turn(lab, session, message, sessions.settings(lab, **FAST))
     return session
 
 
 # --- settings ------------------------------------------------------------------------------------------
 
 
-def test_options_accept_what_a_browser_sends():
-    opts = logic.options(
-        speaker="chelsie", speak="true", max_new_tokens=12.0, top_k="5", seed="", temperature="0.5"
+def test_settings_accept_what_a_browser_sends(lab):
+    checked = sessions.settings(
+        lab, speaker="chelsie", speak="true", max_new_tokens=12.0, top_k="5", seed="", temperature="0.5"
     )
-    assert (opts.speaker, opts.speak, opts.max_new_tokens, opts.top_k, opts.seed, opts.temperature) == (
+    options = checked.generation
+    assert isinstance(options, GenerationOptions) and checked.attention is True
+    assert (
+        options.speaker,
+        options.return_audio,
+        options.max_new_tokens,
+        options.top_k,
+        options.seed,
+        options.temperature,
+    ) == (
         "Chelsie",
         True,
         12,
@@ -84,22 +97,28 @@ def test_options_accept_what_a_browser_sends():
         ("seed", -1, "seed is -1"),
     ],
 )
-def test_options_refuse_bad_settings_by_name(field, value, words):
+def test_settings_refuse_bad_settings_by_name(lab, field, value, words):
     with pytest.raises(ConversationError, match=words.replace("(", r"\(")):
-        logic.options(**{field: value})
+        sessions.settings(lab, **{field: value})
 
 
-def test_options_refuse_speech_the_model_cannot_make(lab):
-    assert logic.options(speaker="Aiden", lab=lab).speaker == "Aiden"
-    with pytest.raises(ConversationError, match="unknown speaker"):
-        logic.options(speaker="Nobody", lab=lab)
+def test_settings_refuse_speech_the_model_cannot_make(lab):
+    assert sessions.settings(lab, speaker="Aiden").generation.speaker == "Aiden"
+    with pytest.raises(
+        ConversationError, match="unknown speaker 'Nobody'; this model speaks as Aiden, Chelsie, Ethan"
+    ):
+        sessions.settings(lab, speaker="Nobody")
+    mute = SimpleNamespace(model_id="omnilab/mute", has_talker=False)  # a model without a talker
+    with pytest.raises(ConversationError, match="'omnilab/mute' has no talker, so it cannot speak"):
+        sessions.settings(mute, speak=True)
+    assert sessions.settings(mute, speak=False).generation.return_audio is False
 
 
 # --- messages --------------------------------------------------------------------------------------------
 
 
 def test_user_message_puts_media_first_then_text():
-    message = logic.user_message("hi", image=DATA / "image.png", audio=DATA / "speech.wav")
+    message = sessions.user_message("hi", image=DATA / "image.png", audio=DATA / "speech.wav")
     assert [item["type"] for item in message["content"]] == ["audio", "image", "text"]
     assert message["content"][1]["image"] == str((DATA / "image.png").resolve())
 
@@ -110,44 +129,44 @@ def test_user_message_takes_gradio_payloads():
         "orig_name": "video.mp4",
         "meta": {"_type": "gradio.FileData"},
     }
-    assert logic.user_message(video=payload)["content"][0]["video"].endswith("video.mp4")
-    assert logic.upload_path({"video": payload, "subtitles": None}) == payload["path"]
-    assert logic.upload_path(None) is None
+    assert sessions.user_message(video=payload)["content"][0]["video"].endswith("video.mp4")
+    assert sessions.upload_path({"video": payload, "subtitles": None}) == payload["path"]
+    assert sessions.upload_path(None) is None
 
 
 def test_user_message_refuses_an_empty_message():
     with pytest.raises(ConversationError, match="the message is empty"):
-        logic.user_message("   ")
+        sessions.user_message("   ")
 
 
 def test_user_message_refuses_media_in_the_wrong_box():
     with pytest.raises(MediaError, match="is an image, not audio; put it in the image box"):
-        logic.user_message(audio=DATA / "image.png")
+        sessions.user_message(audio=DATA / "image.png")
 
 
 def test_user_message_refuses_a_file_by_content_not_name(tmp_path):
     fake = tmp_path / "song.wav"
     fake.write_text("not audio")
     with pytest.raises(MediaError, match="the audio 'song.wav' is not audio: its content is plain text"):
-        logic.user_message(audio=fake)
+        sessions.user_message(audio=fake)
 
 
 def test_user_message_refuses_uploads_over_the_limit():
     with pytest.raises(MediaError, match="the limit is"):
-        logic.user_message(audio=DATA / "speech.wav", max_bytes=1000)
+        sessions.user_message(audio=DATA / "speech.wav", max_bytes=1000)
 
 
 def test_user_message_refuses_a_url_payload():
     with pytest.raises(MediaError, match="URL is not accepted"):
-        logic.user_message(image={"path": None, "url": "http://example.com/cat.png"})
+        sessions.user_message(image={"path": None, "url": "http://example.com/cat.png"})
 
 
 def test_error_text_is_escaped_bounded_and_hides_unexpected_errors():
-    assert logic.error_text(MediaError("bad <img src=x onerror=alert(1)>")) == (
+    assert sessions.error_text(MediaError("bad <img src=x onerror=alert(1)>")) == (
         "bad &lt;img src=x onerror=alert(1)&gt;"
     )
-    assert len(logic.error_text(ConversationError("x" * 5000))) <= logic.MAX_ERROR_CHARS
-    hidden = logic.error_text(KeyError("/secret/path"))
+    assert len(sessions.error_text(ConversationError("x" * 5000))) <= sessions.MAX_ERROR_CHARS
+    hidden = sessions.error_text(KeyError("/secret/path"))
     assert "KeyError" in hidden and "/secret/path" not in hidden
 
 
@@ -164,8 +183,10 @@ def test_a_turn_records_reply_trace_and_history(turned):
 
 
 def test_a_second_turn_answers_after_the_first(lab, turned):
-    session = logic.Session(messages=list(turned.messages), chat=list(turned.chat))
-    turn = logic.run_turn(lab, session, logic.user_message("and then?"), logic.options(speak=False, **FAST))
+    session = sessions.Session(messages=list(turned.messages), chat=list(turned.chat))
+    turn = jobs.run_turn(
+        lab, session, sessions.user_message("and then?"), sessions.settings(lab, speak=False, **FAST)
+    )
     assert turn.conversation[1:3] == turned.messages and len(session.messages) == 4
     assert turn.reply.audio is None
 
@@ -173,9 +194,9 @@ def test_a_second_turn_answers_after_the_first(lab, turned):
 @pytest.fixture(scope="module")
 def streamed(lab):
     """(updates, session) of one streamed turn with the sample image."""
-    session = logic.Session()
-    message = logic.user_message("stream please", image=DATA / "image.png")
-    return list(logic.stream_turn(lab, session, message, logic.options(**FAST))), session
+    session = sessions.Session()
+    message = sessions.user_message("stream please", image=DATA / "image.png")
+    return list(jobs.stream_turn(lab, session, message, sessions.settings(lab, **FAST))), session
 
 
 def test_stream_turn_hands_out_the_whole_reply_in_pieces(streamed):
@@ -188,45 +209,61 @@ def test_stream_turn_hands_out_the_whole_reply_in_pieces(streamed):
 
 
 def test_a_stream_closed_early_frees_the_model_and_records_nothing(lab):
-    session = logic.Session()
-    updates = logic.stream_turn(lab, session, logic.user_message("stop me"), logic.options(**FAST))
+    session = sessions.Session()
+    updates = jobs.stream_turn(lab, session, sessions.user_message("stop me"), sessions.settings(lab, **FAST))
     next(updates)
     updates.close()  # what Gradio does when the browser goes away
-    lock = logic.model_lock(lab)
+    lock = model_lock(lab.model)  # the job's thread let go of it (this thread never held it)
     assert lock.acquire(blocking=False)
     lock.release()
     assert session.last is None and session.messages == []
     assert not getattr(lab, "_tracers", [])
 
 
+def test_a_stream_advanced_from_several_threads_holds_the_model_lock_until_it_ends(lab):
+    session = sessions.Session()
+    updates = jobs.stream_turn(lab, session, sessions.user_message("threads"), sessions.settings(lab, **FAST))
+    lock, seen = model_lock(lab.model), []
+    while not seen or seen[-1] is not None:  # as Gradio does: each step on whichever thread is free
+        step = threading.Thread(target=lambda: seen.append(next(updates, None)))
+        step.start()
+        step.join(timeout=120)
+        assert not step.is_alive(), "a step of the stream hung on the model lock"
+        if seen[-1] is not None and seen[-1].turn is None:
+            assert not lock.acquire(blocking=False)  # held between steps, by the job's own thread
+    assert seen[-2].turn is not None and session.last is seen[-2].turn
+    assert lock.acquire(blocking=False)
+    lock.release()
+
+
 def test_every_panel_has_data_after_a_streamed_turn(streamed):
     _, session = streamed
-    figures = logic.all_figures(session)
+    figures = panels.all_figures(session)
     for name in ("routing", "expert_load", "positions", "codebooks", "spectrogram", "attention", "latency"):
         assert len(figures[name].data) > 0, name
-    assert "first-packet latency" in logic.latency_text(session)
+    assert "first-packet latency" in panels.latency_text(session)
 
 
 def test_media_errors_name_the_upload_not_the_server_path(lab, tmp_path):
     truncated = tmp_path / "cut.png"
     truncated.write_bytes((DATA / "image.png").read_bytes()[:900])
-    message = logic.user_message("hi", image=truncated)
+    message = sessions.user_message("hi", image=truncated)
     with pytest.raises(MediaError) as caught:
-        logic.run_turn(lab, logic.Session(), message, logic.options(**FAST))
+        jobs.run_turn(lab, sessions.Session(), message, sessions.settings(lab, **FAST))
     assert "the image 'cut.png' is truncated" in str(caught.value) and str(tmp_path) not in str(caught.value)
 
 
 def test_a_failed_turn_leaves_the_session_as_it_was(lab, tmp_path):
-    session = logic.Session()
+    session = sessions.Session()
     broken = tmp_path / "cut.png"
     broken.write_bytes((DATA / "image.png").read_bytes()[:900])
     with pytest.raises(MediaError):
-        logic.run_turn(lab, session, logic.user_message("hi", image=broken), logic.options(**FAST))
+        jobs.run_turn(lab, session, sessions.user_message("hi", image=broken), sessions.settings(lab, **FAST))
     assert session.messages == [] and session.last is None
 
 
 def test_write_wav_writes_the_reply_speech(turned, tmp_path):
-    path = logic.write_wav(turned.last.reply, tmp_path)
+    path = panels.write_wav(turned.last.reply, tmp_path)
     audio, rate = soundfile.read(path)
     assert rate == 24_000 and len(audio) == len(turned.last.reply.audio)
 
@@ -235,7 +272,7 @@ def test_write_wav_writes_the_reply_speech(turned, tmp_path):
 
 
 def test_routing_figures_show_the_chosen_layer(turned):
-    heatmap, load, specialization = logic.routing_figures(turned, "thinker", 1)
+    heatmap, load, specialization = panels.routing_figures(turned, "thinker", 1)
     assert all(isinstance(f, go.Figure) for f in (heatmap, load, specialization))
     assert heatmap.data[-1].type == "heatmap" and "layer 1" in heatmap.layout.title.text
     assert len(load.data[0].x) == 16 and "layer 1" in load.layout.title.text  # tiny: 16 thinker experts
@@ -244,18 +281,18 @@ def test_routing_figures_show_the_chosen_layer(turned):
 
 def test_routing_figures_refuse_a_layer_out_of_range(turned):
     with pytest.raises(ConversationError, match="layer 9 is out of range: the talker has layers 0..1"):
-        logic.routing_figures(turned, "talker", 9)
+        panels.routing_figures(turned, "talker", 9)
 
 
 def test_panels_before_any_turn_say_what_to_do():
-    figures = logic.all_figures(logic.Session())
+    figures = panels.all_figures(sessions.Session())
     assert all(
         "send a message" in f.layout.annotations[0].text for k, f in figures.items() if "ablation" not in k
     )
 
 
 def test_every_panel_has_data_after_a_turn(turned):
-    figures = logic.all_figures(turned)
+    figures = panels.all_figures(turned)
     for name in (
         "routing",
         "expert_load",
@@ -270,9 +307,9 @@ def test_every_panel_has_data_after_a_turn(turned):
 
 
 def test_attention_follows_the_picked_token(turned):
-    tokens = logic.token_choices(turned)
+    tokens = panels.token_choices(turned)
     pos = tokens[-1][1]
-    figure = logic.attention_figure(turned, pos)
+    figure = panels.attention_figures(turned, pos)[1]
     assert f"token {pos}" in figure.layout.title.text and {t.name for t in figure.data} == {
         "layer 0",
         "layer 3",
@@ -280,8 +317,8 @@ def test_attention_follows_the_picked_token(turned):
 
 
 def test_residual_speech_resynthesizes_the_reply_from_its_first_codebooks(lab, turned):
-    coarse = logic.residual_speech(lab, turned, 1)
-    full = logic.residual_speech(lab, turned, "16")  # a slider's value may arrive as text
+    coarse = jobs.residual_speech(lab, turned, 1)
+    full = jobs.residual_speech(lab, turned, "16")  # a slider's value may arrive as text
     assert coarse.dtype == np.float32 and full.dtype == np.float32
     assert len(coarse) == len(full) > 0 and not np.allclose(coarse, full)
     np.testing.assert_allclose(full, turned.last.reply.audio, atol=1e-5)  # all 16: the reply itself
@@ -292,28 +329,28 @@ def test_residual_speech_resynthesizes_the_reply_from_its_first_codebooks(lab, t
 )
 def test_residual_speech_refuses_a_codebook_count_out_of_range(lab, turned, keep, words):
     with pytest.raises(ConversationError, match=words):
-        logic.residual_speech(lab, turned, keep)
+        jobs.residual_speech(lab, turned, keep)
 
 
 def test_residual_speech_needs_a_spoken_reply(lab, turned):
     with pytest.raises(ConversationError, match="send a message first"):
-        logic.residual_speech(lab, logic.Session(), 4)
+        jobs.residual_speech(lab, sessions.Session(), 4)
     silent = replace(turned.last, reply=replace(turned.last.reply, audio=None, codes=None))
     with pytest.raises(ConversationError, match="the last reply has no speech; tick 'speak the reply'"):
-        logic.residual_speech(lab, logic.Session(last=silent), 4)
+        jobs.residual_speech(lab, sessions.Session(last=silent), 4)
 
 
 def test_output_tokens_index_the_reply(lab, turned):
-    choices = logic.output_tokens(lab, turned)
+    choices = jobs.output_tokens(lab, turned)
     assert [index for _, index in choices] == list(range(len(turned.last.reply.token_ids)))
-    assert logic.output_tokens(lab, logic.Session()) == []
+    assert jobs.output_tokens(lab, sessions.Session()) == []
 
 
 @pytest.fixture(scope="module")
 def explained(lab, turned):
     """A copy of the turned session after Integrated Gradients on its second output token."""
-    session = logic.Session(messages=turned.messages, last=turned.last)
-    logic.attribute_turn(lab, session, 1, "integrated_gradients", 4)
+    session = sessions.Session(messages=turned.messages, last=turned.last)
+    jobs.attribute_turn(lab, session, 1, "integrated_gradients", 4)
     return session
 
 
@@ -322,21 +359,21 @@ def test_attribution_explains_the_picked_output_token(explained):
     assert result.method == "integrated_gradients" and result.target["index"] == 1
     assert result.target["token_id"] == explained.last.reply.token_ids[1]
     assert {"text", "audio", "image"} <= set(result.tokens["modality"])
-    text = logic.attribution_text(explained)
+    text = panels.attribution_text(explained)
     assert text.startswith("Integrated Gradients of output token 1") and "convergence delta" in text
 
 
 def test_attribution_figures_show_tokens_and_modalities(explained):
-    over_tokens, by_modality = logic.attribution_figures(explained)
+    over_tokens, by_modality = panels.attribution_figures(explained)
     assert len(over_tokens.data) > 0 and len(by_modality.data) > 0
     assert not over_tokens.layout.annotations  # a chart, not a note
 
 
 def test_feature_ablation_has_no_convergence_delta(lab, turned):
-    session = logic.Session(messages=turned.messages, last=turned.last)
-    logic.attribute_turn(lab, session, None, "feature_ablation", 32)
+    session = sessions.Session(messages=turned.messages, last=turned.last)
+    jobs.attribute_turn(lab, session, None, "feature_ablation", 32)
     assert session.attribution.target["index"] == 0  # no pick: the first output token
-    assert "no convergence delta for this method" in logic.attribution_text(session)
+    assert "no convergence delta for this method" in panels.attribution_text(session)
 
 
 @pytest.mark.parametrize(
@@ -350,24 +387,24 @@ def test_feature_ablation_has_no_convergence_delta(lab, turned):
 )
 def test_attribution_refuses_bad_requests_by_name(lab, turned, target, method, steps, words):
     with pytest.raises(ConversationError, match=words):
-        logic.attribute_turn(lab, logic.Session(last=turned.last), target, method, steps)
+        jobs.attribute_turn(lab, sessions.Session(last=turned.last), target, method, steps)
 
 
 def test_attribution_needs_a_turn_first(lab):
     with pytest.raises(ConversationError, match="send a message first"):
-        logic.attribute_turn(lab, logic.Session(), 0)
-    assert logic.attribution_text(logic.Session()) == ""
+        jobs.attribute_turn(lab, sessions.Session(), 0)
+    assert panels.attribution_text(sessions.Session()) == ""
 
 
 def test_a_new_turn_drops_the_last_attribution(explained):
-    session = logic.Session(last=explained.last, attribution=explained.attribution)
-    session.record(logic.user_message("again"), explained.last)
+    session = sessions.Session(last=explained.last, attribution=explained.attribution)
+    session.record(sessions.user_message("again"), explained.last)
     assert session.attribution is None
-    assert "press Explain" in logic.attribution_figures(session)[0].layout.annotations[0].text
+    assert "press Explain" in panels.attribution_figures(session)[0].layout.annotations[0].text
 
 
 def test_trace_zip_holds_the_turns_parquet_files(turned, tmp_path):
-    with zipfile.ZipFile(logic.trace_zip(turned)) as archive:
+    with zipfile.ZipFile(panels.trace_zip(turned)) as archive:
         archive.extractall(tmp_path)
     trace = Trace.load(tmp_path / "trace")
     assert trace.meta["text"] == turned.last.reply.text
@@ -375,18 +412,18 @@ def test_trace_zip_holds_the_turns_parquet_files(turned, tmp_path):
 
 
 def test_figures_html_is_one_self_contained_page(turned):
-    page = logic.figures_html(turned).read_text()
+    page = panels.figures_html(turned).read_text()
     assert page.count("plotly-graph-div") >= 11 and "Plotly.newPlot" in page
 
 
 def test_figures_html_includes_the_attribution(explained):
-    page = logic.figures_html(explained).read_text()
-    assert page.count("Plotly.newPlot") == len(logic.all_figures(explained)) and "press Explain" not in page
+    page = panels.figures_html(explained).read_text()
+    assert page.count("Plotly.newPlot") == len(panels.all_figures(explained)) and "press Explain" not in page
 
 
 def test_downloads_before_any_turn_say_what_to_do():
     with pytest.raises(ConversationError, match="send a message first"):
-        logic.trace_zip(logic.Session())
+        panels.trace_zip(sessions.Session())
 
 
 # --- interventions ---------------------------------------------------------------------------------------
@@ -397,18 +434,18 @@ def test_downloads_before_any_turn_say_what_to_do():
     [("0: 3, 7", {0: [3, 7]}), ("1:2; 1:5 6", {1: [2, 5, 6]}), ("*: 4", {0: [4], 1: [4], 2: [4], 3: [4]})],
 )
 def test_parse_ablation_reads_layer_expert_lists(text, expected):
-    assert logic.parse_ablation(text, "thinker", 4) == {"thinker": expected}
+    assert jobs.parse_ablation(text, "thinker", 4) == {"thinker": expected}
 
 
 @pytest.mark.parametrize("text", ["", "3", "a: 1", "0:", "0: x"])
 def test_parse_ablation_refuses_what_it_cannot_read(text):
     with pytest.raises(InterventionError):
-        logic.parse_ablation(text, "thinker", 4)
+        jobs.parse_ablation(text, "thinker", 4)
 
 
 def test_ablated_rerun_never_routes_to_the_ablated_experts(lab, turned):
-    session = logic.Session(messages=turned.messages, last=turned.last)
-    original, ablated = logic.ablate_turn(lab, session, "thinker", "0: 1, 2, 3")
+    session = sessions.Session(messages=turned.messages, last=turned.last)
+    original, ablated = jobs.ablate_turn(lab, session, "thinker", "0: 1, 2, 3")
     routing = ablated.reply.trace.routing
     at_layer = routing[(routing["component"] == "thinker") & (routing["layer"] == 0)]
     assert not at_layer["expert"].isin([1, 2, 3]).any()
@@ -417,7 +454,7 @@ def test_ablated_rerun_never_routes_to_the_ablated_experts(lab, turned):
         .isin([1, 2, 3])
         .any()
     )
-    left, right, agreement = logic.comparison_figures(session)
+    left, right, agreement = panels.comparison_figures(session)
     assert "original" in left.layout.title.text and "ablated" in right.layout.title.text
     first_layer = [t for t in agreement.data if t.name == "thinker agreement"][0]
     assert first_layer.y[0] < 1.0  # layer 0 routes differently once its experts are gone
@@ -425,11 +462,11 @@ def test_ablated_rerun_never_routes_to_the_ablated_experts(lab, turned):
 
 def test_ablation_needs_a_turn_first(lab):
     with pytest.raises(ConversationError, match="send a message first"):
-        logic.ablate_turn(lab, logic.Session(), "thinker", "0: 1")
+        jobs.ablate_turn(lab, sessions.Session(), "thinker", "0: 1")
 
 
 def test_banner_says_random_weights_and_how_to_load_real_ones(lab):
-    text = logic.banner(lab)
+    text = panels.banner(lab)
     assert "omnilab/tiny" in text and "random-weight" in text and "Qwen/Qwen3-Omni-30B-A3B-Instruct" in text
 
 
@@ -597,8 +634,12 @@ def test_four_clients_at_once_each_get_their_own_reply_and_trace(served, lab, tm
         thread.join(timeout=240)
     assert set(results) == set(prompts)
     for prompt, (text, chat, zipped) in results.items():
-        expected = logic.run_turn(
-            lab, logic.Session(), logic.user_message(prompt), logic.options(seed=0, **FAST), system=""
+        expected = jobs.run_turn(
+            lab,
+            sessions.Session(),
+            sessions.user_message(prompt),
+            sessions.settings(lab, seed=0, **FAST),
+            system="",
         )
         assert text == expected.reply.text
         assert [m["role"] for m in chat] == ["user", "assistant"] and prompt in chat[0]["content"][0]["text"]
@@ -612,7 +653,7 @@ def test_four_clients_at_once_each_get_their_own_reply_and_trace(served, lab, tm
 
 def test_players_amplify_the_near_silent_speech_of_random_weights():
     quiet = np.array([0.0, 1e-6, -2e-6], dtype=np.float32)
-    assert not logic.pcm16(quiet).any()  # 16 bits round random-weight speech to silence
-    loud = logic.pcm16(quiet, amplify=True)
+    assert not panels.pcm16(quiet).any()  # 16 bits round random-weight speech to silence
+    loud = panels.pcm16(quiet, amplify=True)
     assert loud.min() == -16383 and loud[1] == 8191  # scaled to a 0.5 peak, shape kept
-    assert not logic.pcm16(np.zeros(3), amplify=True).any()
+    assert not panels.pcm16(np.zeros(3), amplify=True).any()

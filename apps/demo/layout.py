@@ -1,25 +1,15 @@
-"""The omnilab demo: chat with Qwen3-Omni and watch its instruments on the last turn.
+"""The demo's layout and wiring: Gradio components, and events that call the plain functions of
+`session`, `jobs` and `panels` (which run without Gradio or a browser).
 
-    omnilab demo --model tiny --port 7860          # or: python apps/demo.py --model tiny --port 7860
-
-Layout and wiring only: every handler calls `omnilab.app_logic`, which runs without a browser.
 Safe by default: binds 127.0.0.1, no share link, uploads capped, one model job at a time behind a
 bounded queue, monitoring and analytics off, no extra served paths, one `gr.State` per session.
-
-API endpoints for scripts (gradio_client): /chat (the streaming turn), /reply (the same turn, not
-streamed: reply text and a WAV file), /routing, /positions, /speech, /residual_speech, /attention,
-/attribute, /latency, /ablate, /trace_zip, /figures_html, /clear. /chat and /reply take, in order:
-text, audio, image, video, use the video's audio, system prompt, voice, speak, max new tokens, max
-speech frames, sample, temperature, top p, top k, seed, record attention. /attribute takes the
-output token (an index into the last reply), the method (integrated_gradients or feature_ablation)
-and the steps; /residual_speech takes how many codebooks to keep (1-16) and returns the speech
-re-synthesized from codebooks 0..n-1.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import os
 
@@ -28,175 +18,150 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 import omnilab  # noqa: E402
-from omnilab import app_logic as logic  # noqa: E402
 from omnilab.errors import OmnilabError  # noqa: E402
 from omnilab.lab import DEFAULT_SYSTEM, SAMPLE_RATE, OmniLab  # noqa: E402
+from omnilab.options import GenerationOptions  # noqa: E402
+from omnilab.trace import COMPONENTS  # noqa: E402
+
+from . import jobs, panels  # noqa: E402
+from . import session as sessions  # noqa: E402
+from .session import RANGES  # noqa: E402
 
 log = logging.getLogger("omnilab.app")
 
-MAX_FILE_SIZE = logic.MAX_UPLOAD_BYTES
+MAX_FILE_SIZE = sessions.MAX_UPLOAD_BYTES
 QUEUE_SIZE = 16
 SESSION_SECONDS = 3600
 MODEL_JOBS = "model"  # one concurrency group for every event that runs the model
-SETTINGS = ("video_audio", "system", "voice", "speak", "max_new_tokens", "max_speech_frames", "do_sample",
-            "temperature", "top_p", "top_k", "seed", "attention")  # fmt: skip
-
-
-# --- failures become messages ----------------------------------------------------------------------------
+# The settings of /chat and /reply, after text, audio, image, video, use the video's audio, system prompt:
+SETTINGS = ("speaker", "speak", "max_new_tokens", "max_speech_frames", "do_sample", "temperature", "top_p",
+            "top_k", "seed", "attention")  # fmt: skip
 
 
 def _user_error(exc: Exception) -> gr.Error:
+    if isinstance(exc, gr.Error):
+        return exc
     if isinstance(exc, OmnilabError):
         log.info("refused: %s", exc)
     else:
         log.exception("unexpected error in a handler")
-    return gr.Error(logic.error_text(exc), print_exception=False)
+    return gr.Error(sessions.error_text(exc), print_exception=False)
 
 
 def _guard(fn):
-    """Any failure becomes a gr.Error with escaped text; the app keeps serving."""
+    """`fn` (a function or a generator function) whose failures become a gr.Error with escaped text."""
 
     @functools.wraps(fn)
-    def wrapper(*args):
+    def call(*args):
         try:
             return fn(*args)
-        except gr.Error:
-            raise
         except Exception as exc:
             raise _user_error(exc) from None
 
-    return wrapper
-
-
-def _guard_stream(fn):
     @functools.wraps(fn)
-    def wrapper(*args):
+    def stream(*args):
         try:
             yield from fn(*args)
-        except gr.Error:
-            raise
         except Exception as exc:
             raise _user_error(exc) from None
 
-    return wrapper
+    return stream if inspect.isgeneratorfunction(fn) else call
 
 
-def _audio(reply):
-    return (
-        None
-        if reply.audio is None
-        else (reply.sample_rate, logic.pcm16(reply.audio, amplify=reply.random_weights))
-    )
-
-
-def _session(value) -> logic.Session:
-    return value if isinstance(value, logic.Session) else logic.Session()
-
-
-# --- the app -----------------------------------------------------------------------------------------------
+def _session(value) -> sessions.Session:
+    return value if isinstance(value, sessions.Session) else sessions.Session()
 
 
 def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Blocks:
     """The demo's Blocks for `lab` (not launched)."""
-    preset, speaks = lab.random_weights, lab.has_talker
+    preset, speaks, given = lab.random_weights, lab.has_talker, GenerationOptions()
 
-    def turn_inputs(text, audio, image, video, *settings):
-        """The message and settings of a turn, checked (raw Gradio payloads: nothing decoded yet)."""
-        values = dict(zip(SETTINGS, settings, strict=True))
-        message = logic.user_message(text, audio=audio, image=image, video=video, max_bytes=max_upload_bytes)
-        system = values.pop("system")
-        opts = logic.options(
-            speaker=values.pop("voice"), use_audio_in_video=values.pop("video_audio"), lab=lab, **values
+    def player(audio):
+        return None if audio is None else (SAMPLE_RATE, panels.pcm16(audio, amplify=preset))
+
+    def turn_inputs(text, audio, image, video, use_audio_in_video, system, *values):
+        """(message, settings, system prompt) of a turn, checked (raw Gradio payloads: nothing decoded yet)."""
+        message = sessions.user_message(
+            text, audio=audio, image=image, video=video, max_bytes=max_upload_bytes
         )
-        return message, opts, system
+        given = dict(zip(SETTINGS, values, strict=True), use_audio_in_video=use_audio_in_video)
+        return message, sessions.settings(lab, **given), system
 
-    @_guard_stream
+    @_guard
     def chat(*args):
         *values, state = args
-        message, opts, system = turn_inputs(*values)
+        message, checked, system = turn_inputs(*values)
         session = _session(state)
-        pending = session.chat + [{"role": "user", "content": logic.chat_text(message)}]
-        for update in logic.stream_turn(lab, session, message, opts, system):
+        pending = session.chat + [{"role": "user", "content": sessions.chat_text(message)}]
+        for update in jobs.stream_turn(lab, session, message, checked, system):
             shown = (
                 session.chat
                 if update.turn
-                else pending + [{"role": "assistant", "content": update.text or "…"}]
+                else [*pending, {"role": "assistant", "content": update.text or "…"}]
             )
-            audio = (
-                (SAMPLE_RATE, logic.pcm16(update.audio, amplify=preset))
-                if update.audio is not None
-                else gr.skip()
-            )
-            yield shown, audio, session
+            yield shown, gr.skip() if update.audio is None else player(update.audio), session
 
     @_guard
     def reply(*args):
         *values, state = args
-        message, opts, system = turn_inputs(*values)
         session = _session(state)
-        turn = logic.run_turn(lab, session, message, opts, system)
-        wav = logic.write_wav(turn.reply, session.output_folder())
+        turn = jobs.run_turn(lab, session, *turn_inputs(*values))
+        wav = panels.write_wav(turn.reply, session.output_folder())
         return turn.reply.text, str(wav) if wav else None, session.chat, session
 
     def clamp(session, component, layer) -> tuple[int, gr.Slider]:
-        count = logic.layer_choices(session, component)
+        count = panels.layer_choices(session, component)
         layer = min(int(layer or 0), max(count - 1, 0))
         return layer, gr.Slider(maximum=max(count - 1, 1), value=layer)
 
     @_guard
-    def panels(state, component, layer, token):
+    def show_panels(state, component, layer, token):
         session = _session(state)
         layer, slider = clamp(session, component, layer)
-        figures = logic.all_figures(session, component, layer, None)
-        tokens = logic.token_choices(session)
-        outputs = logic.output_tokens(lab, session)
-        wav = logic.write_wav(session.last.reply, session.output_folder()) if session.last else None
-        extra = {
+        tokens = panels.token_choices(session)
+        outputs = jobs.output_tokens(lab, session)
+        wav = panels.write_wav(session.last.reply, session.output_folder()) if session.last else None
+        shown = {
+            **panels.all_figures(session, component, layer, None),
             "layer": slider,
             "token": gr.Dropdown(choices=tokens, value=tokens[0][1] if tokens else None),
             "attribution_token": gr.Dropdown(choices=outputs, value=outputs[0][1] if outputs else None),
-            "attribution_text": logic.attribution_text(session),
+            "attribution_text": panels.attribution_text(session),
             "residual_audio": None,
             "reply_wav": str(wav) if wav else None,
-            "latency_text": logic.latency_text(session),
+            "latency_text": panels.latency_text(session),
         }
-        return tuple({**figures, **extra}[name] for name in panel_names)
+        return tuple(shown[name] for name in panel_out)
 
     @_guard
     def component_changed(state, component, layer):
         session = _session(state)
         layer, slider = clamp(session, component, layer)
-        return (*logic.routing_figures(session, component, layer), slider)
+        return (*panels.routing_figures(session, component, layer), slider)
 
     @_guard
     def residual(state, keep):
-        return SAMPLE_RATE, logic.pcm16(logic.residual_speech(lab, _session(state), keep), amplify=preset)
+        return player(jobs.residual_speech(lab, _session(state), keep))
 
     @_guard
     def explain(state, target, method, steps):
         session = _session(state)
-        logic.attribute_turn(lab, session, target, method, steps)
-        return (*logic.attribution_figures(session), logic.attribution_text(session))
+        jobs.attribute_turn(lab, session, target, method, steps)
+        return (*panels.attribution_figures(session), panels.attribution_text(session))
 
     @_guard
     def ablate(state, component, spec):
         session = _session(state)
-        original, ablated = logic.ablate_turn(lab, session, component, spec)
-        figures = logic.comparison_figures(session, component)
-        return (
-            original.reply.text,
-            _audio(original.reply),
-            ablated.reply.text,
-            _audio(ablated.reply),
-            *figures,
-        )
+        original, ablated = (turn.reply for turn in jobs.ablate_turn(lab, session, component, spec))
+        speech = (original.text, player(original.audio), ablated.text, player(ablated.audio))
+        return (*speech, *panels.comparison_figures(session, component))
 
     def clear(state):
-        return logic.clear(_session(state)), [], None, "", None, None, None
+        return sessions.clear(_session(state)), [], None, "", None, None, None
 
     with gr.Blocks(title="omnilab · Qwen3-Omni", analytics_enabled=False) as app:
-        session = gr.State(logic.Session(), time_to_live=SESSION_SECONDS, delete_callback=logic.close_session)
-        gr.Markdown(logic.banner(lab), elem_id="banner")
+        session = gr.State(sessions.Session(), time_to_live=SESSION_SECONDS, delete_callback=sessions.close_session)  # fmt: skip
+        gr.Markdown(panels.banner(lab), elem_id="banner")
 
         with gr.Row():
             with gr.Column(scale=3):
@@ -208,7 +173,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                 with gr.Row():
                     text = gr.Textbox(
                         label="Message", placeholder="Ask about what you upload…", scale=5, elem_id="message",
-                        max_length=logic.MAX_MESSAGE_CHARS,
+                        max_length=sessions.MAX_MESSAGE_CHARS,
                     )  # fmt: skip
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                     clear_button = gr.Button("Clear", scale=1)
@@ -217,33 +182,32 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                         label="Audio (file or microphone)", sources=["upload", "microphone"], type="filepath",
                         elem_id="audio-in",
                     )  # fmt: skip
-                    image_in = gr.Image(
-                        label="Image", type="filepath", sources=["upload"], elem_id="image-in"
-                    )
+                    image_in = gr.Image(label="Image", type="filepath", sources=["upload"], elem_id="image-in")  # fmt: skip
                     with gr.Column():
                         video_in = gr.Video(label="Video", sources=["upload"], elem_id="video-in")
                         video_audio = gr.Checkbox(label="use the video's audio", value=False)
             with gr.Column(scale=1):
                 with gr.Accordion("Settings", open=True):
                     system = gr.Textbox(
-                        label="System prompt",
-                        value=DEFAULT_SYSTEM,
-                        lines=3,
-                        max_length=logic.MAX_SYSTEM_CHARS,
+                        label="System prompt", value=DEFAULT_SYSTEM, lines=3, max_length=sessions.MAX_SYSTEM_CHARS
+                    )  # fmt: skip
+                    voice = gr.Dropdown(
+                        label="Voice", choices=lab.speakers or [given.speaker], value=given.speaker
                     )
-                    voice = gr.Dropdown(label="Voice", choices=list(logic.VOICES), value="Ethan")
                     speak = gr.Checkbox(label="speak the reply", value=speaks, interactive=speaks)
                     max_new_tokens = gr.Slider(
-                        1, logic.MAX_NEW_TOKENS, value=32 if preset else 256, step=1, label="max new tokens"
+                        *RANGES["max_new_tokens"], value=32 if preset else 256, step=1, label="max new tokens"
                     )
                     max_speech_frames = gr.Slider(
-                        1, logic.MAX_SPEECH_FRAMES, value=24 if preset else 2048, step=1,
+                        *RANGES["max_speech_frames"], value=24 if preset else 2048, step=1,
                         label="max speech frames (12.5 per second)",
                     )  # fmt: skip
-                    do_sample = gr.Checkbox(label="sample (otherwise greedy)", value=False)
-                    temperature = gr.Slider(0.01, 2.0, value=0.7, step=0.01, label="temperature")
-                    top_p = gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="top p")
-                    top_k = gr.Slider(1, 1000, value=20, step=1, label="top k")
+                    do_sample = gr.Checkbox(label="sample (otherwise greedy)", value=given.do_sample)
+                    temperature = gr.Slider(
+                        *RANGES["temperature"], value=given.temperature, step=0.01, label="temperature"
+                    )
+                    top_p = gr.Slider(*RANGES["top_p"], value=given.top_p, step=0.01, label="top p")
+                    top_k = gr.Slider(*RANGES["top_k"], value=given.top_k, step=1, label="top k")
                     seed = gr.Number(label="seed", value=0, precision=0)
                     attention = gr.Checkbox(
                         label="record attention (first and last thinker layer)", value=preset
@@ -256,7 +220,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         with gr.Tabs():
             with gr.Tab("Routing"):
                 with gr.Row():
-                    component = gr.Radio(list(logic.COMPONENTS), value="thinker", label="component")
+                    component = gr.Radio(list(COMPONENTS), value="thinker", label="component")
                     layer = gr.Slider(0, 1, value=0, step=1, label="layer")
                 routing_plot = gr.Plot(label="routing", elem_id="routing-plot")
                 with gr.Row():
@@ -282,11 +246,11 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                 with gr.Row():
                     attribution_token = gr.Dropdown(label="output token to explain", choices=[], value=None)
                     method = gr.Radio(
-                        [(label, name) for name, label in logic.ATTRIBUTION_METHODS.items()],
+                        [(label, name) for name, label in panels.ATTRIBUTION_METHODS.items()],
                         value="integrated_gradients", label="method",
                     )  # fmt: skip
                     steps = gr.Slider(
-                        2, logic.MAX_ATTRIBUTION_STEPS, value=32, step=1, label="steps (Integrated Gradients)",
+                        2, jobs.MAX_ATTRIBUTION_STEPS, value=32, step=1, label="steps (Integrated Gradients)",
                         elem_id="attribution-steps",
                     )  # fmt: skip
                     explain_button = gr.Button("Explain", elem_id="explain")
@@ -300,7 +264,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                 latency_text = gr.Code(label="streamed latency breakdown", language=None, interactive=False)
             with gr.Tab("Interventions"):
                 with gr.Row():
-                    ablate_component = gr.Radio(list(logic.COMPONENTS), value="thinker", label="component")
+                    ablate_component = gr.Radio(list(COMPONENTS), value="thinker", label="component")
                     ablate_spec = gr.Textbox(
                         label="experts to ablate", placeholder="layer: experts; … e.g. 0: 3, 7 or *: 5"
                     )
@@ -333,73 +297,56 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             "ablation_original": original_plot, "ablation_ablated": ablated_plot, "ablation_agreement": agreement_plot,
             "layer": layer, "token": token, "reply_wav": reply_wav,
         }  # fmt: skip
-        panel_names = list(panel_out)
-        panel_in = [session, component, layer, token]
-        media_in = [text, audio_in, image_in, video_in]
+        panel_in, panels_out = [session, component, layer, token], list(panel_out.values())
         private = {"api_visibility": "private"}
-
-        def cleared():
-            return "", None, None, None
-
-        # Upload payloads reach app_logic raw (preprocess=False): it checks them by content before
-        # anything decodes them, and every setting is checked there too.
+        # Payloads reach `session.user_message` and `session.settings` raw (preprocess=False): uploads are
+        # checked by content before anything decodes them, and every setting is checked there.
+        raw = {"preprocess": False}
+        job = {**raw, "concurrency_id": MODEL_JOBS, "concurrency_limit": 1}  # one model job at a time
         for trigger, visibility in ((send.click, "public"), (text.submit, "private")):
             trigger(
-                chat, turn_in, [chatbot, speech, session], api_name="chat", api_visibility=visibility,
-                preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
-            ).success(cleared, None, media_in, queue=False, **private).then(
-                panels, panel_in, list(panel_out.values()), **private
-            )  # fmt: skip
-        hidden = {name: gr.Button(visible=False) for name in ("reply", "positions", "speech", "latency")}
-        hidden["reply"].click(
-            reply, turn_in, [reply_text, reply_wav, chatbot, session], api_name="reply", preprocess=False,
-            concurrency_id=MODEL_JOBS, concurrency_limit=1,
-        ).success(panels, panel_in, list(panel_out.values()), **private)  # fmt: skip
-        layer.release(
-            _guard(logic.routing_figures), [session, component, layer], [routing_plot, load_plot, modality_plot],
-            api_name="routing", preprocess=False,
-        )  # fmt: skip
-        component.change(
-            component_changed, [session, component, layer], [routing_plot, load_plot, modality_plot, layer],
-            preprocess=False, **private,
-        )  # fmt: skip
+                chat, turn_in, [chatbot, speech, session], api_name="chat", api_visibility=visibility, **job
+            ).success(
+                lambda: ("", None, None, None), None, [text, audio_in, image_in, video_in], queue=False, **private
+            ).then(show_panels, panel_in, panels_out, **private)  # fmt: skip
+        gr.Button(visible=False).click(
+            reply, turn_in, [reply_text, reply_wav, chatbot, session], api_name="reply", **job
+        ).success(show_panels, panel_in, panels_out, **private)  # fmt: skip
+        routing_out = [routing_plot, load_plot, modality_plot]
+        layer.release(_guard(panels.routing_figures), panel_in[:3], routing_out, api_name="routing", **raw)
+        component.change(component_changed, panel_in[:3], [*routing_out, layer], **raw, **private)
         token.change(
-            _guard(logic.attention_figures), [session, token], [attention_map_plot, attention_row_plot],
-            api_name="attention", preprocess=False,
+            _guard(panels.attention_figures), [session, token], [attention_map_plot, attention_row_plot],
+            api_name="attention", **raw,
         )  # fmt: skip
-        hidden["positions"].click(
-            _guard(logic.position_figures), [session], [positions_plot, timeline_plot], api_name="positions"
-        )
-        hidden["speech"].click(
-            _guard(logic.speech_figures), [session], [codebook_plot, spectrogram_plot], api_name="speech"
-        )
-        listen.click(
-            residual, [session, keep], [residual_audio], api_name="residual_speech", preprocess=False,
-            concurrency_id=MODEL_JOBS, concurrency_limit=1,
-        )  # fmt: skip
+        for name, figures, outputs in (
+            ("positions", panels.position_figures, [positions_plot, timeline_plot]),
+            ("speech", panels.speech_figures, [codebook_plot, spectrogram_plot]),
+            ("latency", panels.latency_figure, [latency_plot]),
+        ):
+            gr.Button(visible=False).click(_guard(figures), [session], outputs, api_name=name)
+        listen.click(residual, [session, keep], [residual_audio], api_name="residual_speech", **job)
         explain_button.click(
             explain, [session, attribution_token, method, steps],
-            [attribution_tokens_plot, attribution_modality_plot, attribution_text], api_name="attribute",
-            preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
+            [attribution_tokens_plot, attribution_modality_plot, attribution_text], api_name="attribute", **job,
         )  # fmt: skip
-        hidden["latency"].click(_guard(logic.latency_figure), [session], [latency_plot], api_name="latency")
         ablate_button.click(
             ablate, [session, ablate_component, ablate_spec],
             [original_text, original_audio, ablated_text, ablated_audio, original_plot, ablated_plot, agreement_plot],
-            api_name="ablate", preprocess=False, concurrency_id=MODEL_JOBS, concurrency_limit=1,
+            api_name="ablate", **job,
         )  # fmt: skip
         zip_button.click(
-            _guard(lambda s: str(logic.trace_zip(_session(s)))), [session], [download], api_name="trace_zip"
+            _guard(lambda s: str(panels.trace_zip(_session(s)))), [session], [download], api_name="trace_zip"
         )
         html_button.click(
-            _guard(lambda s, c, la, t: str(logic.figures_html(_session(s), c, la, t))), panel_in, [download],
-            api_name="figures_html", preprocess=False,
+            _guard(lambda s, c, la, t: str(panels.figures_html(_session(s), c, la, t))), panel_in, [download],
+            api_name="figures_html", **raw,
         )  # fmt: skip
-        app.load(panels, panel_in, list(panel_out.values()), **private)
+        app.load(show_panels, panel_in, panels_out, **private)
         clear_button.click(
             clear, [session], [session, chatbot, speech, text, audio_in, image_in, video_in], api_name="clear",
             queue=False,
-        ).then(panels, panel_in, list(panel_out.values()), **private)  # fmt: skip
+        ).then(show_panels, panel_in, panels_out, **private)  # fmt: skip
     return app
 
 
@@ -434,14 +381,13 @@ def launch(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The command line of `omnilab demo` and `python -m apps.demo`: load, build, serve until stopped."""
+    parser = argparse.ArgumentParser(
+        description="The omnilab demo: chat with Qwen3-Omni, watch its instruments"
+    )
     parser.add_argument("--model", default="tiny", help="a preset (tiny, small), a hub id or a local path")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-upload-mb", type=int, default=MAX_FILE_SIZE // 1024**2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     launch(args.model, args.port, max_file_size=args.max_upload_mb * 1024**2)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,19 @@
+"""The omnilab demo: chat with Qwen3-Omni and watch its instruments on the last turn.
+
+    omnilab demo --model tiny --port 7860          # or, from the repository root:
+    python -m apps.demo --model tiny --port 7860
+
+`layout` is the Gradio Blocks and their wiring; every handler calls a plain function that runs
+without Gradio or a browser: `session` (a turn's inputs and settings, checked; one browser
+session's state), `jobs` (the model jobs, one at a time under the model's lock) and `panels` (the
+figures of the last turn, the players' audio, the downloads). The library never imports this app.
+
+API endpoints for scripts (gradio_client): /chat (the streaming turn), /reply (the same turn, not
+streamed: reply text and a WAV file), /routing, /positions, /speech, /residual_speech, /attention,
+/attribute, /latency, /ablate, /trace_zip, /figures_html, /clear. /chat and /reply take, in order:
+text, audio, image, video, use the video's audio, system prompt, voice, speak, max new tokens, max
+speech frames, sample, temperature, top p, top k, seed, record attention. /attribute takes the
+output token (an index into the last reply), the method (integrated_gradients or feature_ablation)
+and the steps; /residual_speech takes how many codebooks to keep (1-16) and returns the speech
+re-synthesized from codebooks 0..n-1.
+"""
