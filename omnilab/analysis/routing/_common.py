@@ -1,0 +1,112 @@
+"""What the routing analyses share: building their tables, the per-layer store chunking, small counts."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pandas as pd
+
+from ...trace import COMPONENTS, MODALITIES, PHASES
+from .._source import labels, layer_chunks
+from .data import ComponentRouting, RoutingData
+
+
+def component_column(name: str, n: int) -> pd.Categorical:
+    categories = list(COMPONENTS) if name in COMPONENTS else [*COMPONENTS, name]
+    return labels(np.full(n, categories.index(name)), categories)
+
+
+def tidy_table(pieces: list[dict], columns: list[str], categorical=("component",)) -> pd.DataFrame:
+    """One DataFrame from per-component dicts of equal-length arrays (an empty one with `columns`)."""
+    frames = [pd.DataFrame(p, columns=columns) for p in pieces if len(next(iter(p.values())))]
+    if not frames:
+        out = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+        for c in categorical:
+            if c in out:
+                out[c] = pd.Categorical([], categories=categories_of(c))
+        return out
+    if len(frames) == 1:
+        return frames[0]
+    return pd.concat(frames, ignore_index=True)
+
+
+def per_layer(fn=None, *, overlap: int = 0):
+    """Give `fn` (an analysis whose rows are per layer, in layer order) a trace store a few layers at a
+    time (see `layer_chunks`), so that no more than those layers' routing is ever in memory; the chunks'
+    results one after the other are the whole store's. `overlap` reads the next recorded layers too
+    (for pairs of layers) and keeps only the rows of the chunk's own layers. token_paths is not
+    chunked: its table has a row per token, layer and rank, as large as the routing it reads."""
+    if fn is None:
+        return functools.partial(per_layer, overlap=overlap)
+
+    @functools.wraps(fn)
+    def wrapper(trace, *, component=None, layer=None, **options):
+        chunks = layer_chunks(trace, component=component, layer=layer, overlap=overlap)
+        if len(chunks) <= 1:
+            return fn(trace, component=component, layer=layer, **options)
+        parts = []
+        for name, layers, after in chunks:
+            part = fn(RoutingData.of(trace, component=name, layer=layers + after), **options)
+            parts.append(part[part["layer"].isin(layers)] if after else part)
+        return concat(parts)
+
+    return wrapper
+
+
+def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Frames one after the other; a categorical column stays categorical (its categories united)."""
+    out = pd.concat(frames, ignore_index=True)
+    for column in frames[0].columns:
+        if isinstance(frames[0][column].dtype, pd.CategoricalDtype) and out[column].dtype == object:
+            categories = pd.unique(pd.concat([f[column].cat.categories.to_series() for f in frames]))
+            out[column] = pd.Categorical(out[column], categories=categories)
+    return out
+
+
+def categories_of(column: str) -> list[str]:
+    return {"component": list(COMPONENTS), "modality": list(MODALITIES), "phase": list(PHASES)}.get(
+        column, []
+    )
+
+
+def layer_column(part: ComponentRouting, layer_index: np.ndarray) -> np.ndarray:
+    return part.layers[layer_index].astype(np.int16)
+
+
+def present_mask(part: ComponentRouting, layer_index: int) -> np.ndarray | None:
+    """[N, K] mask of present cells of one layer, or None when every cell is present."""
+    return None if part.complete else part.experts[layer_index] >= 0
+
+
+def entropy_of(p: np.ndarray, axis=-1) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(axis=axis)
+
+
+def safe_divide(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, np.asarray(a, dtype=np.float64) / np.where(b > 0, b, 1), np.nan)
+
+
+def layer_counts(part: ComponentRouting) -> np.ndarray:
+    """[L, E] assignments per expert (cached)."""
+
+    def compute():
+        counts = np.zeros((len(part.layers), part.num_experts), dtype=np.int64)
+        for li in range(len(part.layers)):
+            experts = part.experts[li]
+            valid = present_mask(part, li)
+            chosen = experts if valid is None else experts[valid]
+            counts[li] = np.bincount(chosen.ravel().astype(np.intp), minlength=part.num_experts)
+        return counts
+
+    return part.cached("layer_counts", compute)
+
+
+def tokens_per_layer(part: ComponentRouting) -> np.ndarray:
+    """[L] tokens with at least one routed expert in each layer."""
+    if part.complete:
+        return np.full(len(part.layers), part.num_tokens, dtype=np.int64)
+    return (part.experts[:, :, 0] >= 0).sum(axis=1).astype(np.int64)
