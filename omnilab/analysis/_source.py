@@ -1,12 +1,10 @@
 """Where analyses read their inputs: one trace's tables, or a trace store's rows.
 
 An analysis of one trace accepts an omnilab `Trace`, a plain `dict` of DataFrames keyed by table name
-(`{"routing": ..., "tokens": ..., "meta": {...}}`), or any object with those attributes; a table may
-also be a pyarrow Table or anything with `.to_pandas()` or `.df()` (a DuckDB relation). Routing
-analyses also take a trace store (its folder, or the connection `open_store` gives): `routing_tables`
-has DuckDB read only the rows asked for (component, layer, phase) in compact form
-(`omnilab.store.read_source`), and `layer_chunks` splits a large store into a few layers at a time.
-What the routing analyses compute on is `RoutingData` (omnilab/analysis/routing/data.py).
+(`{"routing": ..., "tokens": ..., "meta": {...}}`), or any object with those attributes. Routing
+analyses also take a trace store (its folder, or the connection `open_store` gives), of which
+`routing_tables` has DuckDB read only the rows asked for (`omnilab.store.read_source`) and
+`layer_chunks` plans reading a large one a few layers at a time.
 """
 
 from __future__ import annotations
@@ -101,13 +99,9 @@ def table(source, name: str) -> pd.DataFrame:
         return empty(name)
     if isinstance(frame, pd.DataFrame):
         return frame
-    if hasattr(frame, "to_pandas"):
-        return frame.to_pandas()
-    if callable(getattr(frame, "df", None)):
-        return frame.df()
     raise TraceError(
-        f"table '{name}' is a {type(frame).__name__}, not a DataFrame; pass a pandas DataFrame, a pyarrow "
-        "Table or a DuckDB relation"
+        f"table '{name}' is a {type(frame).__name__}, not a DataFrame; pass a pandas DataFrame (a pyarrow "
+        "Table's .to_pandas(), a DuckDB relation's .df()), or the trace store itself"
     )
 
 

@@ -1,15 +1,12 @@
 """Routing analyses: what the routers of the thinker's and talker's MoE layers chose, as tidy tables.
 
-Every function is `fn(trace, *, component=None, layer=None, ...) -> DataFrame`; it turns `trace` once
-into `RoutingData` (data.py: from a Trace, a dict of tables, any object with `.routing`/`.tokens`
-attributes, a trace store (folder or connection), or a RoutingData, e.g. `prepare(trace)`, reused to run
-many analyses on one big trace) and computes on that. A store over STORE_CHUNK_ROWS routing rows is
-read a few layers at a time (`per_layer`). `component` and `layer` select (one value or a list); None
-means all. Label columns (component, modality, phase, text) are pandas Categoricals.
-
-    load.py    expert_load, load_balance, modality_specialization, modality_nmi, modality_experts,
-               vocabulary_specialization, router_confidence
-    paths.py   coactivation, repetition, layer_transitions, token_paths, routing_agreement
+Every function is `fn(trace, *, component=None, layer=None, ...) -> DataFrame`: it turns `trace` (a
+Trace, a dict of tables, an object with `.routing`/`.tokens` attributes, a trace store, or a RoutingData
+such as `prepare(trace)`, to run many analyses on one preparation) into `RoutingData.of(trace)` once
+(data.py) and computes on that; a store over STORE_CHUNK_ROWS routing rows a few layers at a time.
+`component` and `layer` select (one value or a list); None means all. Label columns (component,
+modality, phase, text) are pandas Categoricals. load.py: load, specialization, confidence; paths.py:
+co-activation, repetition, layer transitions, token paths, agreement of two runs.
 
 Notation used in the docstrings: a layer routes N tokens, each to a set S of k experts out of E; an
 *assignment* is one (token, expert in S) pair, so a layer makes N·k assignments.
@@ -32,27 +29,6 @@ from .load import (
 )
 from .paths import coactivation, layer_transitions, repetition, routing_agreement, token_paths
 
-__all__ = [
-    "ROUTING_ANALYSES",
-    "ComponentRouting",
-    "RoutingData",
-    "coactivation",
-    "expert_load",
-    "layer_transitions",
-    "load_balance",
-    "modality_experts",
-    "modality_nmi",
-    "modality_specialization",
-    "prepare",
-    "repetition",
-    "router_confidence",
-    "routing_agreement",
-    "routing_suite",
-    "token_paths",
-    "vocabulary_specialization",
-]
-
-
 ROUTING_ANALYSES = {
     "expert_load": expert_load,
     "load_balance": load_balance,
@@ -66,6 +42,9 @@ ROUTING_ANALYSES = {
     "vocabulary_specialization": vocabulary_specialization,
     "router_confidence": router_confidence,
 }
+
+__all__ = [*ROUTING_ANALYSES, "ROUTING_ANALYSES", "routing_agreement", "routing_suite", "prepare"]
+__all__ += ["RoutingData", "ComponentRouting"]
 
 
 def routing_suite(trace, *, component=None, layer=None) -> dict[str, pd.DataFrame]:

@@ -11,6 +11,8 @@ from ...trace import COMPONENTS, MODALITIES, PHASES
 from .._source import labels, layer_chunks
 from .data import ComponentRouting, RoutingData
 
+CATEGORIES = {"component": list(COMPONENTS), "modality": list(MODALITIES), "phase": list(PHASES)}
+
 
 def component_column(name: str, n: int) -> pd.Categorical:
     categories = list(COMPONENTS) if name in COMPONENTS else [*COMPONENTS, name]
@@ -24,11 +26,9 @@ def tidy_table(pieces: list[dict], columns: list[str], categorical=("component",
         out = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
         for c in categorical:
             if c in out:
-                out[c] = pd.Categorical([], categories=categories_of(c))
+                out[c] = pd.Categorical([], categories=CATEGORIES.get(c, []))
         return out
-    if len(frames) == 1:
-        return frames[0]
-    return pd.concat(frames, ignore_index=True)
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 
 def per_layer(fn=None, *, overlap: int = 0):
@@ -64,12 +64,6 @@ def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return out
 
 
-def categories_of(column: str) -> list[str]:
-    return {"component": list(COMPONENTS), "modality": list(MODALITIES), "phase": list(PHASES)}.get(
-        column, []
-    )
-
-
 def layer_column(part: ComponentRouting, layer_index: np.ndarray) -> np.ndarray:
     return part.layers[layer_index].astype(np.int16)
 
@@ -90,19 +84,22 @@ def safe_divide(a, b):
         return np.where(b > 0, np.asarray(a, dtype=np.float64) / np.where(b > 0, b, 1), np.nan)
 
 
+def assignment_counts(part: ComponentRouting, group: np.ndarray | None = None, groups: int = 1) -> np.ndarray:
+    """[L, groups, E] assignments of each layer by token group (`group` [N] codes < groups; None: one)
+    and expert."""
+    experts = part.num_experts
+    base = 0 if group is None else group.astype(np.intp)[:, None] * experts
+    counts = np.zeros((len(part.layers), groups, experts), dtype=np.int64)
+    for li in range(len(part.layers)):
+        codes = base + part.experts[li].astype(np.intp)
+        codes = codes if part.complete else codes[part.experts[li] >= 0]
+        counts[li] = np.bincount(codes.ravel(), minlength=groups * experts).reshape(groups, experts)
+    return counts
+
+
 def layer_counts(part: ComponentRouting) -> np.ndarray:
     """[L, E] assignments per expert (cached)."""
-
-    def compute():
-        counts = np.zeros((len(part.layers), part.num_experts), dtype=np.int64)
-        for li in range(len(part.layers)):
-            experts = part.experts[li]
-            valid = present_mask(part, li)
-            chosen = experts if valid is None else experts[valid]
-            counts[li] = np.bincount(chosen.ravel().astype(np.intp), minlength=part.num_experts)
-        return counts
-
-    return part.cached("layer_counts", compute)
+    return part.cached("layer_counts", lambda: assignment_counts(part)[:, 0])
 
 
 def tokens_per_layer(part: ComponentRouting) -> np.ndarray:

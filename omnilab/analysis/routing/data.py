@@ -1,12 +1,10 @@
-"""RoutingData: a trace's (or a store's) routing as dense arrays, made once, read by every routing analysis.
+"""RoutingData: the routing of a trace or a store as dense arrays, made once, read by every routing analysis.
 
-`RoutingData.of(source, component=, layer=, phase=)` is the one way in: it takes a Trace, a dict of
-tables, an object with table attributes, a trace store (folder or `open_store` connection, of which
-DuckDB reads only the rows asked for) or a RoutingData (selected further), and turns the long routing
-table (one row per token, layer and rank) into dense arrays per component: `experts[layer, token, rank]`
-(int16, -1 where absent) and `weights` alike, with per-token modality, phase, token id and text. Every
-routing statistic is then a `np.bincount` over integer codes or an elementwise comparison of those
-arrays; nothing loops over tokens.
+`RoutingData.of(source, component=, layer=, phase=)` is the one way in (from a Trace, a dict of tables,
+an object with table attributes, a trace store or a RoutingData). It turns the long routing table (one
+row per token, layer and rank) into dense arrays per component: `experts[layer, token, rank]` (int16,
+-1 where absent) and `weights` alike, with per-token modality, phase, token id and text. Every routing
+statistic is then a `np.bincount` over integer codes or an elementwise comparison of those arrays.
 
 Columns of the routing table beyond the schema's (for instance a store's sample id) that the tokens
 table shares are taken as part of each token's identity: rows of different traces are never merged,
@@ -66,10 +64,7 @@ class ComponentRouting:
 
     def consecutive(self) -> np.ndarray:
         """[N-1] bool: token i+1 directly follows token i in the same sequence."""
-        return self.cached(
-            "consecutive",
-            lambda: (np.diff(self.pos) == 1) & (np.diff(self.sequence) == 0),
-        )
+        return self.cached("consecutive", lambda: (np.diff(self.pos) == 1) & (np.diff(self.sequence) == 0))
 
     def select_layers(self, wanted: list[int]) -> ComponentRouting:
         index = np.flatnonzero(np.isin(self.layers, wanted))
@@ -101,10 +96,11 @@ class RoutingData:
 
     @classmethod
     def of(cls, source, *, component=None, layer=None, phase=None) -> RoutingData:
-        """The dense routing of `source` (see the module docstring), only `component` and `layer` (one value
-        or a list each; None: all). `phase` ("prefill" or "decode") keeps only the tokens of that phase, so
-        any analysis can compare how the prompt and the reply are routed. A RoutingData is selected
-        further, never re-read (its phase was chosen when it was made)."""
+        """The dense routing of `source` (see the module docstring), once, for any number of analyses
+        (`routing_suite` prepares once); only `component` and `layer` (one value or a list each; None:
+        all). `phase` ("prefill" or "decode") keeps only the tokens of that phase, so any analysis can
+        compare how the prompt and the reply are routed. A RoutingData is selected further, never re-read
+        (its phase was chosen when it was made). `prepare` is this function."""
         if isinstance(source, RoutingData):
             if phase is not None:
                 raise TraceError(
@@ -126,24 +122,12 @@ class RoutingData:
             if wanted is not None and part.component not in wanted:
                 continue
             chosen.append(part if layers is None else part.select_layers(layers))
-        if wanted is not None:
-            unknown = set(wanted) - {p.component for p in self.components}
-            if unknown and not chosen:
-                present = ", ".join(p.component for p in self.components) or "none"
-                raise TraceError(
-                    f"the trace has no routing for component {sorted(unknown)}; components with routing: "
-                    f"{present}"
-                )
+        if wanted is not None and not chosen and set(wanted) - {p.component for p in self.components}:
+            raise _no_routing(wanted, layers, [p.component for p in self.components])
         return RoutingData(tuple(chosen), self.meta)
 
 
-def prepare(source, *, component=None, layer=None, phase=None) -> RoutingData:
-    """`RoutingData.of(source, ...)`: the dense routing of `source`, once, for any number of analyses.
-
-    Every routing analysis accepts the result in place of a trace (`expert_load(prepare(trace,
-    phase="decode"))`); `routing_suite` prepares once.
-    """
-    return RoutingData.of(source, component=component, layer=layer, phase=phase)
+prepare = RoutingData.of  # the name notebooks know: `expert_load(prepare(trace, phase="decode"))`
 
 
 def _dense(tables: dict, wanted: list | None, wanted_layers: list | None, phase) -> RoutingData:
@@ -173,11 +157,15 @@ def _dense(tables: dict, wanted: list | None, wanted_layers: list | None, phase)
         if part is not None:
             parts.append(part)
     if wanted is not None and not parts:
-        raise TraceError(
-            f"the trace has no routing of component {wanted} (at layers {wanted_layers or 'any'}); "
-            f"components are {', '.join(COMPONENTS)}"
-        )
+        raise _no_routing(wanted, wanted_layers, pd.unique(routing["component"].astype(str)))
     return RoutingData(tuple(parts), info)
+
+
+def _no_routing(wanted: list, layers: list | None, present) -> TraceError:
+    return TraceError(
+        f"the trace has no routing of component {wanted} (at layers {layers or 'any'}); components with "
+        f"routing: {', '.join(present) or 'none'} (the components are {', '.join(COMPONENTS)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -330,20 +318,13 @@ def _component(
             experts = cell_experts.astype(np.int16, copy=False).reshape(num_layers, num_tokens, top_k)
             weights = cell_weights.astype(np.float16, copy=False).reshape(num_layers, num_tokens, top_k)
         else:
-            experts = np.full((num_layers * num_tokens, top_k), -1, dtype=np.int16)
-            weights = np.zeros((num_layers * num_tokens, top_k), dtype=np.float16)
-            experts[dense_cell] = cell_experts
-            weights[dense_cell] = cell_weights
-            experts = experts.reshape(num_layers, num_tokens, top_k)
-            weights = weights.reshape(num_layers, num_tokens, top_k)
+            experts, weights = _scatter(
+                dense_cell, cell_experts, cell_weights, (num_layers, num_tokens, top_k)
+            )
     else:
         top_k = int(cell_rank.max()) + 1
-        experts = np.full((num_layers * num_tokens, top_k), -1, dtype=np.int16)
-        weights = np.zeros((num_layers * num_tokens, top_k), dtype=np.float16)
-        experts[dense_cell, cell_rank] = expert[cell_start]
-        weights[dense_cell, cell_rank] = weight[cell_start]
-        experts = experts.reshape(num_layers, num_tokens, top_k)
-        weights = weights.reshape(num_layers, num_tokens, top_k)
+        shape = (num_layers, num_tokens, top_k)
+        experts, weights = _scatter((dense_cell, cell_rank), expert[cell_start], weight[cell_start], shape)
     complete = bool((experts >= 0).all())
     part_logits = logits[equals(logits["component"], name)] if len(logits) else None
     num_experts = max(
@@ -397,6 +378,15 @@ def _component(
         topk_mass=topk_mass,
         logits=part_logits if part_logits is not None and len(part_logits) else None,
     )
+
+
+def _scatter(index, experts, weights, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Dense [L, N, K] experts (-1 absent) and weights (0 absent) with the given values at `index` of [L·N, K]."""
+    dense_experts = np.full((shape[0] * shape[1], shape[2]), -1, dtype=np.int16)
+    dense_weights = np.zeros((shape[0] * shape[1], shape[2]), dtype=np.float16)
+    dense_experts[index] = experts
+    dense_weights[index] = weights
+    return dense_experts.reshape(shape), dense_weights.reshape(shape)
 
 
 def _token_rows(frame, extra, sequence_values, token_pos, token_sequence) -> np.ndarray:

@@ -9,6 +9,7 @@ import pandas as pd
 from ...trace import MODALITIES, PHASES
 from .._source import labels
 from ._common import (
+    assignment_counts,
     component_column,
     entropy_of,
     layer_column,
@@ -188,20 +189,11 @@ MODALITY_EXPERT_COLUMNS = ["component", "layer", "expert", "modality", "count", 
 
 def _modality_counts(part: ComponentRouting) -> np.ndarray:
     """[L, M, E] assignments by modality (MODALITIES order) and expert; tokens of unknown modality left out."""
-
-    def compute():
-        modalities, experts = len(MODALITIES), part.num_experts
-        known = part.modality >= 0
-        code = np.where(known, part.modality, modalities).astype(np.intp)[:, None] * experts
-        counts = np.zeros((len(part.layers), modalities + 1, experts), dtype=np.int64)
-        for li in range(len(part.layers)):
-            codes = code + part.experts[li]
-            valid = present_mask(part, li)
-            codes = codes if valid is None else codes[valid]
-            counts[li] = np.bincount(codes.ravel(), minlength=(modalities + 1) * experts).reshape(-1, experts)
-        return counts[:, :modalities]
-
-    return part.cached("modality_counts", compute)
+    modalities = len(MODALITIES)
+    group = np.where(part.modality >= 0, part.modality, modalities)
+    return part.cached(
+        "modality_counts", lambda: assignment_counts(part, group, modalities + 1)[:, :modalities]
+    )
 
 
 @per_layer

@@ -8,14 +8,7 @@ import pandas as pd
 
 from ...trace import MODALITIES
 from .._source import labels
-from ._common import (
-    component_column,
-    layer_column,
-    layer_counts,
-    per_layer,
-    safe_divide,
-    tidy_table,
-)
+from ._common import component_column, layer_column, layer_counts, per_layer, safe_divide, tidy_table
 from .data import RoutingData
 
 # -- 3. co-activation ------------------------------------------------------------------------------------
