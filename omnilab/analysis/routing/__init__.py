@@ -53,8 +53,6 @@ def routing_suite(trace, *, component=None, layer=None) -> dict[str, pd.DataFram
     The routing is prepared once (see `prepare`) and shared by all analyses; a trace store larger than
     `STORE_CHUNK_ROWS` routing rows is read by each analysis a few layers at a time instead.
     """
-    if len(layer_chunks(trace, component=component, layer=layer)) > 1:
-        # A store too large to prepare at once: each analysis reads it a few layers at a time.
-        return {name: fn(trace, component=component, layer=layer) for name, fn in ROUTING_ANALYSES.items()}
-    data = RoutingData.of(trace, component=component, layer=layer)
-    return {name: fn(data) for name, fn in ROUTING_ANALYSES.items()}
+    chunked = len(layer_chunks(trace, component=component, layer=layer)) > 1  # too large to prepare at once
+    data = trace if chunked else RoutingData.of(trace, component=component, layer=layer)
+    return {name: fn(data, component=component, layer=layer) for name, fn in ROUTING_ANALYSES.items()}

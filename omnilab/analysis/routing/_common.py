@@ -68,17 +68,6 @@ def layer_column(part: ComponentRouting, layer_index: np.ndarray) -> np.ndarray:
     return part.layers[layer_index].astype(np.int16)
 
 
-def present_mask(part: ComponentRouting, layer_index: int) -> np.ndarray | None:
-    """[N, K] mask of present cells of one layer, or None when every cell is present."""
-    return None if part.complete else part.experts[layer_index] >= 0
-
-
-def entropy_of(p: np.ndarray, axis=-1) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, -p * np.log(p), 0.0)
-    return terms.sum(axis=axis)
-
-
 def safe_divide(a, b):
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(b > 0, np.asarray(a, dtype=np.float64) / np.where(b > 0, b, 1), np.nan)
@@ -100,10 +89,3 @@ def assignment_counts(part: ComponentRouting, group: np.ndarray | None = None, g
 def layer_counts(part: ComponentRouting) -> np.ndarray:
     """[L, E] assignments per expert (cached)."""
     return part.cached("layer_counts", lambda: assignment_counts(part)[:, 0])
-
-
-def tokens_per_layer(part: ComponentRouting) -> np.ndarray:
-    """[L] tokens with at least one routed expert in each layer."""
-    if part.complete:
-        return np.full(len(part.layers), part.num_tokens, dtype=np.int64)
-    return (part.experts[:, :, 0] >= 0).sum(axis=1).astype(np.int64)

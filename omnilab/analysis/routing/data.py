@@ -252,24 +252,19 @@ def _component(
 ) -> ComponentRouting | None:
     """Dense arrays of one component; `index` selects its cells (None: all)."""
 
+    if wanted_layers is not None:
+        keep = np.isin(cells.layer if index is None else cells.layer[index], wanted_layers)
+        if not keep.any():
+            return None
+        if not keep.all():
+            index = np.flatnonzero(keep) if index is None else index[keep]
+
     def pick(values):
         return values if index is None else values[index]
 
     cell_layer, cell_pos, cell_start = pick(cells.layer), pick(cells.pos), pick(cells.start)
     cell_length = pick(cells.length)
     cell_rank = None if cells.rank is None else pick(cells.rank)
-    if wanted_layers is not None:
-        keep = np.isin(cell_layer, wanted_layers)
-        if not keep.any():
-            return None
-        if not keep.all():
-            cell_layer, cell_pos, cell_start, cell_length = (
-                cell_layer[keep],
-                cell_pos[keep],
-                cell_start[keep],
-                cell_length[keep],
-            )
-            cell_rank = None if cell_rank is None else cell_rank[keep]
     present_layers = np.flatnonzero(np.bincount(cell_layer.astype(np.intp, copy=False)))
     layer_index = _index_of(cell_layer, present_layers)
 
@@ -311,20 +306,19 @@ def _component(
             row = np.where(inside, row, 0)
             cell_experts = np.where(inside, expert[row], -1)
             cell_weights = np.where(inside, weight[row], 0)
-        in_order = len(dense_cell) == num_layers * num_tokens and bool(
-            dense_cell[0] == 0 and (np.diff(dense_cell) == 1).all()
-        )
-        if in_order:
-            experts = cell_experts.astype(np.int16, copy=False).reshape(num_layers, num_tokens, top_k)
-            weights = cell_weights.astype(np.float16, copy=False).reshape(num_layers, num_tokens, top_k)
-        else:
-            experts, weights = _scatter(
-                dense_cell, cell_experts, cell_weights, (num_layers, num_tokens, top_k)
-            )
+        at = dense_cell
     else:
         top_k = int(cell_rank.max()) + 1
-        shape = (num_layers, num_tokens, top_k)
-        experts, weights = _scatter((dense_cell, cell_rank), expert[cell_start], weight[cell_start], shape)
+        cell_experts, cell_weights, at = expert[cell_start], weight[cell_start], (dense_cell, cell_rank)
+    shape = (num_layers, num_tokens, top_k)
+    if cells.blocked and len(dense_cell) == num_layers * num_tokens and (np.diff(dense_cell) == 1).all():
+        experts = cell_experts.astype(np.int16, copy=False).reshape(shape)  # already in order
+        weights = cell_weights.astype(np.float16, copy=False).reshape(shape)
+    else:
+        experts = np.full((num_layers * num_tokens, top_k), -1, dtype=np.int16)
+        weights = np.zeros((num_layers * num_tokens, top_k), dtype=np.float16)
+        experts[at], weights[at] = cell_experts, cell_weights
+        experts, weights = experts.reshape(shape), weights.reshape(shape)
     complete = bool((experts >= 0).all())
     part_logits = logits[equals(logits["component"], name)] if len(logits) else None
     num_experts = max(
@@ -378,15 +372,6 @@ def _component(
         topk_mass=topk_mass,
         logits=part_logits if part_logits is not None and len(part_logits) else None,
     )
-
-
-def _scatter(index, experts, weights, shape) -> tuple[np.ndarray, np.ndarray]:
-    """Dense [L, N, K] experts (-1 absent) and weights (0 absent) with the given values at `index` of [L·N, K]."""
-    dense_experts = np.full((shape[0] * shape[1], shape[2]), -1, dtype=np.int16)
-    dense_weights = np.zeros((shape[0] * shape[1], shape[2]), dtype=np.float16)
-    dense_experts[index] = experts
-    dense_weights[index] = weights
-    return dense_experts.reshape(shape), dense_weights.reshape(shape)
 
 
 def _token_rows(frame, extra, sequence_values, token_pos, token_sequence) -> np.ndarray:

@@ -11,16 +11,32 @@ from .._source import labels
 from ._common import (
     assignment_counts,
     component_column,
-    entropy_of,
     layer_column,
     layer_counts,
     per_layer,
-    present_mask,
     safe_divide,
     tidy_table,
-    tokens_per_layer,
 )
 from .data import ComponentRouting, RoutingData
+
+
+def _valid(part: ComponentRouting, layer_index: int) -> np.ndarray | None:
+    """[N, K] mask of present cells of one layer, or None when every cell is present."""
+    return None if part.complete else part.experts[layer_index] >= 0
+
+
+def _entropy(p: np.ndarray, axis=-1) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(axis=axis)
+
+
+def _tokens_per_layer(part: ComponentRouting) -> np.ndarray:
+    """[L] tokens with at least one routed expert in each layer."""
+    if part.complete:
+        return np.full(len(part.layers), part.num_tokens, dtype=np.int64)
+    return (part.experts[:, :, 0] >= 0).sum(axis=1).astype(np.int64)
+
 
 # -- 1. expert load ----------------------------------------------------------------------------------------
 
@@ -52,7 +68,7 @@ def _mean_probability(part: ComponentRouting) -> tuple[np.ndarray, str]:
         source = "top-k weights"
         for li in range(layers):
             weights = part.weights[li].astype(np.float32)
-            valid = present_mask(part, li)
+            valid = _valid(part, li)
             if valid is not None:
                 weights = np.where(valid, weights, 0)
             total = weights.sum(axis=1, keepdims=True)
@@ -148,12 +164,12 @@ def load_balance(trace, *, component=None, layer=None) -> pd.DataFrame:
         layers, experts = counts.shape
         share = safe_divide(counts, counts.sum(axis=1, keepdims=True))
         mean = counts.mean(axis=1)
-        entropy = entropy_of(np.nan_to_num(share))
+        entropy = _entropy(np.nan_to_num(share))
         pieces.append(
             {
                 "component": component_column(part.component, layers),
                 "layer": layer_column(part, np.arange(layers)),
-                "tokens": tokens_per_layer(part),
+                "tokens": _tokens_per_layer(part),
                 "top_k": np.full(layers, part.top_k, dtype=np.int64),
                 "experts": np.full(layers, experts, dtype=np.int64),
                 "active": (counts > 0).sum(axis=1),
@@ -256,9 +272,9 @@ def modality_nmi(trace, *, component=None, layer=None) -> pd.DataFrame:
         joint = np.nan_to_num(joint)
         p_modality = joint.sum(axis=2)
         p_expert = joint.sum(axis=1)
-        h_modality = entropy_of(p_modality)
-        h_expert = entropy_of(p_expert)
-        mi = h_modality + h_expert - entropy_of(joint.reshape(layers, -1))
+        h_modality = _entropy(p_modality)
+        h_expert = _entropy(p_expert)
+        mi = h_modality + h_expert - _entropy(joint.reshape(layers, -1))
         mi = np.maximum(mi, 0.0)
         floor = np.minimum(h_modality, h_expert)
         pieces.append(
