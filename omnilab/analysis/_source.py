@@ -112,27 +112,9 @@ def meta(source) -> dict:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
-def per_component(info: dict, key: str, component: str):
-    """A per-component value of the trace metadata: meta["components"][component][key] (as the tracer
-    writes it), else meta[key] as a {component: value} dict or one value for all; None when absent."""
-    components = info.get("components")
-    if isinstance(components, Mapping) and isinstance(components.get(component), Mapping):
-        if components[component].get(key) is not None:
-            return components[component][key]
-    value = info.get(key)
-    if isinstance(value, Mapping):
-        return value.get(component)
-    return value
-
-
 def labels(codes: np.ndarray, categories) -> pd.Categorical:
     """A categorical column from integer codes (-1 gives a missing value)."""
     return pd.Categorical.from_codes(np.asarray(codes, dtype=np.int64), categories=list(categories))
-
-
-def category_codes(values: pd.Series, categories) -> np.ndarray:
-    """Integer codes of `values` in `categories` (-1 for anything else)."""
-    return pd.Categorical(values, categories=list(categories)).codes.astype(np.int8)
 
 
 def equals(values: pd.Series, value) -> np.ndarray:

@@ -13,6 +13,7 @@ and "consecutive tokens" means pos and pos + 1 of the same trace.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -20,7 +21,7 @@ import pandas as pd
 
 from ...errors import TraceError
 from ...trace import COLUMNS, COMPONENTS, MODALITIES, PHASES
-from .._source import as_list, category_codes, equals, per_component, routing_tables
+from .._source import as_list, equals, routing_tables
 
 ROUTING_COLUMNS = tuple(COLUMNS["routing"])
 
@@ -241,8 +242,8 @@ def _split(values: pd.Series, start: np.ndarray, wanted: list | None):
 
 
 def _index_of(values: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Position of each of `values` (small non-negative ints) in the sorted array `present`."""
-    lookup = np.full(int(present.max()) + 1 if len(present) else 1, -1, dtype=np.int64)
+    """Position of each of `values` in `present` (both non-empty, small non-negative ints), -1 if absent."""
+    lookup = np.full(int(max(values.max(), present.max())) + 1, -1, dtype=np.int64)
     lookup[present] = np.arange(len(present))
     return lookup[values]
 
@@ -323,7 +324,7 @@ def _component(
     part_logits = logits[equals(logits["component"], name)] if len(logits) else None
     num_experts = max(
         int(experts.max()) + 1,
-        int(per_component(info, "num_experts", name) or 0),
+        int(_per_component(info, "num_experts", name) or 0),
         int(part_logits["expert"].max()) + 1 if part_logits is not None and len(part_logits) else 0,
     )
 
@@ -337,15 +338,15 @@ def _component(
         toks = toks.drop_duplicates([*extra, "pos"], keep="last")
         found_at = _token_rows(toks, extra, sequence_values, token_pos, token_sequence)
         found = found_at >= 0
-        modality[found_at[found]] = category_codes(toks["modality"], MODALITIES)[found]
-        phase[found_at[found]] = category_codes(toks["phase"], PHASES)[found]
+        modality[found_at[found]] = _category_codes(toks["modality"], MODALITIES)[found]
+        phase[found_at[found]] = _category_codes(toks["phase"], PHASES)[found]
         token_id[found_at[found]] = toks["token_id"].to_numpy()[found]
         text[found_at[found]] = toks["text"].to_numpy(dtype=object)[found]
     missing = phase < 0
     if missing.any():
         # Tokens absent from the tokens table: their phase is on their routing rows.
         chosen = np.flatnonzero(np.isin(token_index, np.flatnonzero(missing)))
-        phase[token_index[chosen]] = category_codes(routing["phase"].iloc[cell_start[chosen]], PHASES)
+        phase[token_index[chosen]] = _category_codes(routing["phase"].iloc[cell_start[chosen]], PHASES)
 
     entropy = topk_mass = None
     part_stats = stats[equals(stats["component"], name)] if len(stats) else stats
@@ -386,16 +387,11 @@ def _token_rows(frame, extra, sequence_values, token_pos, token_sequence) -> np.
         found = np.searchsorted(wanted, key)
         found = np.minimum(found, len(wanted) - 1)
         return np.where((key >= 0) & (wanted[found] == key), found, -1)
-    lookup = np.full(int(max(token_pos.max(), pos.max())) + 1, -1, dtype=np.int64)
-    lookup[token_pos] = np.arange(len(token_pos))
-    return lookup[pos]
+    return _index_of(pos, token_pos)
 
 
 def _dense_stats(stats, extra, sequence_values, layers, token_pos, token_sequence):
-    layer = stats["layer"].to_numpy()
-    layer_index = np.full(int(max(layer.max(), layers.max())) + 1, -1, dtype=np.int64)
-    layer_index[layers] = np.arange(len(layers))
-    li = layer_index[layer]
+    li = _index_of(stats["layer"].to_numpy(), layers)
     ti = _token_rows(stats, extra, sequence_values, token_pos, token_sequence)
     shape = (len(layers), len(token_pos))
     entropy_values = stats["entropy"].to_numpy().astype(np.float32, copy=False)
@@ -409,3 +405,21 @@ def _dense_stats(stats, extra, sequence_values, layers, token_pos, token_sequenc
     entropy[li[ok], ti[ok]] = entropy_values[ok]
     topk_mass[li[ok], ti[ok]] = mass_values[ok]
     return entropy, topk_mass
+
+
+def _per_component(info: dict, key: str, component: str):
+    """A per-component value of the trace metadata: meta["components"][component][key] (as the tracer
+    writes it), else meta[key] as a {component: value} dict or one value for all; None when absent."""
+    components = info.get("components")
+    if isinstance(components, Mapping) and isinstance(components.get(component), Mapping):
+        if components[component].get(key) is not None:
+            return components[component][key]
+    value = info.get(key)
+    if isinstance(value, Mapping):
+        return value.get(component)
+    return value
+
+
+def _category_codes(values: pd.Series, categories) -> np.ndarray:
+    """Integer codes of `values` in `categories` (-1 for anything else)."""
+    return pd.Categorical(values, categories=list(categories)).codes.astype(np.int8)
