@@ -58,11 +58,11 @@ def layer_chunks(
     one component with at most STORE_CHUNK_ROWS routing rows (one layer at least), in component and
     layer order, and the `overlap` recorded layers after them (for analyses of layer pairs). [] when
     `source` is not a store."""
-    from ..store.sql import routing_layers
-
     store = store_of(source)
     if store is None:
         return []
+    from ..store.sql import routing_layers
+
     counts = routing_layers(store, component=component, layer=layer)
     chunks = []
     order = sorted(set(counts["component"]), key=lambda c: (COMPONENTS.index(c) if c in COMPONENTS else 9, c))
