@@ -3,6 +3,7 @@ direct pandas computation, and accepts every input form (Trace, dict, attributes
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import replace
 
@@ -297,6 +298,23 @@ def test_dicts_and_attribute_objects_give_the_same_answers(trace):
         expected = fn(trace)
         for source in (as_dict, as_object, prepared):
             pd.testing.assert_frame_equal(fn(source), expected)
+
+
+def test_every_routing_analysis_takes_routing_data_and_answers_as_from_the_trace(trace):
+    data = analysis.RoutingData.of(trace)
+    assert analysis.RoutingData.of(data) is data  # made once, never re-read
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        data.meta = {}
+    for name, fn in analysis.ROUTING_ANALYSES.items():
+        pd.testing.assert_frame_equal(fn(data), fn(trace), obj=name)
+        selected = {"component": "talker", "layer": [1]}
+        pd.testing.assert_frame_equal(fn(data, **selected), fn(trace, **selected), obj=f"{name} (selected)")
+    pd.testing.assert_frame_equal(
+        analysis.routing_agreement(data, data, by="token"),
+        analysis.routing_agreement(trace, trace, by="token"),
+    )
+    with pytest.raises(TraceError, match="already prepared"):
+        analysis.RoutingData.of(data, phase="decode")
 
 
 def test_row_order_does_not_change_any_routing_analysis(trace):

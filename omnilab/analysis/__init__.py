@@ -2,9 +2,10 @@
 
 Every analysis is `fn(trace, *, component=None, layer=None, ...) -> DataFrame`, its definition and
 source paper in its docstring. `trace` may be an omnilab Trace, a dict of tables, or any object with
-`.routing` / `.tokens` / ... attributes. Routing analyses also take `prepare(trace)`, the dense routing
-arrays computed once (`routing_suite(trace)` runs them all on one preparation), and a trace store
-(its folder or `open_store` connection), of which DuckDB reads only the rows they need.
+`.routing` / `.tokens` / ... attributes. Routing analyses also take a trace store (its folder or
+`open_store` connection), of which DuckDB reads only the rows they need, and compute on
+`RoutingData.of(trace)` (= `prepare(trace)`), the dense routing arrays, which they also take directly
+(`routing_suite(trace)` runs them all on one preparation).
 
     routing     expert_load, load_balance, modality_specialization, modality_nmi, modality_experts,
                 coactivation, repetition, layer_transitions, token_paths, vocabulary_specialization,
@@ -21,7 +22,6 @@ arrays computed once (`routing_suite(trace)` runs them all on one preparation), 
 Attribution and residual audio must run the model, so they take an OmniLab, not a Trace.
 """
 
-from ._source import ComponentRouting, RoutingData, prepare
 from .attention import attention_map, attention_modality_mass, attention_over_time, tower_attention_map
 from .attribution import (
     Attribution,
@@ -36,6 +36,8 @@ from .positions import av_alignment, position_layout
 from .probes import linear_probe
 from .routing import (
     ROUTING_ANALYSES,
+    ComponentRouting,
+    RoutingData,
     coactivation,
     expert_load,
     layer_transitions,
@@ -43,6 +45,7 @@ from .routing import (
     modality_experts,
     modality_nmi,
     modality_specialization,
+    prepare,
     repetition,
     router_confidence,
     routing_agreement,
