@@ -151,6 +151,14 @@ def test_user_message_refuses_a_file_by_content_not_name(tmp_path):
         sessions.user_message(audio=fake)
 
 
+def test_user_message_names_the_slot_kind_for_unknown_content(tmp_path):
+    fake = tmp_path / "photo.png"  # named as an image, put in the audio box, holds text
+    fake.write_text("not media at all")
+    for slot, wanted in (("audio", "is not audio"), ("video", "is not a video"), ("image", "is not an image")):
+        with pytest.raises(MediaError, match=f"the {slot} 'photo.png' {wanted}: its content is plain text"):
+            sessions.user_message(**{slot: fake})
+
+
 def test_user_message_refuses_uploads_over_the_limit():
     with pytest.raises(MediaError, match="the limit is"):
         sessions.user_message(audio=DATA / "speech.wav", max_bytes=1000)

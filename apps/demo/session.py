@@ -188,7 +188,7 @@ _SLOT_KINDS = {"audio": ("audio", "video"), "image": ("image",), "video": ("vide
 def _check_upload(path: str, slot: str, max_bytes: int) -> str:
     name = f"the {slot} '{Path(path).name}'"
     resolved = media.check_file(path, max_bytes=max_bytes, name=name)
-    kind = media.sniff(resolved, name=name)
+    kind = media.sniff(resolved, name=name, expect=slot)
     if kind not in _SLOT_KINDS[slot]:
         article = {"audio": "audio", "image": "an image", "video": "a video"}
         raise MediaError(f"{name} is {article[kind]}, not {article[slot]}; put it in the {kind} box instead")
