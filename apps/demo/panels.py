@@ -158,7 +158,7 @@ def attention_figures(session: Session, pos=None) -> tuple[go.Figure, go.Figure]
     if trace is None:
         return _note(NO_TURN, "attention", "attention of a token")
     if trace.attention.empty:
-        note = "attention was not recorded for this turn (tick 'record attention')"
+        note = session.last.notice or "attention was not recorded for this turn (tick 'record attention')"
         return _note(note, "attention", "attention of a token")
     layers = sorted(int(x) for x in trace.attention["layer"].unique())
     rows = analysis.attention_map(trace, component="thinker", average_heads=True)
