@@ -761,3 +761,44 @@ def test_files_outside_the_upload_folder_are_never_held(tmp_path):
     session.hold(sessions.upload_paths(str(outside), {"path": "/etc/passwd"}, {"url": "http://x"}))
     session.close()
     assert outside.exists() and session.uploads == []
+
+
+# --- downloads are written atomically; a killed server's downloads go at the next start ----------------------
+
+
+def test_a_download_that_fails_midway_leaves_no_file(turned, monkeypatch):
+    import soundfile as sf
+
+    folder = turned.output_folder()
+    before = set(folder.iterdir())
+
+    def broken(path, *args, **kwargs):
+        Path(path).write_bytes(b"RIFF half")  # what a kill mid-write would leave
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sf, "write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        panels.write_wav(turned.last.reply, folder)
+    monkeypatch.setattr(Trace, "save", lambda self, directory: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        panels.trace_zip(turned)
+    assert set(folder.iterdir()) == before  # no partial file, no half-written one under a final name
+
+
+def test_downloads_appear_only_under_their_final_names(turned):
+    paths = [panels.write_wav(turned.last.reply, turned.output_folder()), panels.trace_zip(turned)]
+    paths.append(panels.figures_html(turned))
+    assert all(p.exists() and not p.name.startswith(panels.PARTIAL) for p in paths)
+    assert not [p for p in turned.output_folder().rglob("*") if panels.PARTIAL in p.name]
+
+
+def test_the_downloads_of_an_ended_server_are_removed_at_start():
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = sessions.output_root() / f"pid-{int(dead.stdout)}" / "session-x"
+    stale.mkdir(parents=True)
+    (stale / f"{panels.PARTIAL}1234-trace-1.zip").write_bytes(b"PK half")
+    mine = sessions.Session().output_folder()
+    assert stale.parent in sessions.remove_stale_outputs()
+    assert not stale.parent.exists() and mine.exists()

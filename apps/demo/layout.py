@@ -461,6 +461,8 @@ def launch(
     if fixed & set(kw):
         raise ValueError(f"launch() keeps {sorted(fixed & set(kw))} at their safe settings")
     lab = lab if lab is not None else omnilab.load(model)
+    for folder in sessions.remove_stale_outputs():
+        log.info("removed the downloads of an ended server: %s", folder)
     app = build_app(lab, max_upload_bytes=max_file_size)
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     kw.setdefault("show_error", False)

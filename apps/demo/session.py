@@ -341,7 +341,7 @@ class Session:
     def output_folder(self) -> Path:
         """A folder of this session's own, for the files it downloads (created on first use)."""
         if self.folder is None or not Path(self.folder).is_dir():
-            root = Path(tempfile.gettempdir()) / "omnilab-app"
+            root = output_root() / f"pid-{os.getpid()}"
             root.mkdir(parents=True, exist_ok=True)
             self.folder = tempfile.mkdtemp(prefix=f"session-{uuid.uuid4().hex[:8]}-", dir=root)
         return Path(self.folder)
@@ -361,6 +361,32 @@ class Session:
             self.folder = None
         uploads, self.uploads = self.uploads, []
         _release(uploads)
+
+
+def output_root() -> Path:
+    """Where sessions keep their downloads: one folder per server process (pid-N), one per session in it."""
+    return Path(tempfile.gettempdir()) / "omnilab-app"
+
+
+def remove_stale_outputs() -> list[Path]:
+    """Remove the download folders of server processes that have ended (killed ones too); returns them."""
+    gone = []
+    for folder in output_root().glob("pid-*"):
+        pid = folder.name.removeprefix("pid-")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def close_session(session) -> None:
