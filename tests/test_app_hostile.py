@@ -340,8 +340,35 @@ def watched_server():
         server.server_close()
 
 
+@pytest.fixture
+def fetches_local_urls(monkeypatch):
+    """Gradio's downloader, made to fetch 127.0.0.1 too (it refuses internal addresses): so the local
+    server stands in for a public one, and a request reaching it means Gradio would fetch a public URL."""
+    import gradio.processing_utils as processing
+
+    async def unprotected(url: str, cache_dir: str) -> str:
+        return processing.unsafe_download(url, cache_dir)
+
+    monkeypatch.setattr(processing, "async_ssrf_protected_download", unprotected)
+
+
+def test_the_stand_in_for_a_public_url_is_fetched_when_gradio_downloads_it(
+    watched_server, fetches_local_urls
+):
+    import gradio.processing_utils as processing
+    from gradio_client.utils import synchronize_async
+
+    url, asked = watched_server
+    synchronize_async(
+        processing.async_ssrf_protected_download, f"{url}/speech.wav", str(env_folder() / "tmp")
+    )
+    assert asked == ["/speech.wav"]  # so the test below would see a fetch
+
+
 @pytest.mark.parametrize("slot", ["audio", "image", "video"])
-def test_a_url_in_a_file_payload_is_refused_before_any_fetch(served, script, watched_server, slot):
+def test_a_url_in_a_file_payload_is_refused_before_any_fetch(
+    served, script, watched_server, fetches_local_urls, slot
+):
     url, asked = watched_server
     payload = {"path": f"{url}/speech.wav", "url": None, "meta": {"_type": "gradio.FileData"}}
     if slot == "video":
