@@ -100,8 +100,8 @@ def run_turn(
 ) -> Turn:
     """Answer `message` after the session's conversation (not streamed); the session records the turn."""
     conversation = session.conversation(system, message)
-    settings, notice = within_budget(lab, conversation, settings, session.memory_budget)
     with model_lock(lab.model):
+        settings, notice = within_budget(lab, conversation, settings, session.memory_budget)
         reply = _generate(lab, conversation, settings)
     turn = Turn(conversation, settings, reply, notice=notice)
     session.record(message, turn)
