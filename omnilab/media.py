@@ -271,16 +271,17 @@ def _refuse_other_kind(kind: str, fmt: str, wanted: str, label: str) -> None:
     )
 
 
-def sniff(path: str | os.PathLike, *, name: str | None = None) -> str:
+def sniff(path: str | os.PathLike, *, name: str | None = None, expect: str | None = None) -> str:
     """The media type of a file judged by its content (magic bytes), not its name.
 
     Returns "audio", "image" or "video". Knows WAV, FLAC, OGG, AIFF, MP3, AAC (ADTS), M4A, PNG, JPEG,
     GIF, WEBP, BMP, TIFF, HEIF/AVIF, MP4/MOV, MKV/WebM, AVI, FLV and MPEG-TS. Raises `MediaError` for
-    missing or empty files and for any other content.
+    missing or empty files and for any other content; that error says the file is not `expect`
+    (the kind the caller wanted), or, without it, the kind its name suggests.
     """
     label = _label(path, name)
     resolved = _check_file(path, max_bytes=None, label=label)
-    kind, _ = _sniff(resolved, label, expect=None)
+    kind, _ = _sniff(resolved, label, expect=expect)
     return kind
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 import zipfile
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -149,6 +150,18 @@ def test_user_message_refuses_a_file_by_content_not_name(tmp_path):
     fake.write_text("not audio")
     with pytest.raises(MediaError, match="the audio 'song.wav' is not audio: its content is plain text"):
         sessions.user_message(audio=fake)
+
+
+def test_user_message_names_the_slot_kind_for_unknown_content(tmp_path):
+    fake = tmp_path / "photo.png"  # named as an image, put in the audio box, holds text
+    fake.write_text("not media at all")
+    for slot, wanted in (
+        ("audio", "is not audio"),
+        ("video", "is not a video"),
+        ("image", "is not an image"),
+    ):
+        with pytest.raises(MediaError, match=f"the {slot} 'photo.png' {wanted}: its content is plain text"):
+            sessions.user_message(**{slot: fake})
 
 
 def test_user_message_refuses_uploads_over_the_limit():
@@ -657,3 +670,135 @@ def test_players_amplify_the_near_silent_speech_of_random_weights():
     loud = panels.pcm16(quiet, amplify=True)
     assert loud.min() == -16383 and loud[1] == 8191  # scaled to a 0.5 peak, shape kept
     assert not panels.pcm16(np.zeros(3), amplify=True).any()
+
+
+# --- memory: attention is estimated before a turn and left out over budget ---------------------------------
+
+
+def test_the_capture_estimate_counts_the_attention_rows_a_trace_records(lab):
+    from omnilab.instrument.budget import ATTENTION_ROW_BYTES, estimate_capture_bytes
+
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "count me " * 40}]}]
+    inputs = lab.prepare(conversation)
+    layers = {"thinker": jobs._attention_layers(lab)}
+    estimate = estimate_capture_bytes(lab, inputs, ("routing", "attention"), layers, max_new_tokens=3)
+    with lab.trace(capture=("attention",), attention_layers=layers) as tracer:
+        reply = lab.generate(conversation, max_new_tokens=3, return_audio=False)
+    assert len(reply.token_ids) == 3  # the estimate assumes every new token is made
+    rows = len(tracer.trace.attention)
+    assert (
+        estimate.bytes["attention"] // ATTENTION_ROW_BYTES
+        >= rows
+        >= 0.95 * estimate.bytes["attention"] // ATTENTION_ROW_BYTES
+    )
+    assert estimate.tokens == inputs["input_ids"].shape[1] and estimate.bytes["routing"] > 0
+    assert estimate.total == sum(estimate.bytes.values())
+
+
+def test_the_attention_estimate_grows_with_the_square_of_the_prompt(lab):
+    from omnilab.instrument.budget import estimate_capture_bytes
+
+    layers = {"thinker": [0]}
+    small, large = (
+        estimate_capture_bytes(lab, n, ("attention",), layers).bytes["attention"] for n in (1000, 4000)
+    )
+    assert large == 16 * small
+
+
+def test_a_turn_over_the_memory_budget_runs_without_attention_and_says_so(lab):
+    session = sessions.Session(memory_budget=10**6)
+    message = sessions.user_message("a long question " * 40)
+    turn = jobs.run_turn(lab, session, message, sessions.settings(lab, **FAST, attention=True))
+    assert turn.reply.text is not None and turn.reply.trace is not None
+    assert turn.reply.trace.attention.empty and not turn.settings.attention
+    assert "attention was not recorded for this turn" in turn.notice
+    assert "prompt tokens" in turn.notice and "GB" in turn.notice and "the budget is" in turn.notice
+    note = panels.attention_figures(session)[0].layout.annotations[0].text
+    assert "attention was not recorded for this turn" in note
+
+
+def test_a_streamed_turn_over_the_budget_also_runs_without_attention(lab):
+    session = sessions.Session(memory_budget=10**6)
+    updates = list(
+        jobs.stream_turn(lab, session, sessions.user_message("hello " * 50), sessions.settings(lab, **FAST))
+    )
+    turn = updates[-1].turn
+    assert turn.reply.trace.attention.empty and "attention was not recorded" in turn.notice
+
+
+def test_a_turn_within_the_budget_records_attention(lab):
+    session = sessions.Session()
+    turn = jobs.run_turn(lab, session, sessions.user_message("hi"), sessions.settings(lab, **FAST))
+    assert not turn.reply.trace.attention.empty and turn.notice is None
+
+
+# --- uploads go when their session ends -----------------------------------------------------------------
+
+
+def _fake_upload(name: str, content: bytes) -> str:
+    folder = sessions.upload_folder() / f"test-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(content)
+    return str((folder / name).resolve())
+
+
+def test_a_session_deletes_its_uploads_when_it_ends_and_keeps_shared_ones_until_the_last():
+    mine, shared = _fake_upload("mine.png", b"1"), _fake_upload("shared.png", b"2")
+    first, second = sessions.Session(), sessions.Session()
+    first.hold(sessions.upload_paths({"path": mine}, shared, None))
+    second.hold(sessions.upload_paths(shared))
+    first.close()
+    assert not Path(mine).exists() and not Path(mine).parent.exists()
+    assert Path(shared).exists()  # the second session still has it
+    sessions.clear(second)
+    assert not Path(shared).exists()
+
+
+def test_files_outside_the_upload_folder_are_never_held(tmp_path):
+    outside = tmp_path / "keep.png"
+    outside.write_bytes(b"x")
+    session = sessions.Session()
+    session.hold(sessions.upload_paths(str(outside), {"path": "/etc/passwd"}, {"url": "http://x"}))
+    session.close()
+    assert outside.exists() and session.uploads == []
+
+
+# --- downloads are written atomically; a killed server's downloads go at the next start ----------------------
+
+
+def test_a_download_that_fails_midway_leaves_no_file(turned, monkeypatch):
+    import soundfile as sf
+
+    folder = turned.output_folder()
+    before = set(folder.iterdir())
+
+    def broken(path, *args, **kwargs):
+        Path(path).write_bytes(b"RIFF half")  # what a kill mid-write would leave
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sf, "write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        panels.write_wav(turned.last.reply, folder)
+    monkeypatch.setattr(Trace, "save", lambda self, directory: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        panels.trace_zip(turned)
+    assert set(folder.iterdir()) == before  # no partial file, no half-written one under a final name
+
+
+def test_downloads_appear_only_under_their_final_names(turned):
+    paths = [panels.write_wav(turned.last.reply, turned.output_folder()), panels.trace_zip(turned)]
+    paths.append(panels.figures_html(turned))
+    assert all(p.exists() and not p.name.startswith(panels.PARTIAL) for p in paths)
+    assert not [p for p in turned.output_folder().rglob("*") if panels.PARTIAL in p.name]
+
+
+def test_the_downloads_of_an_ended_server_are_removed_at_start():
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = sessions.output_root() / f"pid-{int(dead.stdout)}" / "session-x"
+    stale.mkdir(parents=True)
+    (stale / f"{panels.PARTIAL}1234-trace-1.zip").write_bytes(b"PK half")
+    mine = sessions.Session().output_folder()
+    assert stale.parent in sessions.remove_stale_outputs()
+    assert not stale.parent.exists() and mine.exists()

@@ -37,15 +37,16 @@ def _refusal(script, *args, api_name="/reply") -> str:
 
 
 def _assert_clear(message: str, words: str) -> None:
+    """A script's error: the words, as plain text (not HTML-escaped), no traceback, no server path."""
     assert words in message, message
-    assert "Traceback" not in message and "<" not in message and ">" not in message
+    assert "Traceback" not in message and "&#x27;" not in message and "&lt;" not in message
     assert str(env_folder()) not in message  # no server paths
 
 
 # (case, slot, file, extra settings, what the message says)
 MEDIA_CASES = [
-    ("corrupt wav", "audio", "corrupt.wav", {}, "the audio &#x27;corrupt.wav&#x27; is truncated or corrupt"),
-    ("truncated wav", "audio", "truncated.wav", {}, "the audio &#x27;truncated.wav&#x27; is truncated"),
+    ("corrupt wav", "audio", "corrupt.wav", {}, "the audio 'corrupt.wav' is truncated or corrupt"),
+    ("truncated wav", "audio", "truncated.wav", {}, "the audio 'truncated.wav' is truncated"),
     ("text file named .wav", "audio", "text-named.wav", {}, "is not audio: its content is plain text"),
     ("zero-length audio", "audio", "zero-length.wav", {}, "is empty (0 bytes)"),
     ("wav with no samples", "audio", "no-samples.wav", {}, "holds no samples"),
@@ -57,11 +58,11 @@ MEDIA_CASES = [
         "41.0 min long (from its header); the limit is 40.0 min",
     ),
     ("header claims 30000x30000", "image", "huge-header.png", {}, "900.0 megapixels (from its header)"),
-    ("truncated png", "image", "truncated.png", {}, "the image &#x27;truncated.png&#x27; is truncated"),
+    ("truncated png", "image", "truncated.png", {}, "the image 'truncated.png' is truncated"),
     ("html named .png", "image", "html-named.png", {}, "is not an image: its content is an HTML page"),
     ("video with no frames", "video", "no-frames.mp4", {}, "has no streams at all"),
     ("video of sound only", "video", "sound-only.mp4", {}, "has no video stream, only sound"),
-    ("truncated mp4", "video", "truncated.mp4", {}, "the video &#x27;truncated.mp4&#x27; is truncated"),
+    ("truncated mp4", "video", "truncated.mp4", {}, "the video 'truncated.mp4' is truncated"),
     ("text file named .mp4", "video", "text-named.mp4", {}, "is not a video: its content is plain text"),
     ("video over 40 min", "video", "41-min.mp4", {}, "min long (from its metadata); the limit is 40.0 min"),
     (
@@ -102,14 +103,14 @@ SETTING_CASES = [
     ("empty message", dict(text=""), "the message is empty"),
     ("whitespace message", dict(text="  \n\t "), "the message is empty"),
     ("message too long", dict(text="x" * 10_001), "10,001 characters long; the limit is 10,000"),
-    ("unknown speaker", dict(text="hi", voice="Bob"), "unknown speaker &#x27;Bob&#x27;"),
+    ("unknown speaker", dict(text="hi", voice="Bob"), "unknown speaker 'Bob'"),
     (
         "markup as speaker",
         dict(text="hi", voice="<img src=x onerror=alert(1)>"),
-        "unknown speaker &#x27;&lt;img",
+        "unknown speaker '<img",
     ),
     ("max_new_tokens out of range", dict(text="hi", max_new_tokens=10**6), "max_new_tokens is 1000000"),
-    ("temperature not a number", dict(text="hi", temperature="hot"), "temperature is &#x27;hot&#x27;"),
+    ("temperature not a number", dict(text="hi", temperature="hot"), "temperature is 'hot'"),
     ("system prompt too long", dict(text="hi", system="s" * 5000), "the system prompt is 5,000 characters"),
 ]
 
@@ -124,9 +125,7 @@ def test_streaming_endpoint_refuses_the_same_way(script):
 
 
 def test_panels_refuse_an_unknown_component(script):
-    _assert_clear(
-        _refusal(script, "<script>", 0, api_name="/routing"), "unknown component &#x27;&lt;script&gt;"
-    )
+    _assert_clear(_refusal(script, "<script>", 0, api_name="/routing"), "unknown component '<script>'")
 
 
 def test_interventions_and_downloads_need_a_turn_first(script):
@@ -212,7 +211,7 @@ PANEL_CASES = [
         "markup as attribution method",
         "/attribute",
         (0, "<b>x</b>", 4),
-        "unknown attribution method &#x27;&lt;b&gt;",
+        "unknown attribution method '<b>",
     ),
     (
         "output token out of range",
@@ -224,12 +223,12 @@ PANEL_CASES = [
         "output token not a number",
         "/attribute",
         ("first", "feature_ablation", 4),
-        "output token is &#x27;first",
+        "output token is 'first",
     ),
     ("attribution steps out of range", "/attribute", (0, "integrated_gradients", 10**6), "steps is 1000000"),
     ("no codebooks kept", "/residual_speech", (0,), "codebooks to keep is 0"),
     ("more codebooks than the codec has", "/residual_speech", (17,), "from 1 to 16"),
-    ("codebook count as markup", "/residual_speech", ("<i>",), "codebooks to keep is &#x27;&lt;i&gt;"),
+    ("codebook count as markup", "/residual_speech", ("<i>",), "codebooks to keep is '<i>"),
 ]
 
 
@@ -255,3 +254,175 @@ def test_the_panels_still_answer_afterwards(answered):
     assert "feature ablation of output token 0" in text
     reply, _, chat = answered.predict(*turn_args("one more", speak=False), api_name="/reply")
     assert reply and len(chat) == 4
+
+
+# --- the API for scripts ------------------------------------------------------------------------------
+
+
+def _raw_call(served: str, api_name: str, data: list, headers: dict | None = None) -> str:
+    """The event stream of one call made as raw HTTP (as a browser's fetch would, without gradio_client)."""
+    import httpx
+
+    start = httpx.post(f"{served}gradio_api/call/{api_name}", json={"data": data}, headers=headers or {})
+    assert start.status_code == 200, start.text
+    event = urllib.parse.quote(start.json()["event_id"])
+    return httpx.get(f"{served}gradio_api/call/{api_name}/{event}", headers=headers or {}, timeout=120).text
+
+
+def test_the_turn_endpoints_name_their_parameters(script):
+    from apps.demo.layout import TURN_PARAMETERS
+
+    api = script.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for endpoint in ("/chat", "/reply"):
+        names = [p["parameter_name"] for p in api[endpoint]["parameters"]]
+        assert names == list(TURN_PARAMETERS), (endpoint, names)
+    assert TURN_PARAMETERS[:5] == ("text", "audio", "image", "video", "use_video_audio")
+
+
+def test_a_script_may_pass_turn_parameters_by_name(script):
+    text, _, chat = script.predict(text="by name", speak=False, max_new_tokens=3, api_name="/reply")
+    assert chat[-2]["content"][0]["text"] == "by name" and chat[-1]["role"] == "assistant"
+
+
+def test_a_browser_gets_error_text_escaped_and_a_script_plain(served, script):
+    markup = "<img src=x onerror=alert(1)>"
+    stream = _raw_call(served, "reply", turn_args("hi", voice=markup))
+    assert "event: error" in stream and "unknown speaker &#x27;&lt;img src=x" in stream, stream
+    assert "<img" not in stream
+    assert "unknown speaker '<img src=x" in _refusal(script, *turn_args("hi", voice=markup))
+
+
+def test_gradio_level_refusals_carry_a_message(served):
+    forged = {"path": "/etc/passwd", "orig_name": "passwd.wav", "meta": {"_type": "gradio.FileData"}}
+    stream = _raw_call(served, "reply", turn_args("hi", audio=forged), {"x-gradio-user": "api"})
+    error = stream.split("event: error", 1)[1]
+    assert "data: null" not in error and "could not take this request" in error, stream
+    assert "root:" not in stream
+
+
+def test_the_message_box_says_its_limit_and_cuts_nothing(served):
+    import httpx
+
+    config = httpx.get(f"{served}config").json()
+    box = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "message")
+    assert box["props"].get("max_length") is None  # the browser would cut a paste there, silently
+    assert "10,000 characters" in box["props"]["info"]
+
+
+@pytest.fixture
+def watched_server():
+    """A local HTTP server on 127.0.0.1 in a thread; yields (its URL, the paths it was asked for)."""
+    import http.server
+    import threading
+
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            asked.append(self.path)
+            body = (DATA / "speech.wav").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def fetches_local_urls(monkeypatch):
+    """Gradio's downloader, made to fetch 127.0.0.1 too (it refuses internal addresses): so the local
+    server stands in for a public one, and a request reaching it means Gradio would fetch a public URL."""
+    import gradio.processing_utils as processing
+
+    async def unprotected(url: str, cache_dir: str) -> str:
+        return processing.unsafe_download(url, cache_dir)
+
+    monkeypatch.setattr(processing, "async_ssrf_protected_download", unprotected)
+
+
+def test_the_stand_in_for_a_public_url_is_fetched_when_gradio_downloads_it(
+    watched_server, fetches_local_urls
+):
+    import gradio.processing_utils as processing
+    from gradio_client.utils import synchronize_async
+
+    url, asked = watched_server
+    synchronize_async(
+        processing.async_ssrf_protected_download, f"{url}/speech.wav", str(env_folder() / "tmp")
+    )
+    assert asked == ["/speech.wav"]  # so the test below would see a fetch
+
+
+@pytest.mark.parametrize("slot", ["audio", "image", "video"])
+def test_a_url_in_a_file_payload_is_refused_before_any_fetch(
+    served, script, watched_server, fetches_local_urls, slot
+):
+    url, asked = watched_server
+    payload = {"path": f"{url}/speech.wav", "url": None, "meta": {"_type": "gradio.FileData"}}
+    if slot == "video":
+        payload = {"video": payload, "subtitles": None}
+    stream = _raw_call(served, "reply", turn_args("hi", **{slot: payload}), {"x-gradio-user": "api"})
+    assert "event: error" in stream and "a file given as a URL is not accepted" in stream, stream
+    _assert_clear(
+        _refusal(script, *turn_args("hi", **{slot: payload})), "a file given as a URL is not accepted"
+    )
+    assert asked == []  # the server never fetched it
+
+
+# --- uploads go when their session ends -----------------------------------------------------------------
+
+
+def _uploaded(name: str) -> list:
+    return [p for p in (env_folder() / "gradio").rglob(name) if p.is_file()]
+
+
+def _gone_within(name: str, seconds: float = 30) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while _uploaded(name) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _uploaded(name)
+
+
+@pytest.mark.parametrize("end", ["disconnect", "clear"])
+def test_a_sessions_uploads_are_deleted_when_it_ends(served, tmp_path, end):
+    import uuid
+
+    from gradio_client import handle_file
+
+    name = f"mine-{uuid.uuid4().hex[:8]}.png"
+    (tmp_path / name).write_bytes((DATA / "image.png").read_bytes() + uuid.uuid4().bytes)  # unique content
+    own = client(served)
+    own.predict(*turn_args("look", image=handle_file(str(tmp_path / name)), speak=False), api_name="/reply")
+    assert _uploaded(name), "the upload should be on the server while its session lives"
+    if end == "clear":
+        own.predict(api_name="/clear")
+    else:
+        own.close()  # the heartbeat ends, as when a browser tab closes
+    assert _gone_within(name), _uploaded(name)
+    if end == "clear":
+        own.close()
+
+
+def test_a_refused_upload_is_deleted_when_its_session_ends(served, tmp_path):
+    from gradio_client import handle_file
+
+    (tmp_path / "refused-named.png").write_text("not an image at all")
+    own = client(served)
+    _refusal(own, *turn_args("look", image=handle_file(str(tmp_path / "refused-named.png"))))
+    assert _uploaded("refused-named.png")
+    own.close()
+    assert _gone_within("refused-named.png")

@@ -15,6 +15,7 @@ import numpy as np
 
 from omnilab import analysis
 from omnilab.errors import ConversationError, InterventionError, MediaError
+from omnilab.instrument.budget import MEMORY_BUDGET_BYTES, describe, estimate_capture_bytes
 from omnilab.lab import DEFAULT_SYSTEM, OmniLab
 from omnilab.reply import Reply
 from omnilab.streaming import model_lock
@@ -41,6 +42,31 @@ def _capture(lab: OmniLab, settings: Settings, capture: tuple[str, ...] = CAPTUR
             capture=(*capture, "attention"), attention_layers={"thinker": _attention_layers(lab)}
         )
     return lab.trace(capture=capture) if capture else contextlib.nullcontext()
+
+
+def within_budget(
+    lab: OmniLab, conversation: list[dict], settings: Settings, budget: int = MEMORY_BUDGET_BYTES
+) -> tuple[Settings, str | None]:
+    """`settings`, without attention when recording it would pass `budget` bytes, and why (or None).
+
+    Attention is recorded as every (head, query, key) of its layers: its memory grows with the
+    square of the prompt, so it is estimated (prompt tokens counted first) before the turn runs.
+    """
+    if not settings.attention:
+        return settings, None
+    with _upload_errors(conversation):
+        inputs = lab.prepare(conversation, use_audio_in_video=settings.generation.use_audio_in_video)
+    estimate = estimate_capture_bytes(
+        lab, inputs, ("routing", "attention"), {"thinker": _attention_layers(lab)},
+        max_new_tokens=settings.generation.max_new_tokens,
+    )  # fmt: skip
+    if not estimate.over(budget):
+        return settings, None
+    notice = (
+        f"attention was not recorded for this turn: recording it would need {describe(estimate, budget)}; "
+        "the rest of the trace was recorded; send a shorter message to see attention"
+    )
+    return replace(settings, attention=False), notice
 
 
 def _upload_names(text: str, conversation: list[dict]) -> str:
@@ -75,8 +101,9 @@ def run_turn(
     """Answer `message` after the session's conversation (not streamed); the session records the turn."""
     conversation = session.conversation(system, message)
     with model_lock(lab.model):
+        settings, notice = within_budget(lab, conversation, settings, session.memory_budget)
         reply = _generate(lab, conversation, settings)
-    turn = Turn(conversation, settings, reply)
+    turn = Turn(conversation, settings, reply, notice=notice)
     session.record(message, turn)
     return turn
 
@@ -115,6 +142,7 @@ def stream_turn(
     and the lock belongs to the thread that took it.
     """
     conversation = session.conversation(system, message)
+    settings, notice = within_budget(lab, conversation, settings, session.memory_budget)
     opened: list = []
     job = _stream_job(lab, conversation, settings, opened)
     text, done = "", None
@@ -140,7 +168,7 @@ def stream_turn(
         trace = replace(
             trace, tables={**trace.tables, "attention": attention}, meta={**trace.meta, "capture": capture}
         )
-    turn = Turn(conversation, settings, replace(done.reply, trace=trace), timings=done.timings)
+    turn = Turn(conversation, settings, replace(done.reply, trace=trace), timings=done.timings, notice=notice)
     session.record(message, turn)
     yield Update(turn.reply.text, turn=turn)
 

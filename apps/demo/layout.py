@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import html
 import inspect
 import logging
 import os
@@ -36,6 +37,10 @@ MODEL_JOBS = "model"  # one concurrency group for every event that runs the mode
 # The settings of /chat and /reply, after text, audio, image, video, use the video's audio, system prompt:
 SETTINGS = ("speaker", "speak", "max_new_tokens", "max_speech_frames", "do_sample", "temperature", "top_p",
             "top_k", "seed", "attention")  # fmt: skip
+# The parameters of /chat and /reply as the API page and gradio_client name them, in order:
+TURN_PARAMETERS = ("text", "audio", "image", "video", "use_video_audio", "system", "voice", "speak",
+                   "max_new_tokens", "max_speech_frames", "do_sample", "temperature", "top_p", "top_k", "seed",
+                   "record_attention")  # fmt: skip
 
 
 def _user_error(exc: Exception) -> gr.Error:
@@ -45,7 +50,72 @@ def _user_error(exc: Exception) -> gr.Error:
         log.info("refused: %s", exc)
     else:
         log.exception("unexpected error in a handler")
-    return gr.Error(sessions.error_text(exc), print_exception=False)
+    return gr.Error(sessions.error_text(exc, escape=False), print_exception=False)
+
+
+def _from_script(request) -> bool:
+    """Whether the request came from gradio_client (which sends `x-gradio-user: api`), not a browser."""
+    request = request[0] if isinstance(request, list) and request else request
+    headers = getattr(request, "headers", None) or {}
+    return str(headers.get("x-gradio-user", "")).lower() in ("api", "mcp")
+
+
+def _refuse_urls(value) -> None:
+    """Refuse any file payload whose path is a URL (Gradio would fetch it before the app sees it)."""
+    if isinstance(value, dict):
+        path = value.get("path")
+        if isinstance(path, str) and ("://" in path or path.strip().lower().startswith("data:")):
+            raise gr.Error(
+                "a file given as a URL is not accepted (the app fetches nothing); "
+                "upload the file itself (gradio_client.handle_file with a local path does)",
+                print_exception=False,
+            )
+        for item in value.values():
+            _refuse_urls(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _refuse_urls(item)
+
+
+class _Blocks(gr.Blocks):
+    """gr.Blocks that refuses URL file payloads before Gradio fetches them, gives Gradio's own refusals
+    a message (not `{"error": null}`), and escapes error text for browsers only (scripts get it plain)."""
+
+    async def process_api(self, block_fn, inputs, state=None, request=None, *args, **kwargs):
+        try:
+            _refuse_urls(inputs)
+            return await super().process_api(block_fn, inputs, state, request, *args, **kwargs)
+        except gr.Error as error:
+            if not _from_script(request):
+                error.message = html.escape(str(error.message), quote=True)
+            raise
+        except Exception as exc:  # Gradio's own checks of the payload, before or after the handler
+            log.warning("refused by Gradio: %s: %s", type(exc).__name__, exc)
+            message = (
+                f"the app could not take this request ({type(exc).__name__} while Gradio read or wrote "
+                "its values); send each input as the API page shows (files through gradio_client.handle_file)"
+            )
+            raise gr.Error(message, print_exception=False) from None
+
+
+def _end_session(app: gr.Blocks, state: gr.State, request: gr.Request) -> None:
+    """When a browser (or gradio_client) disconnects, its session's files go (Gradio would keep the
+    state an hour after the tab closes, and its uploads for the server's life)."""
+    held = app.server_app.state_holder.session_data.get(request.session_hash) if app.server_app else None
+    sessions.close_session(held.state_data.get(state._id) if held is not None else None)
+
+
+def _named(defaults: dict):
+    """Name a `*args` handler's parameters, with their defaults (the API page and gradio_client show them)."""
+
+    def name(fn):
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        fn.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, kind, default=v) for n, v in defaults.items()]
+        )
+        return fn
+
+    return name
 
 
 def _guard(fn):
@@ -75,12 +145,19 @@ def _session(value) -> sessions.Session:
 def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Blocks:
     """The demo's Blocks for `lab` (not launched)."""
     preset, speaks, given = lab.random_weights, lab.has_talker, GenerationOptions()
+    default = dict(zip(TURN_PARAMETERS, ("", None, None, None, False, DEFAULT_SYSTEM, given.speaker, speaks,
+                   32 if preset else 256, 24 if preset else 2048, given.do_sample, given.temperature, given.top_p,
+                   given.top_k, 0, preset), strict=True))  # fmt: skip
 
     def player(audio):
         return None if audio is None else (SAMPLE_RATE, panels.pcm16(audio, amplify=preset))
 
-    def turn_inputs(text, audio, image, video, use_audio_in_video, system, *values):
-        """(message, settings, system prompt) of a turn, checked (raw Gradio payloads: nothing decoded yet)."""
+    def turn_inputs(session, text, audio, image, video, use_audio_in_video, system, *values):
+        """(message, settings, system prompt) of a turn, checked (raw Gradio payloads: nothing decoded yet).
+
+        The session holds the uploads first (refused ones too): they are deleted when it ends.
+        """
+        session.hold(sessions.upload_paths(audio, image, video))
         message = sessions.user_message(
             text, audio=audio, image=image, video=video, max_bytes=max_upload_bytes
         )
@@ -88,10 +165,11 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         return message, sessions.settings(lab, **given), system
 
     @_guard
+    @_named({**default, "session": None})
     def chat(*args):
         *values, state = args
-        message, checked, system = turn_inputs(*values)
         session = _session(state)
+        message, checked, system = turn_inputs(session, *values)
         pending = session.chat + [{"role": "user", "content": sessions.chat_text(message)}]
         for update in jobs.stream_turn(lab, session, message, checked, system):
             shown = (
@@ -99,13 +177,18 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                 if update.turn
                 else [*pending, {"role": "assistant", "content": update.text or "…"}]
             )
+            if update.turn is not None and update.turn.notice:
+                gr.Warning(update.turn.notice)
             yield shown, gr.skip() if update.audio is None else player(update.audio), session
 
     @_guard
+    @_named({**default, "session": None})
     def reply(*args):
         *values, state = args
         session = _session(state)
-        turn = jobs.run_turn(lab, session, *turn_inputs(*values))
+        turn = jobs.run_turn(lab, session, *turn_inputs(session, *values))
+        if turn.notice:
+            gr.Warning(turn.notice)
         wav = panels.write_wav(turn.reply, session.output_folder())
         return turn.reply.text, str(wav) if wav else None, session.chat, session
 
@@ -159,7 +242,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
     def clear(state):
         return sessions.clear(_session(state)), [], None, "", None, None, None
 
-    with gr.Blocks(title="omnilab · Qwen3-Omni", analytics_enabled=False) as app:
+    with _Blocks(title="omnilab · Qwen3-Omni", analytics_enabled=False) as app:
         session = gr.State(sessions.Session(), time_to_live=SESSION_SECONDS, delete_callback=sessions.close_session)  # fmt: skip
         gr.Markdown(panels.banner(lab), elem_id="banner")
 
@@ -173,7 +256,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                 with gr.Row():
                     text = gr.Textbox(
                         label="Message", placeholder="Ask about what you upload…", scale=5, elem_id="message",
-                        max_length=sessions.MAX_MESSAGE_CHARS,
+                        info=f"up to {sessions.MAX_MESSAGE_CHARS:,} characters (a longer message is refused, not cut)",
                     )  # fmt: skip
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                     clear_button = gr.Button("Clear", scale=1)
@@ -189,17 +272,21 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             with gr.Column(scale=1):
                 with gr.Accordion("Settings", open=True):
                     system = gr.Textbox(
-                        label="System prompt", value=DEFAULT_SYSTEM, lines=3, max_length=sessions.MAX_SYSTEM_CHARS
+                        label="System prompt", value=default["system"], lines=3,
+                        info=f"up to {sessions.MAX_SYSTEM_CHARS:,} characters",
                     )  # fmt: skip
                     voice = gr.Dropdown(
                         label="Voice", choices=lab.speakers or [given.speaker], value=given.speaker
                     )
                     speak = gr.Checkbox(label="speak the reply", value=speaks, interactive=speaks)
                     max_new_tokens = gr.Slider(
-                        *RANGES["max_new_tokens"], value=32 if preset else 256, step=1, label="max new tokens"
+                        *RANGES["max_new_tokens"],
+                        value=default["max_new_tokens"],
+                        step=1,
+                        label="max new tokens",
                     )
                     max_speech_frames = gr.Slider(
-                        *RANGES["max_speech_frames"], value=24 if preset else 2048, step=1,
+                        *RANGES["max_speech_frames"], value=default["max_speech_frames"], step=1,
                         label="max speech frames (12.5 per second)",
                     )  # fmt: skip
                     do_sample = gr.Checkbox(label="sample (otherwise greedy)", value=given.do_sample)
@@ -210,7 +297,8 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                     top_k = gr.Slider(*RANGES["top_k"], value=given.top_k, step=1, label="top k")
                     seed = gr.Number(label="seed", value=0, precision=0)
                     attention = gr.Checkbox(
-                        label="record attention (first and last thinker layer)", value=preset
+                        label="record attention (first and last thinker layer)",
+                        value=default["record_attention"],
                     )
                 with gr.Accordion("Reply as a file", open=False):
                     reply_text = gr.Textbox(label="Reply text", interactive=False)
@@ -343,6 +431,11 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             api_name="figures_html", **raw,
         )  # fmt: skip
         app.load(show_panels, panel_in, panels_out, **private)
+
+        def end_session(request: gr.Request) -> None:
+            _end_session(app, session, request)
+
+        app.unload(end_session)
         clear_button.click(
             clear, [session], [session, chatbot, speech, text, audio_in, image_in, video_in], api_name="clear",
             queue=False,
@@ -368,6 +461,8 @@ def launch(
     if fixed & set(kw):
         raise ValueError(f"launch() keeps {sorted(fixed & set(kw))} at their safe settings")
     lab = lab if lab is not None else omnilab.load(model)
+    for folder in sessions.remove_stale_outputs():
+        log.info("removed the downloads of an ended server: %s", folder)
     app = build_app(lab, max_upload_bytes=max_file_size)
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     kw.setdefault("show_error", False)

@@ -4,8 +4,10 @@ turn lacks what a panel shows)."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
+import os
 import shutil
 import tempfile
 import uuid
@@ -158,7 +160,7 @@ def attention_figures(session: Session, pos=None) -> tuple[go.Figure, go.Figure]
     if trace is None:
         return _note(NO_TURN, "attention", "attention of a token")
     if trace.attention.empty:
-        note = "attention was not recorded for this turn (tick 'record attention')"
+        note = session.last.notice or "attention was not recorded for this turn (tick 'record attention')"
         return _note(note, "attention", "attention of a token")
     layers = sorted(int(x) for x in trace.attention["layer"].unique())
     rows = analysis.attention_map(trace, component="thinker", average_heads=True)
@@ -310,6 +312,24 @@ def all_figures(session: Session, component="thinker", layer=0, pos=None) -> dic
 # --- downloads ----------------------------------------------------------------------------------------------
 
 
+PARTIAL = ".partial-"  # what a file or folder is named while it is written (never its final name)
+
+
+@contextlib.contextmanager
+def _written_atomically(path: Path):
+    """Yield a temporary path beside `path`; once the block ends well, it becomes `path` in one step.
+
+    A server killed while writing leaves at most a `.partial-` file, never a half-written file under
+    the name a person downloads (os.replace is atomic within a folder).
+    """
+    partial = path.with_name(f"{PARTIAL}{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def write_wav(reply: Reply, folder: Path, stem: str = "reply") -> Path | None:
     """The reply's speech as a 16-bit WAV in `folder`, or None when it has none."""
     import soundfile
@@ -317,7 +337,10 @@ def write_wav(reply: Reply, folder: Path, stem: str = "reply") -> Path | None:
     if reply.audio is None or len(reply.audio) == 0:
         return None
     path = folder / f"{stem}-{uuid.uuid4().hex[:8]}.wav"
-    soundfile.write(path, np.clip(reply.audio, -1.0, 1.0), reply.sample_rate, subtype="PCM_16")
+    with _written_atomically(path) as partial:
+        soundfile.write(
+            partial, np.clip(reply.audio, -1.0, 1.0), reply.sample_rate, subtype="PCM_16", format="WAV"
+        )
     return path
 
 
@@ -326,13 +349,18 @@ def trace_zip(session: Session) -> Path:
     if session.last is None or session.last.reply.trace is None:
         raise ConversationError("there is no trace to download yet; send a message first")
     folder = session.output_folder()
-    directory = Path(tempfile.mkdtemp(prefix="trace-", dir=folder))
-    session.last.reply.trace.save(directory)
-    path = folder / f"trace-{uuid.uuid4().hex[:8]}.zip"
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for file in sorted(directory.iterdir()):
-            archive.write(file, arcname=f"trace/{file.name}")
-    shutil.rmtree(directory, ignore_errors=True)
+    directory = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}trace-", dir=folder))
+    try:
+        session.last.reply.trace.save(directory)
+        path = folder / f"trace-{uuid.uuid4().hex[:8]}.zip"
+        with (
+            _written_atomically(path) as partial,
+            zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+        ):
+            for file in sorted(directory.iterdir()):
+                archive.write(file, arcname=f"trace/{file.name}")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     return path
 
 
@@ -352,5 +380,6 @@ def figures_html(session: Session, component="thinker", layer=0, pos=None) -> Pa
         f"<h2>omnilab · {model}</h2><p>Reply: {reply}</p>" + "".join(parts) + "</body></html>"
     )
     path = session.output_folder() / f"figures-{uuid.uuid4().hex[:8]}.html"
-    path.write_text(page, encoding="utf-8")
+    with _written_atomically(path) as partial:
+        partial.write_text(page, encoding="utf-8")
     return path

@@ -13,7 +13,9 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from omnilab import analysis, media
 from omnilab.errors import ConversationError, MediaError, OmnilabError
+from omnilab.instrument.budget import MEMORY_BUDGET_BYTES
 from omnilab.options import GenerationOptions
 from omnilab.reply import Reply
 
@@ -41,12 +44,13 @@ RANGES = {  # the numbers a turn's settings accept (the sliders show the same); 
 # --- errors, as a person should see them -----------------------------------------------------------
 
 
-def error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException, *, escape: bool = True) -> str:
     """What to show for `exc`: its message for omnilab's own errors, a short note otherwise.
 
-    HTML-escaped and at most MAX_ERROR_CHARS long, so an input echoed in a message (a file name,
-    a speaker) can never become markup. Unexpected errors name their type only (the server log
-    has the traceback).
+    At most MAX_ERROR_CHARS long, on one line, and HTML-escaped unless `escape=False` (the app
+    escapes for browsers only, so an input echoed in a message, a file name or a speaker, never
+    becomes markup there, and scripts read plain text). Unexpected errors name their type only
+    (the server log has the traceback).
     """
     if isinstance(exc, OmnilabError):
         text = str(exc)
@@ -58,7 +62,7 @@ def error_text(exc: BaseException) -> str:
     text = " ".join(text.split())
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 1] + "…"
-    return html.escape(text, quote=True)
+    return html.escape(text, quote=True) if escape else text
 
 
 def show(value, limit: int = 40) -> str:
@@ -188,11 +192,51 @@ _SLOT_KINDS = {"audio": ("audio", "video"), "image": ("image",), "video": ("vide
 def _check_upload(path: str, slot: str, max_bytes: int) -> str:
     name = f"the {slot} '{Path(path).name}'"
     resolved = media.check_file(path, max_bytes=max_bytes, name=name)
-    kind = media.sniff(resolved, name=name)
+    kind = media.sniff(resolved, name=name, expect=slot)
     if kind not in _SLOT_KINDS[slot]:
         article = {"audio": "audio", "image": "an image", "video": "a video"}
         raise MediaError(f"{name} is {article[kind]}, not {article[slot]}; put it in the {kind} box instead")
     return str(resolved)
+
+
+def upload_folder() -> Path:
+    """Gradio's folder of uploaded files (as `gradio.utils.get_upload_folder` finds it), resolved."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def upload_paths(*payloads) -> list[str]:
+    """The server paths of the uploads among `payloads` that lie in Gradio's upload folder (others: none)."""
+    folder, out = upload_folder(), []
+    for payload in payloads:
+        try:
+            path = upload_path(payload)
+        except MediaError:
+            continue  # refused when the message is checked
+        if path is not None and Path(path).resolve().is_relative_to(folder):
+            out.append(str(Path(path).resolve()))
+    return out
+
+
+# Uploads held by live sessions: Gradio names an upload by its content, so two sessions that upload the
+# same file share one path, and it goes when the last of them ends.
+_HELD: Counter = Counter()
+_HELD_LOCK = threading.Lock()
+
+
+def _release(paths: list[str]) -> None:
+    with _HELD_LOCK:
+        gone = []
+        for path in paths:
+            _HELD[path] -= 1
+            if _HELD[path] <= 0:
+                del _HELD[path]
+                gone.append(Path(path))
+    for path in gone:
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()  # Gradio's per-upload folder, when empty
+        except OSError:
+            pass
 
 
 def user_message(text=None, *, audio=None, image=None, video=None, max_bytes: int = MAX_UPLOAD_BYTES) -> dict:
@@ -257,6 +301,7 @@ class Turn:
     reply: Reply
     ablate: dict | None = None
     timings: object | None = None  # omnilab.streaming.Timings of a streamed turn
+    notice: str | None = None  # what the turn did not record, and why (e.g. attention over budget)
 
 
 @dataclass
@@ -269,6 +314,8 @@ class Session:
     ablated: Turn | None = None
     attribution: analysis.Attribution | None = None  # of the last reply, once asked for
     folder: str | None = None  # this session's downloads
+    uploads: list[str] = field(default_factory=list)  # files this session uploaded (deleted when it ends)
+    memory_budget: int = MEMORY_BUDGET_BYTES  # what one turn's captures may hold
 
     def conversation(self, system, message: dict) -> list[dict]:
         """The conversation a new turn answers: the system prompt, the turns so far, `message`."""
@@ -294,16 +341,52 @@ class Session:
     def output_folder(self) -> Path:
         """A folder of this session's own, for the files it downloads (created on first use)."""
         if self.folder is None or not Path(self.folder).is_dir():
-            root = Path(tempfile.gettempdir()) / "omnilab-app"
+            root = output_root() / f"pid-{os.getpid()}"
             root.mkdir(parents=True, exist_ok=True)
             self.folder = tempfile.mkdtemp(prefix=f"session-{uuid.uuid4().hex[:8]}-", dir=root)
         return Path(self.folder)
 
+    def hold(self, paths: list[str]) -> None:
+        """Keep uploads at `paths` (from `upload_paths`) for this session's life; they go when it ends."""
+        with _HELD_LOCK:
+            for path in paths:
+                if path not in self.uploads:
+                    self.uploads.append(path)
+                    _HELD[path] += 1
+
     def close(self) -> None:
-        """Remove this session's files."""
+        """Remove this session's files: its downloads and the uploads no other live session holds."""
         if self.folder:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
+        uploads, self.uploads = self.uploads, []
+        _release(uploads)
+
+
+def output_root() -> Path:
+    """Where sessions keep their downloads: one folder per server process (pid-N), one per session in it."""
+    return Path(tempfile.gettempdir()) / "omnilab-app"
+
+
+def remove_stale_outputs() -> list[Path]:
+    """Remove the download folders of server processes that have ended (killed ones too); returns them."""
+    gone = []
+    for folder in output_root().glob("pid-*"):
+        pid = folder.name.removeprefix("pid-")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def close_session(session) -> None:
