@@ -49,15 +49,18 @@ def capture_spec(capture) -> tuple[str, ...]:
     return capture
 
 
-def recorders_for(model, capture: tuple[str, ...], *, attention_layers=None, heads=None) -> list:
-    """The recorders of a capture spec (positions are always recorded: they key the tokens table)."""
+def recorders_for(model, capture: tuple[str, ...], *, attention_layers=None, heads=None, hooks=True) -> list:
+    """The recorders of a capture spec (positions are always recorded: they key the tokens table).
+
+    hooks=False: codes and timings are handed to their recorders by the caller (as a stream does).
+    """
     recorders = [TokensRecorder()]
     if "routing" in capture or "logits" in capture:
         recorders.append(RoutingRecorder(logits="logits" in capture))
     if "codes" in capture:
-        recorders.append(CodesRecorder())
+        recorders.append(CodesRecorder(hooks=hooks))
     if "timings" in capture:
-        recorders.append(TimingsRecorder())
+        recorders.append(TimingsRecorder(hooks=hooks))
     if "attention" in capture:
         layers = attention_layers or {"thinker": [0]}
         towers = {c: v for c, v in layers.items() if c in TOWERS}

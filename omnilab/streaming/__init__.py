@@ -44,21 +44,9 @@ omnilab.instrument.speech_decoder. What a stream records goes through the record
 (omnilab.instrument.record), as a Tracer's does.
 """
 
+# ruff: noqa: F401  (re-exports: the public names of this package)
+
 from ..instrument.speech_decoder import GROW_CAP_FRAMES, SpeechDecoder, exact_left_context
 from .events import EVENT_KINDS, PUBLISHED, StreamEvent, Timings, format_timings
 from .pipeline import STREAM_CAPTURES, stream
 from .steps import model_lock
-
-__all__ = [
-    "EVENT_KINDS",
-    "GROW_CAP_FRAMES",
-    "PUBLISHED",
-    "STREAM_CAPTURES",
-    "SpeechDecoder",
-    "StreamEvent",
-    "Timings",
-    "exact_left_context",
-    "format_timings",
-    "model_lock",
-    "stream",
-]

@@ -10,19 +10,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..errors import ConversationError, InterventionError
 from ..instrument.record import (
     CodesRecorder,
     Recording,
-    RoutingRecorder,
     TimingsRecorder,
-    TokensRecorder,
     Turn,
 )
 from ..instrument.speech_decoder import SpeechDecoder
-from ..instrument.tracer import capture_spec, trace_meta
+from ..instrument.tracer import capture_spec, recorders_for, trace_meta
 from ..options import GenerationOptions, with_option_keywords
 from ..reply import SAMPLE_RATE, Reply
 from ..trace import Trace
@@ -84,20 +83,6 @@ def stream(
     return _Stream(lab, conversation, options, spec, chunk_frames, left_context).events()
 
 
-class _Clock:
-    """Seconds since the stream started; stage times go to the stream's TimingsRecorder."""
-
-    def __init__(self, timings: TimingsRecorder):
-        self.start = time.perf_counter()
-        self.timings = timings
-
-    def now(self) -> float:
-        return time.perf_counter() - self.start
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.timings.add(stage, seconds)
-
-
 class _Stream:
     """The state of one streamed reply; `events()` is the generator `stream` returns."""
 
@@ -118,19 +103,18 @@ class _Stream:
 
     # -- the generator ----------------------------------------------------------------------------------
     def events(self) -> Iterator[StreamEvent]:
-        self.timings = TimingsRecorder(hooks=False)
-        self.codes = CodesRecorder(hooks=False)
+        # The capture's recorders; a stream adds the codes and stage times it has itself (hooks=False).
+        recording = self.recording = (
+            Recording(self.model, recorders_for(self.model, self.capture, hooks=False))
+            if self.trace
+            else None
+        )
+        recorder = recording.recorder if recording else lambda kind: None
+        self.timings = recorder("timings") or TimingsRecorder(hooks=False)
+        self.codes = recorder("codes") or CodesRecorder(hooks=False)
+        self.tokens, self.routing = recorder("positions"), recorder("routing")
         self.frames = self.codes.frames
-        clock = self.clock = _Clock(self.timings)
-        self.recording = None
-        if self.trace:
-            self.tokens = TokensRecorder()
-            self.routing = RoutingRecorder(logits="logits" in self.capture)
-            recorders = [self.tokens]
-            if "routing" in self.capture or "logits" in self.capture:
-                recorders.append(self.routing)
-            recorders += [r for r in (self.codes, self.timings) if r.kind in self.capture]
-            self.recording = Recording(self.model, recorders)
+        self.started = time.perf_counter()
         self.rng = None
         self.text_sent = ""
         self.audio: list[np.ndarray] = []
@@ -143,7 +127,7 @@ class _Stream:
         self._in_step = False
 
         inputs, gathered = self.lab._prepare(self.conversation, self.options.use_audio_in_video)
-        clock.add("preprocessing", clock.now())
+        self.timings.add("preprocessing", self.now())
         self.prompt_ids = inputs["input_ids"]
         self.prompt_mask = inputs.get("attention_mask")
         kwargs = self.lab.generation_kwargs(inputs, self.options)
@@ -158,7 +142,7 @@ class _Stream:
             with self._recorded():
                 self.thinker_decoder.prefill()
             sync(self.device)
-        clock.add("thinker_prefill", time.perf_counter() - started)
+        self.timings.add("thinker_prefill", time.perf_counter() - started)
         self.ttft["thinker"] = time.perf_counter() - started
         yield from self._thinker_events()
 
@@ -168,7 +152,7 @@ class _Stream:
             with self._step():
                 talker = self._start_talker(talker_kwargs)
                 sync(self.device)
-            clock.add("talker_prefill", time.perf_counter() - started)
+            self.timings.add("talker_prefill", time.perf_counter() - started)
             self.ttft["talker"] = time.perf_counter() - started
             yield from self._trace_event("talker")
 
@@ -186,6 +170,10 @@ class _Stream:
             yield from self._decode_audio(final=True)
         yield from self._text_events(final=True)
         yield self._done(gathered)
+
+    def now(self) -> float:
+        """Seconds since the stream started (its first `next()`)."""
+        return time.perf_counter() - self.started
 
     # -- one step under the model lock, with this stream's RNG ------------------------------------------
     @contextmanager
@@ -236,7 +224,7 @@ class _Stream:
             with self._recorded():
                 decoder.forward(inputs)
             sync(self.device)
-        self.clock.add("thinker_decode", time.perf_counter() - started)
+        self.timings.add("thinker_decode", time.perf_counter() - started)
         yield from self._thinker_events()
 
     def _thinker_events(self) -> Iterator[StreamEvent]:
@@ -254,7 +242,7 @@ class _Stream:
         elif len(text) > len(self.text_sent):
             delta = text[len(self.text_sent) :]
             self.text_sent = text
-            yield StreamEvent("text", self.clock.now(), text=delta)
+            yield StreamEvent("text", self.now(), text=delta)
 
     # -- talker ---------------------------------------------------------------------------------------
     def _start_talker(self, talker_kwargs: dict) -> Decoder:
@@ -334,7 +322,7 @@ class _Stream:
             inputs = talker.prepare(trailing_text_hidden=self.no_text.expand(-1, step + 1, -1))
             codes = inputs["residual_codes"][0].to("cpu", torch.int64).numpy()
             sync(self.device)
-        self.clock.add("code_predictor", time.perf_counter() - started)
+        self.timings.add("code_predictor", time.perf_counter() - started)
         self.codes.add(codes)
         yield from self._decode_audio()
         return inputs
@@ -349,7 +337,7 @@ class _Stream:
             with self._recorded():
                 talker.forward(inputs)
             sync(self.device)
-        self.clock.add("talker_decode", time.perf_counter() - started)
+        self.timings.add("talker_decode", time.perf_counter() - started)
         yield from self._trace_event("talker", frame=len(self.frames) - 1)
 
     # -- audio ----------------------------------------------------------------------------------------
@@ -360,10 +348,10 @@ class _Stream:
             chunk = speech.flush() if final else speech.push(self.frames[-1])
         if chunk is None or len(chunk) == 0:
             return
-        self.clock.add("code2wav", speech.last_seconds)
+        self.timings.add("code2wav", speech.last_seconds)
         event = StreamEvent(
             "audio",
-            self.clock.now(),
+            self.now(),
             audio=chunk,
             sample_offset=speech.samples_sent - len(chunk),
             frame=speech.frames_decoded - 1,
@@ -381,18 +369,18 @@ class _Stream:
         positions = self.tokens.last_frame(component)
         yield StreamEvent(
             "trace",
-            self.clock.now(),
+            self.now(),
             component=component,
             phase=str(positions["phase"].iloc[0]),
             step=int(positions["step"].iloc[0]),
             frame=frame,
-            routing=self.routing.last_frame(),
+            routing=self.routing.last_frame() if self.routing else pd.DataFrame(),
             positions=positions,
         )
 
     # -- done -----------------------------------------------------------------------------------------
     def _done(self, gathered) -> StreamEvent:
-        full = self.clock.now()
+        full = self.now()
         token_ids = self.thinker_decoder.generated.tolist()
         text = self.lab.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
         audio = (

@@ -1,5 +1,7 @@
 """The recording engine: one Recorder per capture kind behind one small interface (see base.py)."""
 
+# ruff: noqa: F401  (re-exports: the public names of this package)
+
 from .attention import AttentionRecorder
 from .base import Columns, Recorder, Recording, Turn, concat_columns
 from .codes import CodesRecorder
@@ -14,25 +16,3 @@ from .tokens import (
     special_tokens,
 )
 from .tower_attention import TOWERS, TowerAttentionRecorder
-
-__all__ = [
-    "STAGES",
-    "TOWERS",
-    "AttentionRecorder",
-    "CodesRecorder",
-    "Columns",
-    "Recorder",
-    "Recording",
-    "RoutingRecorder",
-    "SpecialTokens",
-    "TimingsRecorder",
-    "TokensRecorder",
-    "TowerAttentionRecorder",
-    "Turn",
-    "annotate_tokens",
-    "concat_columns",
-    "position_id_per_seconds",
-    "routing_tables",
-    "spans",
-    "special_tokens",
-]
