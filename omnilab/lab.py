@@ -255,7 +255,9 @@ class OmniLab:
 
     # -- instruments (defined in omnilab.instrument) ------------------------------------------------
     def trace(self, capture=None, **options):
-        """A context that records what the model does inside every forward it runs (see Tracer)."""
+        """A Tracer: a context that records what the model does inside every forward it runs; its
+        `.trace` (a Trace) after exit. `generate(trace=...)` and `stream(trace=...)` take the same
+        capture (see Tracer)."""
         from .instrument.tracer import Tracer
 
         return Tracer(self, capture=capture, **options)

@@ -14,27 +14,14 @@ import pandas as pd
 import torch
 
 from ..errors import ConversationError, InterventionError
-from ..instrument.record import (
-    CodesRecorder,
-    Recording,
-    TimingsRecorder,
-    Turn,
-)
+from ..instrument.record import CodesRecorder, Recording, TimingsRecorder, Turn
 from ..instrument.speech_decoder import SpeechDecoder
 from ..instrument.tracer import capture_spec, recorders_for, trace_meta
 from ..options import GenerationOptions, with_option_keywords
 from ..reply import SAMPLE_RATE, Reply
 from ..trace import Trace
 from .events import StreamEvent, Timings
-from .steps import (
-    Decoder,
-    capture,
-    code_predictor_sampling,
-    model_lock,
-    split_kwargs,
-    sync,
-    talker_prompt,
-)
+from .steps import Decoder, capture, code_predictor_sampling, model_lock, split_kwargs, sync, talker_prompt
 
 log = logging.getLogger(__name__)
 
