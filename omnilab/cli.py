@@ -122,20 +122,21 @@ def _conversation(args) -> list[dict]:
 
 def _chat(args) -> int:
     from . import load
+    from .options import GenerationOptions
 
     lab = load(args.model)
     conversation = _conversation(args)
+    options = GenerationOptions(
+        speaker=args.speaker,
+        max_new_tokens=args.max_new_tokens,
+        return_audio=not args.no_audio,
+        use_audio_in_video=args.use_audio_in_video,
+    )
     if args.timings:
         from .streaming import format_timings
 
         done = None
-        for event in lab.stream(
-            conversation,
-            speaker=args.speaker,
-            max_new_tokens=args.max_new_tokens,
-            return_audio=not args.no_audio,
-            use_audio_in_video=args.use_audio_in_video,
-        ):
+        for event in lab.stream(conversation, options):
             if event.kind == "text":
                 print(event.text, end="", flush=True)
             elif event.kind == "done":
@@ -144,13 +145,7 @@ def _chat(args) -> int:
         reply = done.reply
         print(format_timings(done.timings))
     else:
-        reply = lab.generate(
-            conversation,
-            speaker=args.speaker,
-            max_new_tokens=args.max_new_tokens,
-            return_audio=not args.no_audio,
-            use_audio_in_video=args.use_audio_in_video,
-        )
+        reply = lab.generate(conversation, options)
         print(reply.text)
     if reply.random_weights:
         print(

@@ -16,6 +16,7 @@ from . import conversation as conv
 from .errors import ConversationError
 from .models.loading import Loaded, load_model
 from .models.loading import save as save_checkpoint
+from .options import GenerationOptions, options_from, with_option_keywords
 from .reply import SAMPLE_RATE, SAMPLES_PER_FRAME, Reply  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -129,68 +130,53 @@ class OmniLab:
         return output.logits
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(
-        self,
-        conversation,
-        *,
-        speaker: str = "Ethan",
-        return_audio: bool | None = None,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 0.7,
-        top_p: float = 0.8,
-        top_k: int = 20,
-        max_speech_frames: int | None = None,
-        speech_do_sample: bool | None = None,
-        use_audio_in_video: bool = False,
-        seed: int | None = None,
-        trace: bool | object = False,
-    ) -> Reply:
-        """Generate one assistant turn for `conversation` (text, and speech unless return_audio=False).
-
-        Greedy by default, text and speech alike (reproducible); `do_sample=True` samples both
-        unless `speech_do_sample` says otherwise. `trace=True` (or a capture spec) attaches a Trace.
-        """
-        options = dict(
-            speaker=speaker,
-            return_audio=self.has_talker if return_audio is None else return_audio,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_speech_frames=max_speech_frames,
-            speech_do_sample=speech_do_sample,
-            use_audio_in_video=use_audio_in_video,
-        )
-        if not trace:
-            return self._generate(conversation, options, seed)
-        with self.trace(capture=None if trace is True else trace) as tracer:
-            reply = self._generate(conversation, options, seed)
-        return replace(reply, trace=tracer.trace)
-
-    def _generate(self, conversation, options: dict, seed: int | None) -> Reply:
-        return_audio, use_audio_in_video = options["return_audio"], options["use_audio_in_video"]
+    def options(self, options: GenerationOptions | None = None, **changes) -> GenerationOptions:
+        """`options` (or the defaults) with `changes`, checked against this model: return_audio
+        resolved (None speaks when the model has a talker), the talker and the speaker known."""
+        options = options_from(options, changes)
+        return_audio = self.has_talker if options.return_audio is None else options.return_audio
         if return_audio and not self.has_talker:
             raise ConversationError(
                 f"model '{self.model_id}' has no talker (a Thinking or Captioner checkpoint, or loaded "
                 "with talker=False), so it cannot speak; pass return_audio=False"
             )
         if return_audio:
-            self.speaker_id(options["speaker"])
-        max_new_tokens = options["max_new_tokens"]
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ConversationError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
-        inputs, gathered = self._prepare(conversation, use_audio_in_video)
-        kwargs = self.generation_kwargs(inputs, **options)
-        prompt_length = inputs["input_ids"].shape[1]
-        with self._seeded(seed), self._recording_codes(return_audio) as codes, torch.inference_mode():
-            from .instrument.tracer import active_tracer
+            self.speaker_id(options.speaker)
+        return options.replace(return_audio=return_audio)
 
+    @with_option_keywords
+    def generate(
+        self, conversation, options: GenerationOptions | None = None, *, trace=False, **changes
+    ) -> Reply:
+        """Generate one assistant turn for `conversation` (text, and speech unless return_audio=False).
+
+        `options` (a GenerationOptions) and/or its fields as keywords; greedy by default, text and
+        speech alike (reproducible). `trace`: False (default) records nothing, True the default
+        capture, a capture spec those captures (see Tracer); the Trace is then `reply.trace`.
+        """
+        options = self.options(options, **changes)
+        if not trace:
+            return self._generate(conversation, options)
+        with self.trace(capture=None if trace is True else trace) as tracer:
+            reply = self._generate(conversation, options)
+        return replace(reply, trace=tracer.trace)
+
+    def _generate(self, conversation, options: GenerationOptions) -> Reply:
+        from .instrument.record import CodesRecorder, Recording
+        from .instrument.tracer import active_tracer
+
+        inputs, gathered = self._prepare(conversation, options.use_audio_in_video)
+        kwargs = self.generation_kwargs(inputs, options)
+        prompt_length = inputs["input_ids"].shape[1]
+        codes = CodesRecorder(hooks=options.return_audio)
+        with self._seeded(options.seed), Recording(self.model, [codes]), torch.inference_mode():
             tracer = active_tracer(self)
             if tracer is not None:
                 tracer.begin(
-                    inputs, gathered, prompt_length=prompt_length, use_audio_in_video=use_audio_in_video
+                    inputs,
+                    gathered,
+                    prompt_length=prompt_length,
+                    use_audio_in_video=options.use_audio_in_video,
                 )
             result = (
                 self.model.generate(**kwargs)
@@ -203,10 +189,10 @@ class OmniLab:
                     }
                 )
             )
-        if return_audio:
+        if options.return_audio:
             sequences, waveform = result
             audio = waveform.reshape(-1).float().cpu().numpy().astype(np.float32)
-            frames = np.stack(codes, axis=0) if codes else np.zeros((0, self.num_codebooks), dtype=np.int64)
+            frames = codes.codes(self.num_codebooks)
         else:
             sequences = result.sequences if hasattr(result, "sequences") else result
             audio, frames = None, None
@@ -217,37 +203,31 @@ class OmniLab:
             tracer.end(reply)
         return reply
 
-    def generation_kwargs(
-        self,
-        inputs,
-        *,
-        speaker="Ethan",
-        return_audio=True,
-        max_new_tokens=64,
-        do_sample=False,
-        temperature=0.7,
-        top_p=0.8,
-        top_k=20,
-        max_speech_frames=None,
-        speech_do_sample=None,
-        use_audio_in_video=False,
-    ) -> dict:
-        """The keyword arguments of `model.generate` for these inputs and options."""
+    def generation_kwargs(self, inputs, options: GenerationOptions | None = None, **changes) -> dict:
+        """The keyword arguments of `model.generate` for these inputs and options (return_audio
+        None counts as True here: pass options checked by `lab.options` for the model's default)."""
+        options = options_from(options, changes)
+        return_audio = options.return_audio is not False
         kwargs = dict(inputs)
         kwargs.update(
-            thinker_max_new_tokens=max_new_tokens,
-            thinker_do_sample=do_sample,
-            use_audio_in_video=use_audio_in_video,
+            thinker_max_new_tokens=options.max_new_tokens,
+            thinker_do_sample=options.do_sample,
+            use_audio_in_video=options.use_audio_in_video,
             return_audio=return_audio,
         )
-        if do_sample:
-            kwargs.update(thinker_temperature=temperature, thinker_top_p=top_p, thinker_top_k=top_k)
-        if return_audio:
-            frames = max_speech_frames or (PRESET_SPEECH_FRAMES if self.random_weights else 4096)
+        if options.do_sample:
             kwargs.update(
-                speaker=speaker,
+                thinker_temperature=options.temperature,
+                thinker_top_p=options.top_p,
+                thinker_top_k=options.top_k,
+            )
+        if return_audio:
+            frames = options.max_speech_frames or (PRESET_SPEECH_FRAMES if self.random_weights else 4096)
+            speech_do_sample = options.speech_do_sample
+            kwargs.update(
+                speaker=options.speaker,
                 talker_max_new_tokens=int(frames),
-                talker_do_sample=do_sample if speech_do_sample is None else speech_do_sample,
+                talker_do_sample=options.do_sample if speech_do_sample is None else speech_do_sample,
             )
         return kwargs
 
@@ -273,28 +253,11 @@ class OmniLab:
             torch.manual_seed(seed)
             yield
 
-    @contextlib.contextmanager
-    def _recording_codes(self, active: bool) -> Iterator[list[np.ndarray]]:
-        """Collect each talker frame's 16 codes (the talker's output carries them; generate drops them)."""
-        frames: list[np.ndarray] = []
-        if not active:
-            yield frames
-            return
-
-        def hook(module, args, output):
-            codes = output.hidden_states[-1] if output.hidden_states is not None else None
-            if codes is not None:
-                frames.append(codes[0].detach().cpu().numpy().astype(np.int64))
-
-        handle = self.model.talker.register_forward_hook(hook)
-        try:
-            yield frames
-        finally:
-            handle.remove()
-
     # -- instruments (defined in omnilab.instrument) ------------------------------------------------
     def trace(self, capture=None, **options):
-        """A context that records what the model does inside every forward it runs (see Tracer)."""
+        """A Tracer: a context that records what the model does inside every forward it runs; its
+        `.trace` (a Trace) after exit. `generate(trace=...)` and `stream(trace=...)` take the same
+        capture (see Tracer)."""
         from .instrument.tracer import Tracer
 
         return Tracer(self, capture=capture, **options)
@@ -311,11 +274,30 @@ class OmniLab:
 
         return sites_frame(find_sites(self.model))
 
-    def stream(self, conversation, **options):
-        """Stream a reply: text deltas, audio chunks and trace events as they are made."""
+    @with_option_keywords
+    def stream(
+        self,
+        conversation,
+        options: GenerationOptions | None = None,
+        *,
+        trace=False,
+        chunk_frames: int | str = "grow",
+        left_context: int | None = None,
+        **changes,
+    ):
+        """Stream a reply: text deltas, audio chunks and trace events as they are made (see
+        omnilab.streaming.stream); the options and `trace` are those of `generate`."""
         from .streaming import stream
 
-        return stream(self, conversation, **options)
+        return stream(
+            self,
+            conversation,
+            options,
+            trace=trace,
+            chunk_frames=chunk_frames,
+            left_context=left_context,
+            **changes,
+        )
 
 
 def load(

@@ -445,3 +445,52 @@ def test_forward_traces_the_prompt_with_its_media_items(tiny, all_media_conversa
         tr.trace.meta["components"]["thinker"]["num_experts"]
         == tiny.model.config.thinker_config.text_config.num_experts
     )
+
+
+# -- the recording engine ----------------------------------------------------------------------------
+def test_special_token_ids_come_from_the_config(tiny):
+    from omnilab.instrument.record import special_tokens
+
+    tokenizer = tiny.processor.tokenizer
+    special = special_tokens(tiny.model)
+    for token, wanted in (
+        ("<|audio_pad|>", special.audio),
+        ("<|image_pad|>", special.image),
+        ("<|video_pad|>", special.video),
+        ("<|audio_start|>", special.audio_start),
+        ("<|vision_start|>", special.vision_start),
+    ):
+        assert tokenizer.convert_tokens_to_ids(token) == wanted
+    assert special_tokens(tiny.thinker) == special  # a thinker-only model reads the same config
+
+
+def test_a_new_capture_is_one_recorder_fed_each_forwards_place(tiny, all_media_conversation):
+    """A recorder of any module's output sees the forward it runs in; its rows join the tokens table."""
+    from omnilab.instrument.record import Recorder, Recording, TokensRecorder, Turn
+
+    class LayerOutputNorms(Recorder):
+        kind = "norms"
+
+        def __init__(self):
+            self.rows = []
+
+        def attach(self, recording):
+            layer = recording.model.thinker.model.language_model.layers[1]
+            recording.on_output(layer, "thinker", self.receive)
+
+        def receive(self, forward, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            norms = hidden[0].float().norm(dim=-1)
+            self.rows += [(forward.phase, forward.start + i, float(n)) for i, n in enumerate(norms)]
+
+    norms, tokens = LayerOutputNorms(), TokensRecorder()
+    hooks = _hooks(tiny.model)
+    with Recording(tiny.model, [tokens, norms]) as recording:
+        reply = tiny.generate(all_media_conversation, max_new_tokens=3, return_audio=False)
+    assert _hooks(tiny.model) == hooks
+    table = recording.tables(Turn(tiny.processor.tokenizer))["tokens"]
+    fed = set(table["pos"][table["component"] == "thinker"].tolist())
+    assert {pos for _, pos, _ in norms.rows} == fed
+    prompt = tiny.prepare(all_media_conversation)["input_ids"].shape[1]
+    assert sum(phase == "prefill" for phase, _, _ in norms.rows) == prompt
+    assert sum(phase == "decode" for phase, _, _ in norms.rows) == len(reply.token_ids) - 1

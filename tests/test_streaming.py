@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+import omnilab
 from omnilab.errors import ConversationError
 from omnilab.streaming import SpeechDecoder, StreamEvent, Timings, exact_left_context, format_timings, stream
 
@@ -21,8 +22,8 @@ HELLO = [{"role": "user", "content": [{"type": "text", "text": "Hello there, how
 OTHER = [{"role": "user", "content": [{"type": "text", "text": "Name three rivers."}]}]
 
 
-def _run(lab, conversation, **options) -> list[StreamEvent]:
-    return list(lab.stream(conversation, **options))
+def _run(lab, conversation, *args, **options) -> list[StreamEvent]:
+    return list(lab.stream(conversation, *args, **options))
 
 
 def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +42,7 @@ def reference(tiny):
 
 @pytest.fixture(scope="module")
 def events(tiny):
-    return _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, chunk_frames=1)
+    return _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, chunk_frames=1, trace=True)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def _hook_count(model) -> int:
 def test_closing_early_stops_and_leaves_the_model_as_it_was(tiny, reference):
     hooks, threads = _hook_count(tiny.model), threading.active_count()
     sampling = tiny.model.talker.code_predictor.generation_config.do_sample
-    events = tiny.stream(HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES)
+    events = tiny.stream(HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, trace=True)
     kinds = []
     for event in events:
         kinds.append(event.kind)
@@ -228,7 +229,7 @@ def test_an_error_inside_the_pipeline_reaches_the_caller(tiny):
     handle = tiny.model.code2wav.register_forward_hook(broken)
     try:
         with pytest.raises(RuntimeError, match="code2wav broke"):
-            _run(tiny, HELLO, max_new_tokens=4, max_speech_frames=4)
+            _run(tiny, HELLO, max_new_tokens=4, max_speech_frames=4, trace=True)
     finally:
         handle.remove()
     assert _hook_count(tiny.model) == hooks
@@ -237,8 +238,8 @@ def test_an_error_inside_the_pipeline_reaches_the_caller(tiny):
 @pytest.mark.timeout(240)
 def test_two_interleaved_streams_do_not_mix(tiny, reference):
     other = tiny.generate(OTHER, max_new_tokens=5, max_speech_frames=4)
-    first = tiny.stream(HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES)
-    second = tiny.stream(OTHER, max_new_tokens=5, max_speech_frames=4)
+    first = tiny.stream(HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, trace=True)
+    second = tiny.stream(OTHER, max_new_tokens=5, max_speech_frames=4, trace=True)
     got = {id(first): [], id(second): []}
     live = [first, second]
     while live:
@@ -296,6 +297,32 @@ def test_sampled_stream_with_a_seed_is_reproducible_and_leaves_the_global_rng_al
 
 
 # -- options ----------------------------------------------------------------------------------------------
+def test_stream_and_generate_show_every_option_and_share_the_trace_default(tiny):
+    import inspect
+
+    from omnilab.options import NAMES, GenerationOptions
+
+    for function in (tiny.stream, tiny.generate, stream):
+        parameters = inspect.signature(function).parameters
+        assert set(NAMES) <= set(parameters), function
+        assert parameters["trace"].default is False
+        assert "changes" not in parameters
+    assert {"chunk_frames", "left_context"} <= set(inspect.signature(tiny.stream).parameters)
+    options = GenerationOptions(max_new_tokens=3, return_audio=False)
+    by_value = _run(tiny, HELLO, options)[-1].reply
+    assert by_value.trace is None and len(by_value.token_ids) == 3
+    assert by_value.token_ids == tiny.generate(HELLO, options).token_ids
+    assert tiny.generate(HELLO, options, max_new_tokens=2).token_ids == by_value.token_ids[:2]
+
+
+def test_stream_trace_takes_a_capture_spec_as_generate_does(tiny):
+    done = _run(tiny, HELLO, max_new_tokens=3, max_speech_frames=3, trace=("positions",))[-1]
+    assert done.trace.meta["capture"] == ["positions"]
+    assert done.trace.rows("tokens") > 0 and done.trace.rows("routing") == 0
+    with pytest.raises(omnilab.InterventionError, match="cannot capture"):
+        stream(tiny, HELLO, trace=("attention",))
+
+
 def test_bad_options_fail_at_the_call_with_the_way_out(tiny):
     with pytest.raises(ConversationError, match="unknown speaker 'Nobody'"):
         stream(tiny, HELLO, speaker="Nobody")
@@ -348,9 +375,9 @@ def test_speech_decoder_with_the_receptive_field_as_context_equals_a_full_decode
 
 
 def test_growing_chunks_double_until_the_cap_and_keep_the_audio(short_window_code2wav, monkeypatch):
-    import omnilab.streaming as streaming
+    import omnilab.instrument.speech_decoder as speech_decoder
 
-    monkeypatch.setattr(streaming, "GROW_CAP_FRAMES", 4)
+    monkeypatch.setattr(speech_decoder, "GROW_CAP_FRAMES", 4)
     codes = np.random.default_rng(0).integers(0, 2048, size=(24, 16))
     decoder = SpeechDecoder(short_window_code2wav, chunk_frames="grow")
     decoded_after = [i for i, frame in enumerate(codes) if decoder.push(frame) is not None]

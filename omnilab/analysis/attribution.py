@@ -518,9 +518,9 @@ def _groups(tokens: pd.DataFrame) -> np.ndarray:
 
 
 def _pps(lab) -> float:
-    from ..instrument.tracer import _pps as tracer_pps
+    from ..instrument.record import position_id_per_seconds
 
-    return tracer_pps(lab.model)
+    return position_id_per_seconds(lab.model)
 
 
 def _pieces(tokenizer, ids) -> list[str]:
@@ -530,7 +530,7 @@ def _pieces(tokenizer, ids) -> list[str]:
 
 def _token_rows(lab, merged, prompt_length: int) -> pd.DataFrame:
     """One row per input position, annotated as the tracer annotates a trace's tokens."""
-    from ..instrument.tracer import _annotate
+    from ..instrument.record import annotate_tokens, special_tokens
 
     ids = merged.input_ids[0].cpu().numpy().astype(np.int64)
     positions = merged.position_ids[:, 0].cpu().numpy().astype(np.int64)
@@ -545,6 +545,9 @@ def _token_rows(lab, merged, prompt_length: int) -> pd.DataFrame:
         "h": positions[1],
         "w": positions[2],
     }
-    frame = pd.DataFrame(_annotate(columns, "thinker", lab.processor.tokenizer, _pps(lab)))
+    model = lab.model
+    frame = pd.DataFrame(
+        annotate_tokens(columns, "thinker", lab.processor.tokenizer, special_tokens(model), _pps(lab))
+    )
     frame["piece"] = frame["text"]
     return frame

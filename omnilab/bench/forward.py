@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..hf_private import experts_implementation
 from ._common import best_of, mixed_conversation
 
 
@@ -15,7 +16,7 @@ def run(model: str = "small", tokens: int = 256, repeats: int = 5) -> dict:
     conversation = mixed_conversation(lab, tokens)
     inputs = lab.prepare(conversation)
     thinker = lab.model.thinker
-    default = thinker.config.text_config._experts_implementation or "grouped_mm"
+    default = experts_implementation(thinker.config.text_config) or "grouped_mm"
 
     def forward():
         with torch.inference_mode():

@@ -45,7 +45,11 @@ def run(
     generate_s = time.perf_counter() - started
 
     done = None
-    for event in lab.stream(conversation, chunk_frames=chunk_frames, left_context=left_context, **options):
+    # Traced as a stream was by default before generate and stream shared trace=False: the first
+    # packet is measured with routing recorded at every step.
+    for event in lab.stream(
+        conversation, chunk_frames=chunk_frames, left_context=left_context, trace=True, **options
+    ):
         if event.kind == "done":
             done = event
     t = done.timings
@@ -85,7 +89,7 @@ def run(
     }
     # The same turn decoded frame by frame (chunk_frames=1): what the growing chunks save.
     single = None
-    for event in lab.stream(conversation, chunk_frames=1, left_context=left_context, **options):
+    for event in lab.stream(conversation, chunk_frames=1, left_context=left_context, trace=True, **options):
         if event.kind == "done":
             single = event
     f = single.timings

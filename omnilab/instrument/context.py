@@ -7,6 +7,7 @@ the cache length before it (the first position), the number of new positions, an
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ class ForwardTracker:
     current: dict[str, Forward] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
     talker_input_ids: torch.Tensor | None = None
+    thread: int | None = None  # follow only forwards run by this thread (None: any)
     _handles: list = field(default_factory=list)
 
     def install(self) -> ForwardTracker:
@@ -50,6 +52,8 @@ class ForwardTracker:
 
     def _pre_hook(self, component: str):
         def hook(module, args, kwargs):
+            if self.thread is not None and threading.get_ident() != self.thread:
+                return
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = kwargs.get("inputs_embeds")
             cache = kwargs.get("past_key_values", kwargs.get("cache"))

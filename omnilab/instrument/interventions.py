@@ -21,10 +21,9 @@ import torch
 
 from ..errors import InterventionError
 from .context import ForwardTracker
+from .record.tokens import special_tokens
 from .sites import find_sites, rotary
 
-AUDIO_ID, IMAGE_ID, VIDEO_ID = 151675, 151655, 151656
-MODALITY_IDS = {"audio": AUDIO_ID, "image": IMAGE_ID, "video": VIDEO_ID}
 MODALITIES = ("text", "audio", "image", "video", "speech")
 
 
@@ -53,6 +52,7 @@ class Intervention:
         self.model = lab.model
         self.modality = modality
         self.positions = positions
+        self._media_ids = special_tokens(self.model).media  # modality -> placeholder token id
         self._routers = {
             (s.component, s.layer): s.module for s in find_sites(self.model) if s.kind == "router"
         }
@@ -161,11 +161,10 @@ class Intervention:
             return torch.zeros(n, dtype=torch.bool)
         ids = ids.reshape(-1).cpu()
         if self.modality == "text":
-            media = (ids == AUDIO_ID) | (ids == IMAGE_ID) | (ids == VIDEO_ID)
-            return ~media
+            return ~torch.isin(ids, torch.tensor(list(self._media_ids.values())))
         if self.modality == "speech":
             return torch.zeros(n, dtype=torch.bool)
-        return ids == MODALITY_IDS[self.modality]
+        return ids == self._media_ids[self.modality]
 
     def _router_hook(self, component: str, layer: int):
         key = (component, layer)

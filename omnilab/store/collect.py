@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..errors import ConversationError, OmnilabError, TraceError
+from ..options import GenerationOptions, options_from
 from ..trace import TABLES as TRACE_TABLES
 from ..trace import to_arrow
 from . import layout
@@ -75,12 +76,15 @@ def collect(
     shard_rows: int = 4_000_000,
     max_tokens: int | None = None,
     progress: bool = True,
+    options: GenerationOptions | None = None,
 ) -> dict:
     """Run the instruments over `manifest` into the store at `out`; skip samples already there.
 
     model: a preset or checkpoint name for `omnilab.load`, or a loaded OmniLab (local engine).
     capture: what the tracer records (`Tracer` capture names); empty runs without tracing.
-    generate: new tokens per sample; 0 traces one prefill forward of the thinker only.
+    generate: new tokens per sample (the options' max_new_tokens); 0 traces one prefill forward of
+    the thinker only. options: the GenerationOptions of each generated turn (sampling, speaker, ...);
+    the sample's use_audio_in_video, `generate` and the capture (speech when "codes") override theirs.
     max_tokens: longest prompt (+ generate) accepted; longer samples fail as "too long"
     (default: the model's context). Returns a summary: samples in the manifest, done, errors,
     skipped (already in the store), shards written, tokens, seconds (write_seconds of them spent
@@ -89,6 +93,7 @@ def collect(
     started = time.perf_counter()
     samples = read_manifest(manifest)
     capture = _capture(capture)
+    options_from(options, {})  # a clear error now, not one per sample
     if not isinstance(generate, int) or isinstance(generate, bool) or generate < 0:
         raise ConversationError(f"generate must be a whole number of new tokens ≥ 0; got {generate!r}")
     if engine not in ENGINES:
@@ -140,10 +145,10 @@ def collect(
                     layout.write_meta(root, meta)
                 else:
                     _check_same(root, meta, described)
-                options = {"capture": capture, "generate": generate, "max_tokens": max_tokens}
+                run = {"capture": capture, "generate": generate, "max_tokens": max_tokens, "options": options}
                 _write(
                     root,
-                    runner.results(todo, options),
+                    runner.results(todo, run),
                     summary,
                     total=len(todo),
                     shard_samples=shard_samples,
@@ -166,7 +171,13 @@ def collect(
 
 
 def run_sample(
-    lab, sample: Sample, *, capture=DEFAULT_CAPTURE, generate: int = 0, max_tokens: int | None = None
+    lab,
+    sample: Sample,
+    *,
+    capture=DEFAULT_CAPTURE,
+    generate: int = 0,
+    max_tokens: int | None = None,
+    options: GenerationOptions | None = None,
 ) -> SampleResult:
     """Run one sample under the tracer and turn what it gave into store rows (never raises for a bad sample)."""
     import torch
@@ -184,13 +195,15 @@ def run_sample(
             )
         text, generated, trace = "", 0, None
         if generate:
-            reply = lab.generate(
-                conversation,
-                max_new_tokens=generate,
-                use_audio_in_video=sample.use_audio_in_video,
-                return_audio=bool("codes" in capture and lab.has_talker),
-                trace=tuple(capture) or False,
+            turn = options_from(
+                options,
+                {
+                    "max_new_tokens": generate,
+                    "use_audio_in_video": sample.use_audio_in_video,
+                    "return_audio": bool("codes" in capture and lab.has_talker),
+                },
             )
+            reply = lab.generate(conversation, turn, trace=tuple(capture) or False)
             text, generated, trace = reply.text, len(reply.token_ids), reply.trace
         elif capture:
             with lab.trace(capture=tuple(capture)) as tracer, torch.inference_mode():

@@ -15,22 +15,23 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+from ...errors import InterventionError
+from ...hf_private import attention_function, attention_implementation, eager_attention, set_config_attention
+from .base import Columns, Recorder, Recording, Turn
 
 NAME = "omnilab_recording"
 TOWERS = {"audio_tower": "audio_tower", "vision_tower": "visual"}
 
 _lock = threading.Lock()
+# The attention function is registered once, by name, for every model: it finds the recorder of the
+# module it is called for here (a module nobody records runs its tower's original implementation).
 _recorders: dict[int, TowerRecorder] = {}  # id(attention module) -> its recorder
 _originals: dict[int, str] = {}  # id(tower config) -> the implementation it had
 
 
 def _original(module) -> Callable:
-    name = _originals.get(id(module.config), "sdpa")
-    if name == "eager":
-        return modeling.eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS.get_interface(name, modeling.eager_attention_forward)
+    return attention_function(_originals.get(id(module.config), "sdpa"))
 
 
 def recording_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
@@ -40,7 +41,7 @@ def recording_attention(module, query, key, value, attention_mask=None, scaling=
         return _original(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    output, weights = modeling.eager_attention_forward(
+    output, weights = eager_attention(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
     )
     recorder.window(weights)
@@ -83,18 +84,30 @@ def tower_modules(model, tower: str) -> list[torch.nn.Module]:
     return [layer.self_attn if tower == "audio_tower" else layer.attn for layer in layers]
 
 
-class TowerAttention:
-    """Install recorders on chosen tower layers; `remove()` restores everything."""
+class TowerAttentionRecorder(Recorder):
+    """Attention maps of chosen audio / vision tower layers (`wanted`: tower -> layers); the towers'
+    configs point at the recording function while attached and at their own implementation after."""
+
+    kind = "tower_attention"
 
     def __init__(self, model, wanted: dict[str, list[int]], heads=None):
+        self.wanted = {tower: [int(x) for x in layers] for tower, layers in wanted.items()}
+        self.heads = heads
         self.recorders: list[TowerRecorder] = []
         self._handles = []
         self._configs = []
-        for tower, layers in wanted.items():
+        for tower, layers in self.wanted.items():
             modules = tower_modules(model, tower)
             for layer in layers:
-                if not 0 <= int(layer) < len(modules):
-                    raise IndexError(f"{tower} has {len(modules)} layers; no layer {layer}")
+                if not 0 <= layer < len(modules):
+                    raise InterventionError(
+                        f"no attention site: {tower} has {len(modules)} layers; no layer {layer}; see lab.sites()"
+                    )
+
+    def attach(self, recording: Recording) -> None:
+        heads = self.heads
+        for tower, layers in self.wanted.items():
+            modules = tower_modules(recording.model, tower)
             for layer in layers:
                 module = modules[int(layer)]
                 recorder = TowerRecorder(tower, int(layer), heads)
@@ -103,20 +116,24 @@ class TowerAttention:
                     _recorders[id(module)] = recorder
                     config = module.config
                     if id(config) not in _originals:
-                        _originals[id(config)] = config._attn_implementation
+                        _originals[id(config)] = attention_implementation(config)
                         self._configs.append(config)
-                        config._attn_implementation = NAME
+                        set_config_attention(config, NAME)
                 self._handles.append((module, module.register_forward_pre_hook(recorder.start_call)))
 
-    def remove(self) -> None:
+    def detach(self) -> None:
         with _lock:
             for module, handle in self._handles:
                 handle.remove()
                 _recorders.pop(id(module), None)
             for config in self._configs:
-                config._attn_implementation = _originals.pop(id(config))
+                set_config_attention(config, _originals.pop(id(config)))
         self._handles.clear()
         self._configs.clear()
+
+    def tables(self, recording: Recording, turn: Turn) -> dict[str, Columns]:
+        rows = self.rows()
+        return {"tower_attention": rows} if len(rows["weight"]) else {}
 
     def rows(self) -> dict[str, np.ndarray]:
         """Columns of the tower_attention table (every recorded head, query and key)."""
