@@ -167,11 +167,11 @@ def real_config_dict(name: str = REAL_CONFIG) -> dict:
     return json.loads(text)
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_config(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_config(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -181,7 +181,7 @@ def preset_config(name: str) -> Qwen3OmniMoeConfig:
     """The config of preset `name`: the real config with the preset's sizes."""
     if name not in PRESETS:
         raise KeyError(name)
-    merged = _merge(real_config_dict(), PRESETS[name])
+    merged = merge_config(real_config_dict(), PRESETS[name])
     merged["dtype"] = "float32"
     return config_from_dict(merged)
 
@@ -209,11 +209,11 @@ def build_preset(name: str, seed: int = 0) -> Qwen3OmniMoeForConditionalGenerati
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3OmniMoeForConditionalGeneration(config)
-        _init_talker_experts(model)
+        init_talker_experts(model)
     return model.eval()
 
 
-def _init_talker_experts(model: Qwen3OmniMoeForConditionalGeneration) -> None:
+def init_talker_experts(model: Qwen3OmniMoeForConditionalGeneration) -> None:
     """Initialize what transformers 5.24 leaves uninitialized: the talker's routed experts and router.
 
     `_init_weights` handles the thinker's sparse MoE block but not the talker's, so the talker's

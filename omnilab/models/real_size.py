@@ -43,7 +43,7 @@ def config(name: str) -> Qwen3OmniMoeConfig:
     """The config `name` builds: the published one, depth-reduced for the `-reduced` name."""
     if not name.endswith("-reduced"):
         return real_config(NAMES[name])
-    return presets.config_from_dict(presets._merge(presets.real_config_dict(), REDUCED))
+    return presets.config_from_dict(presets.merge_config(presets.real_config_dict(), REDUCED))
 
 
 @contextlib.contextmanager
@@ -70,5 +70,5 @@ def build(
     with torch.random.fork_rng(devices=devices), _default_dtype(dtype), device:
         torch.manual_seed(seed)
         model = Qwen3OmniMoeForConditionalGeneration(cfg)
-        presets._init_talker_experts(model)
+        presets.init_talker_experts(model)
     return model.eval()
