@@ -12,17 +12,8 @@ from omnilab.errors import ConversationError, TraceError
 
 
 @pytest.fixture(scope="module")
-def mixed(data_dir):
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "audio", "audio": str(data_dir / "speech.wav")},
-                {"type": "image", "image": str(data_dir / "image.png")},
-                {"type": "text", "text": "What do you hear and see?"},
-            ],
-        }
-    ]
+def mixed(all_media_conversation):
+    return all_media_conversation
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +33,7 @@ def test_every_layer_and_position_has_its_top_tokens_in_order(tiny, mixed, lens)
     length = tiny.prepare(mixed)["input_ids"].shape[1]
     assert len(lens) == len(tiny.thinker.model.language_model.layers) * length * 3
     assert (lens.groupby(["layer", "pos"])["prob"].apply(lambda p: p.is_monotonic_decreasing)).all()
-    assert set(lens["modality"]) == {"text", "audio", "image"}
+    assert set(lens["modality"]) == {"text", "audio", "image", "video"}
 
 
 def test_the_target_rank_counts_the_tokens_more_probable_than_it(tiny, lens):
