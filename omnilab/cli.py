@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, as ratios measured in one run")
     p.add_argument("name", choices=BENCHES)
     p.add_argument("--model", default=None, help="model to measure (each bench has its default)")
+    p.add_argument("--device", default=None, help="forward, trace, stream: e.g. cuda (default: the CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     p.set_defaults(run=_bench)
 
@@ -181,6 +182,12 @@ def _bench(args) -> int:
 
     module = importlib.import_module(f".bench.{args.name}", __package__)
     options = {"model": args.model} if args.model else {}
+    if args.device:
+        if args.name not in ("forward", "trace", "stream"):
+            raise OmnilabError(
+                f"bench {args.name} runs on the CPU only; --device is for forward, trace and stream"
+            )
+        options["device"] = args.device
     figures = module.run(**options)
     print(json.dumps(figures, default=str) if args.json else format_figures(args.name, figures))
     return 0

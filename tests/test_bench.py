@@ -54,3 +54,31 @@ def test_bench_stream_streams_generates_reply_in_growing_chunks():
     assert figures["per_frame_audio_max_abs_diff"] <= 1e-5 * max(figures["audio_peak"], 1e-12)
     assert 0 < figures["stream_first_over_full"] < 1
     assert figures["audio_samples"] <= figures["expected_samples_upper_bound"]
+
+
+def test_bench_device_is_for_the_model_benches_only(capsys):
+    from omnilab.cli import main
+
+    assert main(["bench", "store", "--device", "cuda"]) == 2
+    assert "bench store runs on the CPU only" in capsys.readouterr().err
+
+
+def test_benches_in_one_process_share_one_loaded_model(monkeypatch):
+    from omnilab.bench import _common
+
+    loads = []
+    monkeypatch.setattr(_common, "_LABS", {})
+    monkeypatch.setattr("omnilab.load", lambda model, **kw: loads.append((model, kw)) or object())
+    first = _common.load_lab("tiny", "cuda")
+    assert _common.load_lab("tiny", "cuda") is first and loads == [("tiny", {"device_map": "cuda"})]
+    _common.load_lab("small")
+    assert list(_common._LABS) == [("small", None)]  # one model at a time
+
+
+def test_the_device_check_script_parses():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "--device cuda" in script.read_text()

@@ -6,6 +6,27 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent.parent / "data"
+_LABS: dict = {}
+
+
+def load_lab(model: str, device: str | None = None):
+    """`omnilab.load(model)` on `device` ("cuda", "cuda:1"; None: the CPU), loaded once per process
+    so that benches run one after another (scripts/device_check.sh) share a real-size model."""
+    key = (model, device)
+    if key not in _LABS:
+        from .. import load
+
+        _LABS.clear()  # one model at a time: a real-size model fills a GPU
+        _LABS[key] = load(model, device_map=device) if device else load(model)
+    return _LABS[key]
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a timing covers it (a no-op on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def mixed_conversation(lab, target_tokens: int) -> list[dict]:
@@ -31,8 +52,10 @@ def best_of(fn, repeats: int = 5) -> float:
     fn()
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -45,7 +68,9 @@ def best_of_interleaved(fns: dict, repeats: int = 5) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}

@@ -6,13 +6,11 @@ from __future__ import annotations
 import torch
 
 from ..hf_private import experts_implementation
-from ._common import best_of, mixed_conversation
+from ._common import best_of, load_lab, mixed_conversation
 
 
-def run(model: str = "small", tokens: int = 256, repeats: int = 5) -> dict:
-    from .. import load
-
-    lab = load(model)
+def run(model: str = "small", device: str | None = None, tokens: int = 256, repeats: int = 5) -> dict:
+    lab = load_lab(model, device)
     conversation = mixed_conversation(lab, tokens)
     inputs = lab.prepare(conversation)
     thinker = lab.model.thinker

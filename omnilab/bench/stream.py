@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from ..reply import SAMPLE_RATE, SAMPLES_PER_FRAME
+from ._common import load_lab
 
 TARGET = 0.15
 MIN_SPEECH_SECONDS = 5.0
@@ -23,16 +24,16 @@ QUESTION = "Tell me, in a few sentences, how a river finds its way to the sea."
 
 def run(
     model: str = "small",
+    device: str | None = None,
     speech_frames: int = 76,
     max_new_tokens: int = 24,
     chunk_frames: int | str = "grow",
     left_context: int | None = None,
 ) -> dict:
     """Run generate and stream once each on the same greedy turn (after a short warm-up of both)."""
-    from .. import load
     from ..streaming import PUBLISHED
 
-    lab = load(model)
+    lab = load_lab(model, device)
     conversation = [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]
     options = dict(max_new_tokens=max_new_tokens, max_speech_frames=speech_frames)
     # Warm-up: the first call of each path pays one-time costs (allocator, kernels, lazy imports).

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ._common import best_of_interleaved, mixed_conversation
+from ._common import best_of_interleaved, load_lab, mixed_conversation
 
 TARGET = 1.05
 
 
-def run(model: str = "small", tokens: int = 512, repeats: int = 5) -> dict:
-    from .. import load
-
-    lab = load(model)
+def run(model: str = "small", device: str | None = None, tokens: int = 512, repeats: int = 5) -> dict:
+    lab = load_lab(model, device)
     inputs = lab.prepare(mixed_conversation(lab, tokens))
     thinker = lab.model.thinker
     n = int(inputs["input_ids"].shape[1])
