@@ -26,6 +26,7 @@ from .processor import PRESET_VIDEO_PIXELS, build_processor
 
 log = logging.getLogger(__name__)
 
+ORGANISM = "organism"  # the tiny preset trained on omnilab.organism's world; its weights ship in the package
 MARKER = "omnilab.json"  # written beside checkpoints that omnilab saves (preset name, processor caps)
 
 
@@ -63,9 +64,14 @@ def load_model(
     experts_implementation: str | None = None,
     talker: bool = True,
 ) -> Loaded:
-    """Load preset `name` ("tiny", "small") or a checkpoint (hub id or local directory)."""
-    if name in presets.PRESETS:
-        model = presets.build_preset(name, seed=seed)
+    """Load preset `name` ("tiny", "small"), the trained "organism", or a checkpoint (hub id or local directory)."""
+    if name in presets.PRESETS or name == ORGANISM:
+        if name == ORGANISM:
+            from ..organism.weights import unpack
+
+            model = unpack()[0]
+        else:
+            model = presets.build_preset(name, seed=seed)
         if not talker:
             model.disable_talker()
         if attn_implementation:
@@ -77,7 +83,8 @@ def load_model(
         if device_map not in (None, "cpu"):
             model = model.to("cuda" if device_map == "auto" else device_map)
         _fix_known_traps(model)
-        return Loaded(model, build_processor(), f"omnilab/{name}", True, _preset_video_size())
+        model_id, random_weights = (ORGANISM, False) if name == ORGANISM else (f"omnilab/{name}", True)
+        return Loaded(model, build_processor(), model_id, random_weights, _preset_video_size())
     return _load_checkpoint(
         name,
         dtype=dtype,

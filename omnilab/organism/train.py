@@ -32,7 +32,19 @@ log = logging.getLogger(__name__)
 IM_START, IM_END, PAD = 151644, 151645, 151643
 PRESET, SEED = "tiny", 0
 # Steps per task in one round of the schedule: the tasks that need vision get more.
-SCHEDULE = ("text", "speech", "speech", "image", "image", "image", "motion", "motion", "motion", "beep", "beep")
+SCHEDULE = (
+    "text",
+    "speech",
+    "speech",
+    "image",
+    "image",
+    "image",
+    "motion",
+    "motion",
+    "motion",
+    "beep",
+    "beep",
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,9 @@ def prepare_samples(lab, examples: list[world.Example], *, progress: bool = True
         )
         ids = inputs["input_ids"][0]
         start = int((ids == IM_START).nonzero()[-1]) + 3  # <|im_start|> assistant \n
-        out.append(Sample(example.task, {k: v.cpu() for k, v in inputs.items()}, start, example.use_audio_in_video))
+        out.append(
+            Sample(example.task, {k: v.cpu() for k, v in inputs.items()}, start, example.use_audio_in_video)
+        )
     return out
 
 
@@ -94,16 +108,31 @@ def collate(samples: list[Sample]) -> tuple[dict, torch.Tensor, torch.Tensor, to
             positions.append(p - 1)
             targets.append(int(seq[p]))
     batch = {"input_ids": ids, "attention_mask": mask}
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
+    for key in (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "video_second_per_grid",
+    ):
         if key in samples[0].inputs:
             batch[key] = torch.cat([s.inputs[key] for s in samples])
     if "input_features" in samples[0].inputs:
         frames = max(s.inputs["input_features"].shape[-1] for s in samples)
         batch["input_features"] = torch.cat(
-            [F.pad(s.inputs["input_features"], (0, frames - s.inputs["input_features"].shape[-1])) for s in samples]
+            [
+                F.pad(s.inputs["input_features"], (0, frames - s.inputs["input_features"].shape[-1]))
+                for s in samples
+            ]
         )
         batch["feature_attention_mask"] = torch.cat(
-            [F.pad(s.inputs["feature_attention_mask"], (0, frames - s.inputs["feature_attention_mask"].shape[-1])) for s in samples]
+            [
+                F.pad(
+                    s.inputs["feature_attention_mask"],
+                    (0, frames - s.inputs["feature_attention_mask"].shape[-1]),
+                )
+                for s in samples
+            ]
         )
     return batch, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets)
 
@@ -141,14 +170,20 @@ class VocabularyRows(torch.nn.Module):
         thinker.lm_head.weight[self.ids] = self.head
 
 
-def answer_logits(thinker, batch: dict, rows, positions, *, use_audio_in_video: bool, router: bool = False, vocab=None):
+def answer_logits(
+    thinker, batch: dict, rows, positions, *, use_audio_in_video: bool, router: bool = False, vocab=None
+):
     """The thinker's logits at the scored positions only [N, vocab], and its router logits when asked.
 
     With `vocab` (VocabularyRows), the embedding and head rows come from it (training).
     """
     embeds = vocab.embeddings(batch["input_ids"]) if vocab is not None else None
     out = thinker.model(
-        **batch, inputs_embeds=embeds, use_audio_in_video=use_audio_in_video, output_router_logits=router, use_cache=False
+        **batch,
+        inputs_embeds=embeds,
+        use_audio_in_video=use_audio_in_video,
+        output_router_logits=router,
+        use_cache=False,
     )
     hidden = out.last_hidden_state[rows, positions]
     logits = vocab.logits(hidden) if vocab is not None else thinker.lm_head(hidden)
@@ -162,7 +197,8 @@ def vocabulary(samples: list[Sample]) -> torch.Tensor:
 
 
 def _batch_indices(by_task: dict[str, list[int]], step: int, config: TrainConfig) -> tuple[str, list[int]]:
-    task = SCHEDULE[step % len(SCHEDULE)]
+    schedule = [t for t in SCHEDULE if t in by_task]  # the whole schedule when every task is there
+    task = schedule[step % len(schedule)]
     pool = by_task[task]
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     picks = torch.randperm(len(pool), generator=generator)[: config.batch_size]
@@ -176,7 +212,9 @@ def _lr(step: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_thinker(model, samples: list[Sample], config: TrainConfig, out_dir: Path, *, progress: bool = True) -> list[dict]:
+def train_thinker(
+    model, samples: list[Sample], config: TrainConfig, out_dir: Path, *, progress: bool = True
+) -> list[dict]:
     """Train `model.thinker` in place for `config.steps` steps; resume from `out_dir/checkpoint.pt`.
 
     Returns the log: one dict per step (step, task, loss, aux, lr, seconds).
@@ -235,7 +273,11 @@ def train_thinker(model, samples: list[Sample], config: TrainConfig, out_dir: Pa
             bar.update(1)
             bar.set_postfix(task=task, loss=f"{float(loss):.3f}")
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-                state = {"thinker": thinker.state_dict(), "vocab": vocab.state_dict(), "optimizer": optimizer.state_dict()}
+                state = {
+                    "thinker": thinker.state_dict(),
+                    "vocab": vocab.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                }
                 torch.save({**state, "step": step + 1, "history": history}, checkpoint.with_suffix(".tmp"))
                 checkpoint.with_suffix(".tmp").replace(checkpoint)
     finally:
@@ -261,7 +303,9 @@ def accuracy(model, samples: list[Sample], *, batch_size: int = 32) -> dict[str,
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
             batch, rows, positions, targets = collate(chunk)
-            logits, _ = answer_logits(thinker, batch, rows, positions, use_audio_in_video=chunk[0].use_audio_in_video)
+            logits, _ = answer_logits(
+                thinker, batch, rows, positions, use_audio_in_video=chunk[0].use_audio_in_video
+            )
             hit = logits.argmax(-1) == targets
             for b in range(len(chunk)):
                 right.setdefault(task, []).append(bool(hit[rows == b].all()))
@@ -295,4 +339,3 @@ def run(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, progress: b
     samples = world_samples(OmniLab(loaded), config.examples, config.data_seed, out_dir, progress=progress)
     history = train_thinker(loaded.model, samples, config, out_dir, progress=progress)
     return loaded, history
-

@@ -198,7 +198,9 @@ def _motion(rng: np.random.Generator, path: Path) -> Example:
     )
 
 
-def beep_track(second: float, *, seconds: int = BEEP_SECONDS, rng: np.random.Generator | None = None) -> np.ndarray:
+def beep_track(
+    second: float, *, seconds: int = BEEP_SECONDS, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """`seconds` of quiet noise with a 0.4 s, 1 kHz beep starting at `second` (float32, 16 kHz)."""
     rng = rng or np.random.default_rng(0)
     audio = rng.normal(0, 0.002, seconds * SAMPLE_RATE).astype(np.float32)
