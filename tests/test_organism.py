@@ -146,3 +146,41 @@ def test_the_cli_prints_the_accuracy_table(capsys):
     assert main(["eval", "organism", "--n", "4", "--json", "--no-progress"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["task"] for r in rows] == list(world.TASKS)
+
+
+AUDIO_TOKEN = 151675
+
+
+def _beep_accuracy(lab, samples, *, shift_seconds: float = 0.0) -> float:
+    """Accuracy on the beep task with the audio tokens' positions moved by `shift_seconds`."""
+    if not shift_seconds:
+        return train.accuracy(lab.model, samples)["beep"]
+    offset = round(shift_seconds * lab.model.config.thinker_config.position_id_per_seconds)
+    right = []
+    for sample in samples:
+        audio = sample.inputs["input_ids"] == AUDIO_TOKEN  # [1, S]; audio's t = h = w
+
+        def moved(t, h, w, audio=audio):
+            return t + offset * audio, h + offset * audio, w + offset * audio
+
+        with lab.intervene(positions=moved):
+            right.append(train.accuracy(lab.model, [sample])["beep"])
+    return float(np.mean(right))
+
+
+def test_shifting_the_audio_by_a_second_breaks_the_time_task(organism, tmp_path):
+    samples = train.prepare_samples(
+        organism, world.draw(24, seed=13, folder=tmp_path, tasks=("beep",)), progress=False
+    )
+    assert _beep_accuracy(organism, samples) >= 0.95
+    for seconds in (1.0, -1.0):
+        assert _beep_accuracy(organism, samples, shift_seconds=seconds) <= 0.5, seconds
+
+
+def test_a_flipped_byte_in_the_weights_gets_a_clear_error(tmp_path):
+    data = bytearray(weights.shipped_path().read_bytes())
+    data[-100] ^= 0xFF  # inside the tensor data: the header still parses
+    bad = tmp_path / "organism.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="checksum"):
+        weights.unpack(bad)

@@ -34,6 +34,7 @@ PRESET, SEED = "tiny", 0
 # Steps per task in one round of the schedule: the tasks that need vision get more.
 SCHEDULE = (
     "text",
+    "text",
     "speech",
     "speech",
     "image",
@@ -61,15 +62,15 @@ class Sample:
 class TrainConfig:
     """What a training run does; equal configs give bit-identical runs on the CPU."""
 
-    steps: int = 1500
-    batch_size: int = 16
+    steps: int = 500
+    batch_size: int = 12
     lr: float = 3e-3
     warmup: int = 60
     aux_weight: float = 0.001
     examples: int = 2500  # training examples drawn from the world (seed `data_seed`)
     data_seed: int = 1
     seed: int = 0
-    save_every: int = 100
+    save_every: int = 50
 
 
 def prepare_samples(lab, examples: list[world.Example], *, progress: bool = True) -> list[Sample]:

@@ -8,6 +8,7 @@ during training. The file's metadata names its format and the preset and seed it
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -47,11 +48,25 @@ def pack(
             tensors[f"{name}@rows"] = rows.contiguous()
         elif not torch.equal(value, base[name]):
             tensors[name] = value.contiguous()
-    metadata = {"format": FORMAT, "preset": PRESET, "seed": str(SEED), "meta": json.dumps(meta or {})}
+    metadata = {
+        "format": FORMAT,
+        "preset": PRESET,
+        "seed": str(SEED),
+        "sha256": _digest(tensors),
+        "meta": json.dumps(meta or {}),
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return {"tensors": len(tensors), "values": sum(t.numel() for t in tensors.values())}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def row_tables(model: torch.nn.Module) -> set[str]:
@@ -86,6 +101,12 @@ def unpack(path: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
             f"the organism's weights '{path}' cannot be read ({error}); the file is corrupt or cut "
             "short; reinstall omnilab (or `git checkout` the file), or retrain with `omnilab train organism`"
         ) from None
+    if _digest(tensors) != metadata.get("sha256"):
+        raise ModelLoadError(
+            f"the organism's weights '{path}' are corrupt: their checksum does not match the one "
+            "recorded in the file; reinstall omnilab (or `git checkout` the file), or retrain with "
+            "`omnilab train organism`"
+        )
     model = build_preset(metadata.get("preset", PRESET), seed=int(metadata.get("seed", SEED)))
     state = model.state_dict()
     vocabulary = tensors.pop(ROWS_KEY, None)
