@@ -154,14 +154,14 @@ class VocabularyRows(torch.nn.Module):
         self.register_buffer("index", index)
         self.embed = torch.nn.Parameter(embed.detach()[ids].clone())
         self.head = torch.nn.Parameter(head.detach()[ids].clone())
-        self.frozen_head = head
+        self._frozen = [head]  # a list, so the full table is not registered (nor saved) as this module's
 
     def embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[self.index[input_ids]]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            full = hidden.detach() @ self.frozen_head.T
+            full = hidden.detach() @ self._frozen[0].T
         return full.index_copy(1, self.ids, hidden @ self.head.T)
 
     @torch.no_grad()
@@ -214,9 +214,17 @@ def _lr(step: int, config: TrainConfig) -> float:
 
 
 def train_thinker(
-    model, samples: list[Sample], config: TrainConfig, out_dir: Path, *, progress: bool = True
+    model,
+    samples: list[Sample],
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    until: int | None = None,
 ) -> list[dict]:
     """Train `model.thinker` in place for `config.steps` steps; resume from `out_dir/checkpoint.pt`.
+
+    `until` stops early after that step (with a checkpoint), as an interrupted run would.
 
     Returns the log: one dict per step (step, task, loss, aux, lr, seconds).
     """
@@ -243,7 +251,7 @@ def train_thinker(
     text_config = thinker.config.text_config
     bar = tqdm(total=config.steps, initial=start, desc="train organism", disable=not progress, mininterval=5)
     try:
-        for step in range(start, config.steps):
+        for step in range(start, min(config.steps, until or config.steps)):
             began = time.perf_counter()
             task, picks = _batch_indices(by_task, step, config)
             batch, b_rows, b_pos, targets = collate([samples[i] for i in picks])
@@ -273,7 +281,7 @@ def train_thinker(
                 handle.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(task=task, loss=f"{float(loss):.3f}")
-            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            if (step + 1) % config.save_every == 0 or step + 1 in (config.steps, until):
                 state = {
                     "thinker": thinker.state_dict(),
                     "vocab": vocab.state_dict(),
