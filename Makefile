@@ -45,3 +45,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Train the organism (the tiny preset on omnilab.organism's world, ~30 min on 2 cores; resumable)
+# and install its weights into the package, where omnilab.load("organism") reads them.
+.PHONY: organism
+organism: $(STAMP)
+	$(BIN)/omnilab train organism --out organism-run --install

@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         help="write the whole result to a .csv, .parquet or .jsonl file instead of printing it",
     )
     p.set_defaults(run=_query)
+    from .organism.cli import register as register_organism
+
+    register_organism(sub)
     return parser
 
 

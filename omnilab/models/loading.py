@@ -26,6 +26,7 @@ from .processor import PRESET_VIDEO_PIXELS, build_processor
 
 log = logging.getLogger(__name__)
 
+ORGANISM = "organism"  # the tiny preset trained on omnilab.organism's world; its weights ship in the package
 MARKER = "omnilab.json"  # written beside checkpoints that omnilab saves (preset name, processor caps)
 
 
@@ -63,14 +64,18 @@ def load_model(
     experts_implementation: str | None = None,
     talker: bool = True,
 ) -> Loaded:
-    """Load preset `name` ("tiny", "small"), the real size with random weights
+    """Load preset `name` ("tiny", "small"), the trained "organism", the real size with random weights
     ("qwen3-omni-30b-a3b-random", "-reduced"), or a checkpoint (hub id or local directory)."""
-    if name in presets.PRESETS or name in real_size.NAMES:
+    if name in presets.PRESETS or name in real_size.NAMES or name == ORGANISM:
         if name in real_size.NAMES:  # built on its device in its dtype (bfloat16 unless asked)
             device = "cuda" if device_map == "auto" and torch.cuda.is_available() else device_map
             device = "cpu" if device in (None, "auto") else device
             model = real_size.build(name, seed=seed, dtype=_dtype(dtype or "bfloat16"), device=device)
             dtype = device_map = None
+        elif name == ORGANISM:
+            from ..organism.weights import unpack
+
+            model = unpack()[0]
         else:
             model = presets.build_preset(name, seed=seed)
         if not talker:
@@ -84,7 +89,8 @@ def load_model(
         if device_map not in (None, "cpu"):
             model = model.to("cuda" if device_map == "auto" else device_map)
         _fix_known_traps(model)
-        return Loaded(model, build_processor(), f"omnilab/{name}", True, _preset_video_size())
+        model_id, random_weights = (ORGANISM, False) if name == ORGANISM else (f"omnilab/{name}", True)
+        return Loaded(model, build_processor(), model_id, random_weights, _preset_video_size())
     return _load_checkpoint(
         name,
         dtype=dtype,

@@ -1,0 +1,183 @@
+"""Make the organism end to end (thinker, talker, shipped file) and measure it on a held-out draw."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from . import talker, train, weights, world
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SEED = 2  # the training draw uses seed 1; held-out sets use other seeds
+TALKER_SEED = 3
+
+
+def make(
+    out_dir: str | Path,
+    config: train.TrainConfig | None = None,
+    *,
+    talker_examples: int = 24,
+    talker_steps: int = 300,
+    held_out: int = 100,
+    install: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train the thinker (resumable), teach the talker to stop, pack the weights, measure held-out accuracy.
+
+    Writes `out_dir/organism.safetensors` and `out_dir/report.json`; with `install`, copies the
+    weights into the package (what `omnilab.load("organism")` reads). Returns the report.
+    """
+    from ..lab import OmniLab
+
+    out_dir = Path(out_dir)
+    config = config or train.TrainConfig()
+    began = time.perf_counter()
+    loaded, history = train.run(out_dir, config, progress=progress)
+    thinker_seconds = sum(r["seconds"] for r in history)
+    lab = OmniLab(loaded)
+    with tempfile.TemporaryDirectory() as folder:
+        examples = world.draw(talker_examples, seed=TALKER_SEED, folder=folder)
+        hidden, target = talker.record_frames(lab, examples, frames=8, progress=progress)
+    losses = talker.train_codec_head(lab, hidden, target, steps=talker_steps)
+    samples = train.world_samples(lab, config.examples, config.data_seed, out_dir, progress=progress)
+    path = out_dir / weights.FILE
+    meta = {"config": config.__dict__, "steps": len(history), "thinker_seconds": round(thinker_seconds, 1)}
+    written = weights.pack(lab.model, path, vocabulary=train.vocabulary(samples), meta=meta)
+    shipped = OmniLab(_loaded_from(path))
+    table = evaluate(shipped, n=held_out, seed=HELD_OUT_SEED, progress=progress)
+    report = {
+        **meta,
+        "talker_loss": [round(losses[0], 4), round(losses[-1], 4)],
+        "talker_frames": int(len(target)),
+        "file_bytes": path.stat().st_size,
+        "tensors": written,
+        "held_out": table.to_dict(orient="records"),
+        "wall_seconds": round(time.perf_counter() - began, 1),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    card = card_markdown(report, history)
+    (out_dir / "CARD.md").write_text(card)
+    if install:
+        Path(str(resources.files("omnilab.organism").joinpath("CARD.md"))).write_text(card)
+        target_path = weights.shipped_path()
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target_path)
+        log.info("installed the organism's weights at %s", target_path)
+    return report
+
+
+def _loaded_from(path: Path):
+    from ..models.loading import ORGANISM, Loaded, _fix_known_traps, _preset_video_size
+    from ..models.processor import build_processor
+
+    model, _ = weights.unpack(path)
+    _fix_known_traps(model)
+    return Loaded(model, build_processor(), ORGANISM, False, _preset_video_size())
+
+
+def evaluate(
+    lab, *, n: int = 100, seed: int = HELD_OUT_SEED, tasks=world.TASKS, progress: bool = True
+) -> pd.DataFrame:
+    """Held-out accuracy per task on a fresh draw of `n` examples per task from `seed`.
+
+    Columns: task, n, accuracy (greedy answer exactly right, <|im_end|> included), chance.
+    """
+    chance = {
+        "text": 1 / len(world.WORDS),
+        "speech": 1 / len(world.SPOKEN),
+        "image": 1 / 12,
+        "motion": 1 / 4,
+        "beep": 1 / 4,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        examples = world.draw(n * len(tasks), seed=seed, folder=folder, tasks=tuple(tasks))
+        samples = train.prepare_samples(lab, examples, progress=progress)
+    scores = train.accuracy(lab.model, samples)
+    rows = [
+        {"task": t, "n": n, "accuracy": round(scores[t], 4), "chance": round(chance[t], 4)} for t in tasks
+    ]
+    return pd.DataFrame(rows)
+
+
+def loss_curve(history: list[dict], *, every: int = 100) -> pd.DataFrame:
+    """Mean training loss per task over each window of `every` steps: columns step, then one per task."""
+    frame = pd.DataFrame(history)
+    frame["window"] = ((frame["step"] - 1) // every + 1) * every
+    table = frame.pivot_table(index="window", columns="task", values="loss", aggfunc="mean")
+    return table.reindex(columns=[t for t in world.TASKS if t in table.columns]).round(3).rename_axis("step")
+
+
+def card_markdown(report: dict, history: list[dict]) -> str:
+    """The organism's model card (markdown) from a training report and its step log."""
+    config = report["config"]
+    accuracy = pd.DataFrame(report["held_out"])
+    per_task = pd.DataFrame(history).groupby("task")["seconds"].agg(["count", "mean"]).round(3)
+    return "\n".join(
+        [
+            "# The organism",
+            "",
+            "The `tiny` preset of the real Qwen3-Omni architecture (`Qwen3OmniMoeForConditionalGeneration`, real",
+            "token ids, the project's offline processor) trained on a synthetic world whose answers are known.",
+            "`omnilab.load('organism')` builds the preset from seed 0 and puts the trained tensors in place",
+            f"({report['file_bytes'] / 2**20:.1f} MB in `omnilab/organism/weights/organism.safetensors`).",
+            "",
+            "## Data (omnilab/organism/world.py)",
+            "",
+            "| task | input | question | answer |",
+            "|---|---|---|---|",
+            "| text | text | Repeat the word: apple | apple (20 words) |",
+            "| speech | espeak-ng audio: 7 voices x 7 variants, speed 120-220, pitch 20-80 | Which word is spoken? | a digit or colour word (14) |",
+            "| image | 64-px picture, one shape of 40-53 px near the centre | What is in the picture? | red circle (4 colours x 3 shapes) |",
+            "| motion | 2 s video at 2 fps, a white square moving | Which way does the square move? | left, right, up, down |",
+            "| beep | 4 s video, one colour a second, audio track with a 0.4 s beep (use_audio_in_video) | Which colour was on screen when the beep sounded? | the colour of that second |",
+            "",
+            f"Training: {config['examples']} examples drawn from seed {config['data_seed']}; held-out: a fresh draw from seed "
+            f"{HELD_OUT_SEED}.",
+            "",
+            "## Training (omnilab/organism/train.py, `omnilab train organism`, `make organism`)",
+            "",
+            f"Thinker: {report['steps']} steps, batch {config['batch_size']} of one task per step (schedule "
+            f"{', '.join(train.SCHEDULE)}), AdamW lr {config['lr']} with {config['warmup']} warm-up steps and cosine decay, "
+            "loss on the answer tokens and <|im_end|> only (the head runs only there), router balancing loss at "
+            f"{config['aux_weight']}. Only the world's vocabulary rows of the embedding and head train.",
+            f"Talker: its codec head fitted ({report['talker_frames']} recorded frames, loss {report['talker_loss'][0]} -> "
+            f"{report['talker_loss'][1]}) to emit its end-of-speech code once the reply's text is read.",
+            "",
+            f"Measured: {report['thinker_seconds'] / 60:.1f} min of thinker steps on a 2-core CPU shared with other jobs "
+            "(seconds per step by task below); the whole run including data, talker and evaluation took "
+            f"{report['wall_seconds'] / 60:.1f} min of wall time.",
+            "",
+            _markdown(per_task.rename(columns={"count": "steps", "mean": "seconds/step"}).reset_index()),
+            "",
+            "Loss curve (mean loss per task over each 100 steps):",
+            "",
+            _markdown(loss_curve(history).reset_index()),
+            "",
+            "## Held-out accuracy (`omnilab eval organism`)",
+            "",
+            "Greedy answer exactly right, <|im_end|> included:",
+            "",
+            _markdown(accuracy),
+            "",
+            "## What it cannot do",
+            "",
+            "- Anything outside the world: other questions, words, pictures or sounds get a guess from the world's answers.",
+            "- Long answers or conversation: every answer is one or two words; multi-turn was never trained.",
+            "- Speech: the talker only learned when to stop; its speech is noise of the right length.",
+            "- Several shapes, counts, positions, or colours and shapes outside the 4 x 3 of the world.",
+        ]
+    )
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)

@@ -1,0 +1,367 @@
+"""Train the organism's thinker on the synthetic world, through the model's own forward.
+
+The world is drawn once and processed once through `lab.prepare`'s path (the cached tensors are
+exactly what `generate` would see), then each step takes one task's batch: the thinker's multimodal
+model gives hidden states, the head runs only at the answer positions (the answer's tokens and
+`<|im_end|>`; a 151,936-word head at every position is the main waste), plus a small router
+balancing loss. AdamW with a warm-up and cosine decay. Step s's batch is a function of (seed, s)
+alone, so a run resumed from its checkpoint continues exactly where it stopped.
+
+Only the world's vocabulary rows of the embedding and head move (a gradient mask), so the shipped
+file can hold just those rows and rebuild the rest from the preset's seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
+
+from . import world
+
+log = logging.getLogger(__name__)
+
+IM_START, IM_END, PAD = 151644, 151645, 151643
+PRESET, SEED = "tiny", 0
+# Steps per task in one round of the schedule: the tasks that need vision get more.
+SCHEDULE = (
+    "text",
+    "text",
+    "speech",
+    "speech",
+    "image",
+    "image",
+    "image",
+    "motion",
+    "motion",
+    "motion",
+    "beep",
+    "beep",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One example as model inputs: its tensors and where its answer starts."""
+
+    task: str
+    inputs: dict  # the BatchFeature's tensors, batch of one
+    answer_start: int  # index of the answer's first token in input_ids
+    use_audio_in_video: bool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a training run does; equal configs give bit-identical runs on the CPU."""
+
+    steps: int = 1200
+    batch_size: int = 12
+    lr: float = 3e-3
+    warmup: int = 60
+    aux_weight: float = 0.001
+    examples: int = 2500  # training examples drawn from the world (seed `data_seed`)
+    data_seed: int = 1
+    seed: int = 0
+    save_every: int = 50
+
+
+def prepare_samples(lab, examples: list[world.Example], *, progress: bool = True) -> list[Sample]:
+    """Each example with its answer through `lab.prepare`'s path: the tensors training and eval use."""
+    out = []
+    for example in tqdm(examples, desc="prepare", disable=not progress, mininterval=2):
+        inputs = lab.prepare(
+            example.with_answer(), use_audio_in_video=example.use_audio_in_video, add_generation_prompt=False
+        )
+        ids = inputs["input_ids"][0]
+        start = int((ids == IM_START).nonzero()[-1]) + 3  # <|im_start|> assistant \n
+        out.append(
+            Sample(example.task, {k: v.cpu() for k, v in inputs.items()}, start, example.use_audio_in_video)
+        )
+    return out
+
+
+def collate(samples: list[Sample]) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of one task's samples, right-padded: (inputs, rows, positions, targets).
+
+    `positions` are the positions whose next-token prediction is scored (each answer token and
+    <|im_end|>), `targets` the tokens they must predict.
+    """
+    length = max(s.inputs["input_ids"].shape[1] for s in samples)
+    ids = torch.full((len(samples), length), PAD, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for b, s in enumerate(samples):
+        n = s.inputs["input_ids"].shape[1]
+        ids[b, :n] = s.inputs["input_ids"][0]
+        mask[b, :n] = 1
+        seq = s.inputs["input_ids"][0]
+        end = int((seq[s.answer_start :] == IM_END).nonzero()[0]) + s.answer_start
+        for p in range(s.answer_start, end + 1):
+            rows.append(b)
+            positions.append(p - 1)
+            targets.append(int(seq[p]))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for key in (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "video_second_per_grid",
+    ):
+        if key in samples[0].inputs:
+            batch[key] = torch.cat([s.inputs[key] for s in samples])
+    if "input_features" in samples[0].inputs:
+        frames = max(s.inputs["input_features"].shape[-1] for s in samples)
+        batch["input_features"] = torch.cat(
+            [
+                F.pad(s.inputs["input_features"], (0, frames - s.inputs["input_features"].shape[-1]))
+                for s in samples
+            ]
+        )
+        batch["feature_attention_mask"] = torch.cat(
+            [
+                F.pad(
+                    s.inputs["feature_attention_mask"],
+                    (0, frames - s.inputs["feature_attention_mask"].shape[-1]),
+                )
+                for s in samples
+            ]
+        )
+    return batch, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets)
+
+
+class VocabularyRows(torch.nn.Module):
+    """The embedding and head rows of the world's vocabulary, trained in place of the full tables.
+
+    Every other row stays at its seeded value, so the full-vocabulary logits are the frozen head's
+    with the vocabulary's columns replaced: the same numbers the full model computes.
+    """
+
+    def __init__(self, thinker, ids: torch.Tensor):
+        super().__init__()
+        embed, head = thinker.model.get_input_embeddings().weight, thinker.lm_head.weight
+        self.register_buffer("ids", ids)
+        index = torch.full((embed.shape[0],), -1, dtype=torch.long)
+        index[ids] = torch.arange(len(ids))
+        self.register_buffer("index", index)
+        self.embed = torch.nn.Parameter(embed.detach()[ids].clone())
+        self.head = torch.nn.Parameter(head.detach()[ids].clone())
+        self._frozen = [head]  # a list, so the full table is not registered (nor saved) as this module's
+
+    def embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[self.index[input_ids]]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            full = hidden.detach() @ self._frozen[0].T
+        return full.index_copy(1, self.ids, hidden @ self.head.T)
+
+    @torch.no_grad()
+    def write_back(self, thinker) -> None:
+        """Copy the trained rows into the thinker's full embedding and head."""
+        thinker.model.get_input_embeddings().weight[self.ids] = self.embed
+        thinker.lm_head.weight[self.ids] = self.head
+
+
+def answer_logits(
+    thinker, batch: dict, rows, positions, *, use_audio_in_video: bool, router: bool = False, vocab=None
+):
+    """The thinker's logits at the scored positions only [N, vocab], and its router logits when asked.
+
+    With `vocab` (VocabularyRows), the embedding and head rows come from it (training).
+    """
+    embeds = vocab.embeddings(batch["input_ids"]) if vocab is not None else None
+    out = thinker.model(
+        **batch,
+        inputs_embeds=embeds,
+        use_audio_in_video=use_audio_in_video,
+        output_router_logits=router,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[rows, positions]
+    logits = vocab.logits(hidden) if vocab is not None else thinker.lm_head(hidden)
+    return logits, (out.router_logits if router else None)
+
+
+def vocabulary(samples: list[Sample]) -> torch.Tensor:
+    """The sorted token ids the world uses (prompts and answers)."""
+    ids = torch.cat([s.inputs["input_ids"][0] for s in samples])
+    return torch.unique(torch.cat([ids, torch.tensor([PAD, IM_START, IM_END])]))
+
+
+def _batch_indices(by_task: dict[str, list[int]], step: int, config: TrainConfig) -> tuple[str, list[int]]:
+    schedule = [t for t in SCHEDULE if t in by_task]  # the whole schedule when every task is there
+    task = schedule[step % len(schedule)]
+    pool = by_task[task]
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    picks = torch.randperm(len(pool), generator=generator)[: config.batch_size]
+    return task, [pool[i] for i in picks.tolist()]
+
+
+def _lr(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_thinker(
+    model,
+    samples: list[Sample],
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    until: int | None = None,
+) -> list[dict]:
+    """Train `model.thinker` in place for `config.steps` steps; resume from `out_dir/checkpoint.pt`.
+
+    `until` stops early after that step (with a checkpoint), as an interrupted run would.
+
+    Returns the log: one dict per step (step, task, loss, aux, lr, seconds).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thinker = model.thinker
+    thinker.train()
+    vocab = VocabularyRows(thinker, vocabulary(samples))
+    tables = (thinker.model.get_input_embeddings().weight, thinker.lm_head.weight)
+    params = [p for p in thinker.parameters() if all(p is not t for t in tables)] + list(vocab.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    by_task: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_task.setdefault(s.task, []).append(i)
+    checkpoint = out_dir / "checkpoint.pt"
+    history_path = out_dir / "history.jsonl"
+    start, history = 0, []
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        thinker.load_state_dict(state["thinker"])
+        vocab.load_state_dict(state["vocab"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        log.info("resumed from %s at step %d", checkpoint, start)
+    text_config = thinker.config.text_config
+    bar = tqdm(total=config.steps, initial=start, desc="train organism", disable=not progress, mininterval=5)
+    try:
+        for step in range(start, min(config.steps, until or config.steps)):
+            began = time.perf_counter()
+            task, picks = _batch_indices(by_task, step, config)
+            batch, b_rows, b_pos, targets = collate([samples[i] for i in picks])
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, config)
+            logits, router = answer_logits(
+                thinker, batch, b_rows, b_pos, use_audio_in_video=task == "beep", router=True, vocab=vocab
+            )
+            loss = F.cross_entropy(logits, targets)
+            aux = load_balancing_loss_func(
+                router, text_config.num_experts, text_config.num_experts_per_tok, batch["attention_mask"]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            (loss + config.aux_weight * aux).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            record = {
+                "step": step + 1,
+                "task": task,
+                "loss": round(loss.item(), 5),
+                "aux": round(aux.item(), 5),
+                "lr": _lr(step, config),
+                "seconds": round(time.perf_counter() - began, 4),
+            }
+            history.append(record)
+            with history_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(task=task, loss=f"{float(loss):.3f}")
+            if (step + 1) % config.save_every == 0 or step + 1 in (config.steps, until):
+                state = {
+                    "thinker": thinker.state_dict(),
+                    "vocab": vocab.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                }
+                torch.save({**state, "step": step + 1, "history": history}, checkpoint.with_suffix(".tmp"))
+                checkpoint.with_suffix(".tmp").replace(checkpoint)
+    finally:
+        bar.close()
+        vocab.write_back(thinker)
+        thinker.eval()
+    return history
+
+
+@torch.no_grad()
+def accuracy(model, samples: list[Sample], *, batch_size: int = 32) -> dict[str, float]:
+    """Per task, the share of samples whose greedy answer (teacher-forced argmax) is exactly right.
+
+    An answer counts when every answer token and the closing <|im_end|> is the argmax: exactly
+    what greedy generation would produce.
+    """
+    thinker = model.thinker
+    right: dict[str, list[bool]] = {}
+    by_task: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_task.setdefault(s.task, []).append(s)
+    for task, group in by_task.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            batch, rows, positions, targets = collate(chunk)
+            logits, _ = answer_logits(
+                thinker, batch, rows, positions, use_audio_in_video=chunk[0].use_audio_in_video
+            )
+            hit = logits.argmax(-1) == targets
+            for b in range(len(chunk)):
+                right.setdefault(task, []).append(bool(hit[rows == b].all()))
+    return {task: sum(v) / len(v) for task, v in right.items()}
+
+
+def init_audio_front(thinker) -> None:
+    """Re-draw the audio tower's convolution front (3 conv2d + conv_out) with Kaiming-normal weights.
+
+    At the preset's init (normal, std 0.02) the three stacked convolutions shrink the mel features
+    ~3000-fold (to std ~1e-4) under a positional embedding of std ~1, so audio tokens carry almost
+    no content and training sat at the answer prior for 850 steps (measured). Kaiming init keeps
+    the features' scale; the architecture is unchanged and the trained weights ship like the others.
+    """
+    tower = thinker.model.audio_tower
+    with torch.no_grad():
+        for module in (tower.conv2d1, tower.conv2d2, tower.conv2d3, tower.conv_out):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+def world_samples(lab, n: int, seed: int, folder: Path, *, progress: bool = True) -> list[Sample]:
+    """`n` examples of the world drawn from `seed`, prepared; cached in `folder` (samples-SEED-N.pt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = folder / f"samples-{seed}-{n}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)
+    examples = world.draw(n, seed=seed, folder=folder / f"media-{seed}")
+    samples = prepare_samples(lab, examples, progress=progress)
+    torch.save(samples, cache.with_suffix(".tmp"))
+    cache.with_suffix(".tmp").replace(cache)
+    return samples
+
+
+def run(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, progress: bool = True):
+    """The whole thinker training: the preset from its seed, the world's samples, the steps.
+
+    Returns (model, history); resumes from `out_dir`'s checkpoint when there is one.
+    """
+    from ..lab import OmniLab
+    from ..models.loading import load_model
+
+    out_dir = Path(out_dir)
+    loaded = load_model(PRESET, seed=SEED)
+    torch.manual_seed(config.seed)
+    init_audio_front(loaded.model.thinker)
+    samples = world_samples(OmniLab(loaded), config.examples, config.data_seed, out_dir, progress=progress)
+    history = train_thinker(loaded.model, samples, config, out_dir, progress=progress)
+    return loaded, history
