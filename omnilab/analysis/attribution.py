@@ -1,5 +1,8 @@
 """Input attribution: which input tokens — text, audio, image, video — a reply token depends on.
 
+One file on purpose (~550 lines): both methods share the teacher-forced objective, the merged inputs
+and the token table, and their aggregations (by modality, item, window, patch) read those alone.
+
 An analysis that must run the model, so it takes an OmniLab rather than a Trace. The thing explained
 is the log-probability of one reply token given the prompt and the reply tokens before it (teacher
 forcing, one thinker forward). Its inputs are the embeddings each position enters the decoder with:

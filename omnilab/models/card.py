@@ -1,5 +1,8 @@
 """Parameter card: what each component of a Qwen3-Omni model holds, next to the published figures.
 
+One file on purpose (~530 lines): each count's rule and the note that explains it against the
+report's figure must be read together.
+
 `card(model)` counts the parameters of the six components of `Qwen3OmniMoeForConditionalGeneration`
 (thinker text stack, audio encoder, vision encoder, talker, code predictor, code2wav), total and
 active per token, and sets them beside Table 1 of the Qwen3-Omni technical report (arXiv 2509.17765).

@@ -1,5 +1,8 @@
 """Collect: run the instruments over every sample of a manifest into a trace store, resumably.
 
+One file on purpose (~560 lines): the local and Ray engines share the sample runner, the shard
+buffer and the exactly-once bookkeeping, and the resume rules read best beside both.
+
     summary = collect("data/manifest.jsonl", "runs/demo", model="tiny")
 
 Each sample runs alone (prepare, then one traced forward of the thinker over the prompt, or a
