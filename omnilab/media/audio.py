@@ -1,4 +1,4 @@
-"""Load audio as float32 mono at 16 kHz, from files (soundfile, else PyAV) or arrays; PyAV's decoding helpers."""
+"""Load audio as float32 mono at 16 kHz from files (soundfile, else PyAV) or arrays; the PyAV helpers."""
 
 from __future__ import annotations
 
