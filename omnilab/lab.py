@@ -226,7 +226,9 @@ class OmniLab:
             speech_do_sample = options.speech_do_sample
             kwargs.update(
                 speaker=options.speaker,
-                talker_max_new_tokens=int(frames),
+                # The talker's last codebook-0 token is never fed back, so the code predictor never
+                # completes its frame: N + 1 talker tokens give N frames.
+                talker_max_new_tokens=int(frames) + 1,
                 talker_do_sample=options.do_sample if speech_do_sample is None else speech_do_sample,
             )
         return kwargs

@@ -50,6 +50,13 @@ def test_generate_with_all_media_gives_text_and_frame_aligned_speech(tiny, all_m
     assert reply.random_weights
 
 
+def test_max_speech_frames_gives_exactly_that_many_frames(tiny):
+    reply = tiny.generate("Hello", max_new_tokens=3, max_speech_frames=10)
+    assert reply.codes.shape == (10, 16)
+    # the audio is the 10 frames' samples less code2wav's held-back tail (under one frame)
+    assert 0 <= 10 * SAMPLES_PER_FRAME - len(reply.audio) < SAMPLES_PER_FRAME
+
+
 def test_return_audio_false_gives_text_only(tiny):
     reply = tiny.generate("Say something.", max_new_tokens=3, return_audio=False)
     assert reply.audio is None and reply.codes is None and len(reply.token_ids) == 3
