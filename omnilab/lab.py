@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BatchFeature
+from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
 
 from . import conversation as conv
 from .errors import ConversationError
@@ -31,6 +31,26 @@ RANDOM_WEIGHTS_NOTE = (
     "random-weight model of the real Qwen3-Omni architecture: its text and speech are noise; "
     "load real weights with omnilab.load('Qwen/Qwen3-Omni-30B-A3B-Instruct')"
 )
+
+
+class EmptyReply(Exception):
+    """The thinker's first token ended its reply: `sequences` are the prompt and that token."""
+
+    def __init__(self, sequences: torch.Tensor):
+        super().__init__("empty reply")
+        self.sequences = sequences
+
+
+class StopAtEmptyReply(StoppingCriteria):
+    """A stopping criterion that raises EmptyReply when the first generated token is `end_id`."""
+
+    def __init__(self, prompt_length: int, end_id: int):
+        self.prompt_length, self.end_id = prompt_length, int(end_id)
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        if input_ids.shape[1] == self.prompt_length + 1 and int(input_ids[0, -1]) == self.end_id:
+            raise EmptyReply(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class OmniLab:
@@ -178,17 +198,25 @@ class OmniLab:
                     prompt_length=prompt_length,
                     use_audio_in_video=options.use_audio_in_video,
                 )
-            result = (
-                self.model.generate(**kwargs)
-                if hasattr(self.model, "thinker")
-                else self.model.generate(
-                    **{
-                        k: v
-                        for k, v in kwargs.items()
-                        if not k.startswith(("talker_", "return_audio", "speaker"))
-                    }
+            if options.return_audio:
+                # An empty reply (the first token ends it) leaves the talker nothing to speak, and
+                # upstream generate fails building its prompt: stop there and give empty speech.
+                stop = StopAtEmptyReply(prompt_length, self.model.config.im_end_token_id)
+                kwargs["thinker_stopping_criteria"] = StoppingCriteriaList([stop])
+            try:
+                result = (
+                    self.model.generate(**kwargs)
+                    if hasattr(self.model, "thinker")
+                    else self.model.generate(
+                        **{
+                            k: v
+                            for k, v in kwargs.items()
+                            if not k.startswith(("talker_", "return_audio", "speaker"))
+                        }
+                    )
                 )
-            )
+            except EmptyReply as empty:
+                result = (empty.sequences, torch.zeros(0))
         if options.return_audio:
             sequences, waveform = result
             audio = waveform.reshape(-1).float().cpu().numpy().astype(np.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +57,34 @@ def test_max_speech_frames_gives_exactly_that_many_frames(tiny):
     assert reply.codes.shape == (10, 16)
     # the audio is the 10 frames' samples less code2wav's held-back tail (under one frame)
     assert 0 <= 10 * SAMPLES_PER_FRAME - len(reply.audio) < SAMPLES_PER_FRAME
+
+
+@contextlib.contextmanager
+def first_token_ends_the_reply(lab):
+    """Make <|im_end|> the thinker's every choice (a hook on its output head, removed after)."""
+    end = lab.model.config.im_end_token_id
+
+    def hook(module, args, logits):
+        logits = logits.clone()
+        logits[..., end] = 1e4
+        return logits
+
+    handle = lab.thinker.lm_head.register_forward_hook(hook)
+    try:
+        yield end
+    finally:
+        handle.remove()
+
+
+def test_an_empty_reply_gives_empty_speech_in_generate_and_stream(tiny):
+    with first_token_ends_the_reply(tiny) as end:
+        reply = tiny.generate("Hello", max_new_tokens=3, max_speech_frames=4, trace=True)
+        streamed = list(tiny.stream("Hello", max_new_tokens=3, max_speech_frames=4))[-1].reply
+    for r in (reply, streamed):
+        assert r.token_ids == [end] and r.text == ""
+        assert r.audio.dtype == np.float32 and r.audio.shape == (0,)
+        assert r.codes.shape == (0, 16)
+    assert reply.trace.rows("codes") == 0 and reply.trace.text == ""
 
 
 def test_return_audio_false_gives_text_only(tiny):

@@ -134,7 +134,7 @@ class _Stream:
         yield from self._thinker_events()
 
         talker = None
-        if self.speech:
+        if self.speech and not self._empty_reply():
             started = time.perf_counter()
             with self._step():
                 talker = self._start_talker(talker_kwargs)
@@ -157,6 +157,11 @@ class _Stream:
             yield from self._decode_audio(final=True)
         yield from self._text_events(final=True)
         yield self._done(gathered)
+
+    def _empty_reply(self) -> bool:
+        """The thinker's first token ended its reply: no text to speak (`generate` gives empty speech too)."""
+        ids = self.thinker_decoder.generated.tolist()
+        return self.thinker_decoder.done and ids == [self.model.config.im_end_token_id]
 
     def now(self) -> float:
         """Seconds since the stream started (its first `next()`)."""
