@@ -494,3 +494,20 @@ def test_a_new_capture_is_one_recorder_fed_each_forwards_place(tiny, all_media_c
     prompt = tiny.prepare(all_media_conversation)["input_ids"].shape[1]
     assert sum(phase == "prefill" for phase, _, _ in norms.rows) == prompt
     assert sum(phase == "decode" for phase, _, _ in norms.rows) == len(reply.token_ids) - 1
+
+
+def test_one_tracer_refuses_a_second_run_and_keeps_the_first(tiny):
+    from omnilab.errors import InterventionError
+
+    with tiny.trace() as tracer:
+        first = tiny.generate("Hello", max_new_tokens=3, return_audio=False)
+        with pytest.raises(InterventionError, match="one Tracer records one run.*new lab.trace"):
+            tiny.generate("Name three rivers.", max_new_tokens=3, return_audio=False)
+    trace = tracer.trace
+    top_k = trace.meta["components"]["thinker"]["top_k"]
+    rows = trace.routing.groupby(["component", "layer", "pos"]).size()
+    assert (rows == top_k).all()
+    assert not trace.tokens.duplicated(["component", "pos"]).any()
+    prompt = len(tiny.prepare("Hello")["input_ids"][0])
+    assert trace.tokens["pos"].max() == prompt + len(first.token_ids) - 1
+    assert trace.text == first.text

@@ -337,12 +337,17 @@ def test_bad_options_fail_at_the_call_with_the_way_out(tiny):
 def test_larger_chunks_after_the_first_frame_keep_the_audio(tiny, done):
     events = _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, chunk_frames=3, trace=False)
     chunks = [e for e in events if e.kind == "audio"]
-    assert [c.frame for c in chunks] == [0, 3, 4]  # frame 0 alone, then every 3, then the rest
+    assert [c.frame for c in chunks] == [0, 3, FRAMES - 1]  # frame 0 alone, then every 3, then the rest
     assert np.array_equal(events[-1].reply.codes, done.reply.codes)
     assert _relative_error(np.concatenate([c.audio for c in chunks]), done.reply.audio) <= 1e-5
     grown = _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, trace=False)  # the default
     chunks = [e for e in grown if e.kind == "audio"]
-    assert [c.frame for c in chunks] == [0, 1, 3, 4]  # 1, 1, 2 frames (each as long as all before), the rest
+    assert [c.frame for c in chunks] == [
+        0,
+        1,
+        3,
+        FRAMES - 1,
+    ]  # 1, 1, 2 frames (each as long as all before), the rest
     assert _relative_error(np.concatenate([c.audio for c in chunks]), done.reply.audio) <= 1e-5
 
 

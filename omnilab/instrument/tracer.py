@@ -100,6 +100,9 @@ class Tracer:
     default capture, DEFAULT_CAPTURE) or a capture spec (names from CAPTURES) — and attach the Trace
     to the Reply (`Reply.trace`, a `Trace | None`).
 
+    One Tracer records one run (one `generate` or `forward`); a second `generate` or
+    `forward` inside it is refused, the first run's record kept.
+
     capture: names from CAPTURES (positions are always recorded); attention_layers: {component:
     layers} for "attention" (thinker, talker, audio_tower, vision_tower; default the thinker's layer
     0); heads: keep only these heads of each map.
@@ -137,6 +140,14 @@ class Tracer:
 
     # -- called by OmniLab.generate ---------------------------------------------------------------
     def begin(self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool) -> None:
+        if self._prompt is not None:
+            # Tables key each token by (component, pos): a second run's rows would silently merge
+            # with the first's, and meta holds one reply. What was recorded so far stays intact.
+            raise InterventionError(
+                "this lab.trace() has already recorded a run, and one Tracer records one run (a "
+                "second would merge its tokens and routing with the first's); open a new "
+                "lab.trace() around each generate or forward, or pass trace=True to generate"
+            )
         self._prompt = {
             "length": prompt_length,
             "items": gathered.items,
