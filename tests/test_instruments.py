@@ -118,9 +118,35 @@ def test_routing_weights_are_the_routers_own(traced, tiny):
 
 
 def test_routing_is_compact_as_stored(traced):
-    routing = traced.trace.routing
+    import pyarrow as pa
+
+    routing = traced.trace.columns("routing")
     assert routing["expert"].dtype == np.int16 and routing["weight"].dtype == np.float16
+    assert traced.trace.arrow("routing").schema.field("weight").type == pa.float16()
     assert routing["expert"].max() < 256  # fits a uint8 in Parquet's dictionary/bit-packed encoding
+
+
+def test_showing_routing_warns_nothing_and_reads_float32(traced):
+    import warnings
+
+    routing = traced.trace.routing
+    assert routing["weight"].dtype == np.float32
+    assert np.array_equal(routing["weight"], traced.trace.columns("routing")["weight"].astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        repr(routing), routing._repr_html_()
+
+
+def test_routing_carries_each_tokens_modality(traced):
+    trace = traced.trace
+    tokens = trace.tokens.set_index(["component", "pos"])["modality"]
+    routing = trace.routing
+    expected = tokens.loc[list(zip(routing["component"], routing["pos"], strict=True))].to_numpy()
+    assert np.array_equal(routing["modality"].to_numpy(), expected)
+    assert {"audio", "image", "video", "text", "speech"} <= set(routing["modality"])
+    # a routing table without the column (a trace saved before it existed) gets it from the tokens
+    older = omnilab.Trace.build(tokens=trace.tokens, routing=routing.drop(columns="modality"))
+    assert older.routing["modality"].equals(routing["modality"])
 
 
 def test_positions_equal_get_rope_index(traced, tiny, all_media_conversation):
@@ -370,13 +396,13 @@ def test_save_load_round_trip_is_lossless(traced, tmp_path):
 
 
 def test_a_traced_run_reads_the_same_as_dataframes_and_as_arrow(traced):
-    from omnilab.trace import COLUMNS, TABLES
+    from omnilab.trace import COLUMNS, TABLES, VIEW_DTYPES
 
     trace = traced.trace
     for name in TABLES:
         frame, table = trace.table(name), trace.arrow(name)
         assert list(frame.columns) == list(COLUMNS[name]), name
-        assert [str(t) for t in frame.dtypes] == list(COLUMNS[name].values()), name
+        assert [str(t) for t in frame.dtypes] == [VIEW_DTYPES.get(d, d) for d in COLUMNS[name].values()], name
         assert table.num_rows == len(frame) == trace.rows(name), name
         assert table.to_pandas().astype(frame.dtypes.to_dict()).equals(frame), name
     assert trace.tokens is trace.tokens  # built once, then kept
