@@ -196,3 +196,35 @@ def test_real_card_from_package_data_on_meta_device():
     frame = omnilab.card("qwen3-omni-30b-a3b-instruct")
     thinker = frame.set_index("component").loc["thinker"]
     assert thinker["layers"] == 48 and thinker["experts"] == 128 and thinker["top_k"] == 8
+
+
+def test_a_spoken_turn_with_video_shows_no_transformers_notices(tiny, data_dir):
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(data_dir / "video.mp4")},
+                {"type": "text", "text": "Hi"},
+            ],
+        }
+    ]
+    hf_logging.warning_once.cache_clear()  # each notice is logged once per process: see this run's
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiny.generate(conversation, max_new_tokens=2, max_speech_frames=2)
+            list(tiny.stream(conversation, max_new_tokens=2, max_speech_frames=2))
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    assert [str(w.message) for w in caught if "transformers" in w.filename] == []

@@ -17,6 +17,7 @@ from ..errors import ConversationError, InterventionError
 from ..instrument.record import CodesRecorder, Recording, TimingsRecorder, Turn
 from ..instrument.speech_decoder import SpeechDecoder
 from ..instrument.tracer import capture_spec, recorders_for, trace_meta
+from ..lab import quiet_talker_penalty_notice
 from ..options import GenerationOptions, with_option_keywords
 from ..reply import SAMPLE_RATE, Reply
 from ..trace import Trace
@@ -262,6 +263,7 @@ class _Stream:
         self.entries: list[torch.Tensor] = []
         self.entries_final = False
         self._consume_thinker_tokens()
+        quiet_talker_penalty_notice()
         with code_predictor_sampling(talker, talker_kwargs["do_sample"]):
             prepared = talker.generate(
                 inputs_embeds=prompt["inputs_embeds"],
