@@ -537,3 +537,15 @@ def test_one_tracer_refuses_a_second_run_and_keeps_the_first(tiny):
     prompt = len(tiny.prepare("Hello")["input_ids"][0])
     assert trace.tokens["pos"].max() == prompt + len(first.token_ids) - 1
     assert trace.text == first.text
+
+
+def test_meta_says_the_talker_positions_ignore_use_audio_in_video(tiny, data_dir):
+    from omnilab.instrument.tracer import TALKER_POSITIONS_NOTE
+
+    conversation = [{"role": "user", "content": [{"type": "video", "video": str(data_dir / "video.mp4")}]}]
+    options = dict(max_new_tokens=2, max_speech_frames=2, trace=("positions",))
+    meta = tiny.generate(conversation, use_audio_in_video=True, **options).trace.meta
+    assert meta["use_audio_in_video"] is True and meta["talker_use_audio_in_video"] is False
+    assert meta["notes"] == [TALKER_POSITIONS_NOTE] and "flat" in TALKER_POSITIONS_NOTE
+    plain = tiny.generate(conversation, **options).trace.meta
+    assert "talker_use_audio_in_video" not in plain and "notes" not in plain

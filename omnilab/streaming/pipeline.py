@@ -413,6 +413,7 @@ class _Stream:
                 text=text,
                 items=gathered.items,
                 use_audio_in_video=self.options.use_audio_in_video,
+                spoke=bool(self.speech),
                 streamed=True,
                 latency=timings.as_dict(),
             )
