@@ -33,7 +33,9 @@ timings       one row per stage: stage, seconds, calls (thinker_prefill, thinker
               talker_decode, code_predictor, code2wav)
 
 `meta` holds model_id, config_hash, omnilab_version, schema_version, capture, random_weights,
-num_experts/top_k per component, position_id_per_seconds, sample_rate and the reply text.
+num_experts/top_k per component, position_id_per_seconds, sample_rate and the reply text; a spoken
+turn with use_audio_in_video adds talker_use_audio_in_video (False: the talker's positions do not
+interleave) and `notes` saying so.
 """
 
 from __future__ import annotations
