@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BatchFeature
+from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
 
 from . import conversation as conv
 from .errors import ConversationError
@@ -20,6 +21,24 @@ from .options import GenerationOptions, options_from, with_option_keywords
 from .reply import SAMPLE_RATE, SAMPLES_PER_FRAME, Reply  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
+
+
+def quiet_talker_penalty_notice() -> None:
+    """Filter transformers' warning that the talker's repetition penalty skips its prompt.
+
+    Upstream's talker penalizes repeated codes among the generated ones only, on purpose (it passes
+    the prompt as embeddings "to prevent repetition penalty out of bound"), and transformers warns
+    about exactly that on every spoken turn. Settling it would change the speech (penalty 1.0), so
+    this one message is filtered where the talker is started; a filter rather than
+    `warnings.catch_warnings`, which is not thread-safe (adding it again only moves it to the front).
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Passing `repetition_penalty` with `inputs_embeds` and without `input_ids`",
+        category=UserWarning,
+        module=r"transformers\.generation\.utils",
+    )
+
 
 VIDEO_FPS = 2.0  # frames sampled per second of video, as in Qwen's cookbooks
 PRESET_SPEECH_FRAMES = 48  # random-weight talkers never emit EOS: cap their speech (3.84 s)
@@ -31,6 +50,26 @@ RANDOM_WEIGHTS_NOTE = (
     "random-weight model of the real Qwen3-Omni architecture: its text and speech are noise; "
     "load real weights with omnilab.load('Qwen/Qwen3-Omni-30B-A3B-Instruct')"
 )
+
+
+class EmptyReply(Exception):
+    """The thinker's first token ended its reply: `sequences` are the prompt and that token."""
+
+    def __init__(self, sequences: torch.Tensor):
+        super().__init__("empty reply")
+        self.sequences = sequences
+
+
+class StopAtEmptyReply(StoppingCriteria):
+    """A stopping criterion that raises EmptyReply when the first generated token is `end_id`."""
+
+    def __init__(self, prompt_length: int, end_id: int):
+        self.prompt_length, self.end_id = prompt_length, int(end_id)
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        if input_ids.shape[1] == self.prompt_length + 1 and int(input_ids[0, -1]) == self.end_id:
+            raise EmptyReply(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class OmniLab:
@@ -94,7 +133,11 @@ class OmniLab:
             kwargs["images"] = gathered.images
         if gathered.videos:
             kwargs["videos"] = [v.frames for v in gathered.videos]
-            videos_kwargs = {"fps": VIDEO_FPS, "do_sample_frames": False}
+            # cap_pixels_per_frame=True: qwen-vl-utils' per-frame share of a whole-video pixel budget,
+            # the reference preprocessing Qwen trained with and transformers' coming default (a long or
+            # densely sampled video costs what it costs there; short videos' token counts are unchanged).
+            # Passing it also settles the processor's notice that it is unset.
+            videos_kwargs = {"fps": VIDEO_FPS, "do_sample_frames": False, "cap_pixels_per_frame": True}
             if self._video_size is not None:
                 videos_kwargs["size"] = self._video_size
             kwargs["videos_kwargs"] = videos_kwargs
@@ -178,17 +221,26 @@ class OmniLab:
                     prompt_length=prompt_length,
                     use_audio_in_video=options.use_audio_in_video,
                 )
-            result = (
-                self.model.generate(**kwargs)
-                if hasattr(self.model, "thinker")
-                else self.model.generate(
-                    **{
-                        k: v
-                        for k, v in kwargs.items()
-                        if not k.startswith(("talker_", "return_audio", "speaker"))
-                    }
+            if options.return_audio:
+                quiet_talker_penalty_notice()
+                # An empty reply (the first token ends it) leaves the talker nothing to speak, and
+                # upstream generate fails building its prompt: stop there and give empty speech.
+                stop = StopAtEmptyReply(prompt_length, self.model.config.im_end_token_id)
+                kwargs["thinker_stopping_criteria"] = StoppingCriteriaList([stop])
+            try:
+                result = (
+                    self.model.generate(**kwargs)
+                    if hasattr(self.model, "thinker")
+                    else self.model.generate(
+                        **{
+                            k: v
+                            for k, v in kwargs.items()
+                            if not k.startswith(("talker_", "return_audio", "speaker"))
+                        }
+                    )
                 )
-            )
+            except EmptyReply as empty:
+                result = (empty.sequences, torch.zeros(0))
         if options.return_audio:
             sequences, waveform = result
             audio = waveform.reshape(-1).float().cpu().numpy().astype(np.float32)
@@ -224,10 +276,17 @@ class OmniLab:
         if return_audio:
             frames = options.max_speech_frames or (PRESET_SPEECH_FRAMES if self.random_weights else 4096)
             speech_do_sample = options.speech_do_sample
+            talker_do_sample = options.do_sample if speech_do_sample is None else speech_do_sample
+            if not talker_do_sample:
+                # Upstream passes its sampling temperature (0.9) to a greedy talker too, and
+                # transformers then warns that the flag is ignored; greedy ignores it either way.
+                kwargs["talker_temperature"] = 1.0
             kwargs.update(
                 speaker=options.speaker,
-                talker_max_new_tokens=int(frames),
-                talker_do_sample=options.do_sample if speech_do_sample is None else speech_do_sample,
+                # The talker's last codebook-0 token is never fed back, so the code predictor never
+                # completes its frame: N + 1 talker tokens give N frames.
+                talker_max_new_tokens=int(frames) + 1,
+                talker_do_sample=talker_do_sample,
             )
         return kwargs
 

@@ -14,8 +14,10 @@ tokens        one row per token of each component's sequence
     t, h, w    int64  the TM-RoPE position ids the model used (temporal, height, width)
     seconds    float  t / position_id_per_seconds for audio/image/video tokens, NaN for text
     frame      int32  audio: token index (13 per second); video: temporal grid index; speech: talker frame; -1 else
-routing       one row per (token, layer, rank): component, layer, pos, phase, rank, expert, weight
-              (expert uint8/int16, weight float16 — ≤ 3 bytes per (token, layer, k) as stored)
+routing       one row per (token, layer, rank): component, layer, pos, phase, rank, expert, weight,
+              modality (the token's, from `tokens`; filled from it when a table lacks it, so traces
+              saved before the column existed load unchanged) (expert int16, weight float16 —
+              ≤ 3 bytes per (token, layer, k) as stored)
 router_stats  one row per (token, layer): component, layer, pos, phase, entropy (nats, of the full
               router softmax), topk_mass (softmax probability of the chosen k experts)
 router_logits optional (capture "logits"): component, layer, pos, expert, logit (float16)
@@ -31,7 +33,9 @@ timings       one row per stage: stage, seconds, calls (thinker_prefill, thinker
               talker_decode, code_predictor, code2wav)
 
 `meta` holds model_id, config_hash, omnilab_version, schema_version, capture, random_weights,
-num_experts/top_k per component, position_id_per_seconds, sample_rate and the reply text.
+num_experts/top_k per component, position_id_per_seconds, sample_rate and the reply text; a spoken
+turn with use_audio_in_video adds talker_use_audio_in_video (False: the talker's positions do not
+interleave) and `notes` saying so.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ COLUMNS: dict[str, dict[str, str]] = {
         "rank": "int8",
         "expert": "int16",
         "weight": "float16",
+        "modality": "object",
     },
     "router_stats": {
         "component": "object",
@@ -140,6 +145,9 @@ ARROW_TYPES = {
     "float32": pa.float32(),
     "float64": pa.float64(),
 }
+# The DataFrame view of a trace widens float16 (routing weights, router logits) to float32: pandas
+# cannot display float16 without "overflow encountered in cast"; columns, Arrow and Parquet keep float16.
+VIEW_DTYPES = {"float16": "float32"}
 # A table as column arrays: one 1-D NumPy array per documented column, all of one length.
 Columns = dict[str, np.ndarray]
 
@@ -212,6 +220,29 @@ def _frame(columns: Columns) -> pd.DataFrame:
     )
 
 
+def token_modality(tokens: Columns, component: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The modality of the token at each (component, pos) in `tokens` (None where it has no row)."""
+    out = np.full(len(pos), None, dtype=object)
+    for name in pd.unique(tokens["component"]):
+        mask = tokens["component"] == name
+        known = tokens["pos"][mask]
+        table = np.full(int(known.max()) + 2, None, dtype=object)  # the last slot: positions past the end
+        table[known] = tokens["modality"][mask]
+        rows = component == name
+        out[rows] = table[np.clip(pos[rows], 0, len(table) - 1)]
+    return out
+
+
+def _with_modality(routing, tokens: Columns) -> Columns:
+    """A routing table lacking `modality` (DataFrame or columns), conformed, its modality from `tokens`."""
+    if isinstance(routing, pd.DataFrame):
+        columns = _conformed_columns("routing", routing.assign(modality=""))
+    else:
+        columns = conform_columns("routing", {**routing, "modality": np.empty(len(routing["pos"]), object)})
+    columns["modality"] = token_modality(tokens, columns["component"], columns["pos"])
+    return columns
+
+
 @dataclass(frozen=True, eq=False)
 class Trace:
     """What one run did inside: tables (see the module docstring), the reply's audio, and metadata.
@@ -219,7 +250,7 @@ class Trace:
     `tables` maps each table name to its column arrays in the schema's dtypes (DataFrames or column
     dicts given to the constructor, `Trace.build` or `dataclasses.replace` are conformed; a missing
     table is empty). Read a table as a DataFrame (`trace.routing`, `trace.table("routing")`: built on
-    first access, then kept) or as Arrow (`trace.arrow("routing")`, with no pandas at all: the
+    first access, then kept; float16 columns widened to float32, see VIEW_DTYPES) or as Arrow (`trace.arrow("routing")`, with no pandas at all: the
     store and `save` write traces this way).
     """
 
@@ -238,10 +269,14 @@ class Trace:
             table = self.tables.get(name)
             if table is None or (isinstance(table, pd.DataFrame) and len(table) == 0):
                 conformed[name] = {c: np.empty(0, dtype=d) for c, d in COLUMNS[name].items()}
+            elif name == "routing" and "modality" not in table:
+                conformed[name] = None  # its modality comes from the tokens, conformed below
             elif isinstance(table, dict):
                 conformed[name] = conform_columns(name, table)
             else:
                 conformed[name] = _conformed_columns(name, table)
+        if conformed["routing"] is None:
+            conformed["routing"] = _with_modality(self.tables["routing"], conformed["tokens"])
         object.__setattr__(self, "tables", conformed)
 
     @classmethod
@@ -256,7 +291,10 @@ class Trace:
             raise TraceError(f"unknown table {name!r}; the tables are {', '.join(TABLES)}")
         frame = self._frames.get(name)
         if frame is None:
-            frame = self._frames[name] = _frame(self.tables[name])
+            frame = self._frames[name] = _frame(
+                {c: v.astype(VIEW_DTYPES[str(v.dtype)]) if str(v.dtype) in VIEW_DTYPES else v
+                 for c, v in self.tables[name].items()}
+            )  # fmt: skip
         return frame
 
     def columns(self, name: str) -> Columns:
@@ -300,8 +338,8 @@ class Trace:
         return self.meta.get("text", "")
 
     def routing_with_tokens(self) -> pd.DataFrame:
-        """The routing table joined with each token's modality, text, token id and item."""
-        keys = self.tokens[["component", "pos", "modality", "text", "token_id", "item"]].drop_duplicates(
+        """The routing table (with each token's modality) joined with its text, token id and item."""
+        keys = self.tokens[["component", "pos", "text", "token_id", "item"]].drop_duplicates(
             ["component", "pos"], keep="last"
         )
         return self.routing.merge(keys, on=["component", "pos"], how="left")

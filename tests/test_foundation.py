@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,41 @@ def test_generate_with_all_media_gives_text_and_frame_aligned_speech(tiny, all_m
     # code2wav holds back a few hundred samples at the end (causal transposed convolutions)
     assert 0 <= frames * SAMPLES_PER_FRAME - len(reply.audio) < SAMPLES_PER_FRAME
     assert reply.random_weights
+
+
+def test_max_speech_frames_gives_exactly_that_many_frames(tiny):
+    reply = tiny.generate("Hello", max_new_tokens=3, max_speech_frames=10)
+    assert reply.codes.shape == (10, 16)
+    # the audio is the 10 frames' samples less code2wav's held-back tail (under one frame)
+    assert 0 <= 10 * SAMPLES_PER_FRAME - len(reply.audio) < SAMPLES_PER_FRAME
+
+
+@contextlib.contextmanager
+def first_token_ends_the_reply(lab):
+    """Make <|im_end|> the thinker's every choice (a hook on its output head, removed after)."""
+    end = lab.model.config.im_end_token_id
+
+    def hook(module, args, logits):
+        logits = logits.clone()
+        logits[..., end] = 1e4
+        return logits
+
+    handle = lab.thinker.lm_head.register_forward_hook(hook)
+    try:
+        yield end
+    finally:
+        handle.remove()
+
+
+def test_an_empty_reply_gives_empty_speech_in_generate_and_stream(tiny):
+    with first_token_ends_the_reply(tiny) as end:
+        reply = tiny.generate("Hello", max_new_tokens=3, max_speech_frames=4, trace=True)
+        streamed = list(tiny.stream("Hello", max_new_tokens=3, max_speech_frames=4))[-1].reply
+    for r in (reply, streamed):
+        assert r.token_ids == [end] and r.text == ""
+        assert r.audio.dtype == np.float32 and r.audio.shape == (0,)
+        assert r.codes.shape == (0, 16)
+    assert reply.trace.rows("codes") == 0 and reply.trace.text == ""
 
 
 def test_return_audio_false_gives_text_only(tiny):
@@ -159,3 +196,35 @@ def test_real_card_from_package_data_on_meta_device():
     frame = omnilab.card("qwen3-omni-30b-a3b-instruct")
     thinker = frame.set_index("component").loc["thinker"]
     assert thinker["layers"] == 48 and thinker["experts"] == 128 and thinker["top_k"] == 8
+
+
+def test_a_spoken_turn_with_video_shows_no_transformers_notices(tiny, data_dir):
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(data_dir / "video.mp4")},
+                {"type": "text", "text": "Hi"},
+            ],
+        }
+    ]
+    hf_logging.warning_once.cache_clear()  # each notice is logged once per process: see this run's
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiny.generate(conversation, max_new_tokens=2, max_speech_frames=2)
+            list(tiny.stream(conversation, max_new_tokens=2, max_speech_frames=2))
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    assert [str(w.message) for w in caught if "transformers" in w.filename] == []

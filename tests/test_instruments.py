@@ -118,9 +118,35 @@ def test_routing_weights_are_the_routers_own(traced, tiny):
 
 
 def test_routing_is_compact_as_stored(traced):
-    routing = traced.trace.routing
+    import pyarrow as pa
+
+    routing = traced.trace.columns("routing")
     assert routing["expert"].dtype == np.int16 and routing["weight"].dtype == np.float16
+    assert traced.trace.arrow("routing").schema.field("weight").type == pa.float16()
     assert routing["expert"].max() < 256  # fits a uint8 in Parquet's dictionary/bit-packed encoding
+
+
+def test_showing_routing_warns_nothing_and_reads_float32(traced):
+    import warnings
+
+    routing = traced.trace.routing
+    assert routing["weight"].dtype == np.float32
+    assert np.array_equal(routing["weight"], traced.trace.columns("routing")["weight"].astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        repr(routing), routing._repr_html_()
+
+
+def test_routing_carries_each_tokens_modality(traced):
+    trace = traced.trace
+    tokens = trace.tokens.set_index(["component", "pos"])["modality"]
+    routing = trace.routing
+    expected = tokens.loc[list(zip(routing["component"], routing["pos"], strict=True))].to_numpy()
+    assert np.array_equal(routing["modality"].to_numpy(), expected)
+    assert {"audio", "image", "video", "text", "speech"} <= set(routing["modality"])
+    # a routing table without the column (a trace saved before it existed) gets it from the tokens
+    older = omnilab.Trace.build(tokens=trace.tokens, routing=routing.drop(columns="modality"))
+    assert older.routing["modality"].equals(routing["modality"])
 
 
 def test_positions_equal_get_rope_index(traced, tiny, all_media_conversation):
@@ -370,13 +396,13 @@ def test_save_load_round_trip_is_lossless(traced, tmp_path):
 
 
 def test_a_traced_run_reads_the_same_as_dataframes_and_as_arrow(traced):
-    from omnilab.trace import COLUMNS, TABLES
+    from omnilab.trace import COLUMNS, TABLES, VIEW_DTYPES
 
     trace = traced.trace
     for name in TABLES:
         frame, table = trace.table(name), trace.arrow(name)
         assert list(frame.columns) == list(COLUMNS[name]), name
-        assert [str(t) for t in frame.dtypes] == list(COLUMNS[name].values()), name
+        assert [str(t) for t in frame.dtypes] == [VIEW_DTYPES.get(d, d) for d in COLUMNS[name].values()], name
         assert table.num_rows == len(frame) == trace.rows(name), name
         assert table.to_pandas().astype(frame.dtypes.to_dict()).equals(frame), name
     assert trace.tokens is trace.tokens  # built once, then kept
@@ -494,3 +520,32 @@ def test_a_new_capture_is_one_recorder_fed_each_forwards_place(tiny, all_media_c
     prompt = tiny.prepare(all_media_conversation)["input_ids"].shape[1]
     assert sum(phase == "prefill" for phase, _, _ in norms.rows) == prompt
     assert sum(phase == "decode" for phase, _, _ in norms.rows) == len(reply.token_ids) - 1
+
+
+def test_one_tracer_refuses_a_second_run_and_keeps_the_first(tiny):
+    from omnilab.errors import InterventionError
+
+    with tiny.trace() as tracer:
+        first = tiny.generate("Hello", max_new_tokens=3, return_audio=False)
+        with pytest.raises(InterventionError, match="one Tracer records one run.*new lab.trace"):
+            tiny.generate("Name three rivers.", max_new_tokens=3, return_audio=False)
+    trace = tracer.trace
+    top_k = trace.meta["components"]["thinker"]["top_k"]
+    rows = trace.routing.groupby(["component", "layer", "pos"]).size()
+    assert (rows == top_k).all()
+    assert not trace.tokens.duplicated(["component", "pos"]).any()
+    prompt = len(tiny.prepare("Hello")["input_ids"][0])
+    assert trace.tokens["pos"].max() == prompt + len(first.token_ids) - 1
+    assert trace.text == first.text
+
+
+def test_meta_says_the_talker_positions_ignore_use_audio_in_video(tiny, data_dir):
+    from omnilab.instrument.tracer import TALKER_POSITIONS_NOTE
+
+    conversation = [{"role": "user", "content": [{"type": "video", "video": str(data_dir / "video.mp4")}]}]
+    options = dict(max_new_tokens=2, max_speech_frames=2, trace=("positions",))
+    meta = tiny.generate(conversation, use_audio_in_video=True, **options).trace.meta
+    assert meta["use_audio_in_video"] is True and meta["talker_use_audio_in_video"] is False
+    assert meta["notes"] == [TALKER_POSITIONS_NOTE] and "flat" in TALKER_POSITIONS_NOTE
+    plain = tiny.generate(conversation, **options).trace.meta
+    assert "talker_use_audio_in_video" not in plain and "notes" not in plain

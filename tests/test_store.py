@@ -270,7 +270,8 @@ def test_expert_load_in_duckdb_equals_the_in_memory_analysis(bundled, memory_tra
     assert (merged["count"] == merged["count_memory"]).all()
     np.testing.assert_allclose(merged["share"], merged["coverage"], rtol=1e-12)
     # and a plain pandas group-by over the in-memory traces
-    joined = source["routing"].merge(
+    routing = source["routing"].drop(columns="modality")  # the tokens' modality is joined here
+    joined = routing.merge(
         source["tokens"][["sample_id", "component", "pos", "modality"]],
         on=["sample_id", "component", "pos"],
         how="left",

@@ -17,7 +17,7 @@ import omnilab
 from omnilab.errors import ConversationError
 from omnilab.streaming import SpeechDecoder, StreamEvent, Timings, exact_left_context, format_timings, stream
 
-TOKENS, FRAMES = 8, 6  # a talker capped at 6 steps speaks 5 frames (the capped step gets no residual codes)
+TOKENS, FRAMES = 8, 6  # max_speech_frames=6 speaks exactly 6 frames
 HELLO = [{"role": "user", "content": [{"type": "text", "text": "Hello there, how are you?"}]}]
 OTHER = [{"role": "user", "content": [{"type": "text", "text": "Name three rivers."}]}]
 
@@ -55,7 +55,7 @@ def test_streamed_tokens_and_codes_equal_generate(done, reference):
     assert done.kind == "done"
     assert done.reply.token_ids == reference.token_ids
     assert np.array_equal(done.reply.codes, reference.codes)
-    assert done.reply.codes.shape == (FRAMES - 1, 16)
+    assert done.reply.codes.shape == (FRAMES, 16)
 
 
 def test_text_deltas_add_up_to_the_reply(events, done, reference):
@@ -66,7 +66,7 @@ def test_text_deltas_add_up_to_the_reply(events, done, reference):
 
 def test_audio_chunks_add_up_to_a_full_decode_of_the_codes(tiny, events, done):
     chunks = [e for e in events if e.kind == "audio"]
-    assert len(chunks) == FRAMES - 1  # one frame per chunk
+    assert len(chunks) == FRAMES  # one frame per chunk
     assert [c.sample_offset for c in chunks] == list(np.cumsum([0] + [len(c.audio) for c in chunks[:-1]]))
     audio = np.concatenate([c.audio for c in chunks])
     assert audio.dtype == np.float32
@@ -116,14 +116,14 @@ def test_trace_events_carry_the_newest_rows_routing(tiny, events):
     assert len(decode.routing) == config.num_hidden_layers * config.num_experts_per_tok
     assert set(decode.routing["pos"]) == set(decode.positions["pos"])
     talker = [e for e in events if e.kind == "trace" and e.component == "talker" and e.phase == "decode"]
-    assert [e.frame for e in talker] == list(range(FRAMES - 1))
+    assert [e.frame for e in talker] == list(range(FRAMES))
 
 
 def test_done_trace_has_tokens_routing_codes_and_timings(done):
     trace = done.trace
     assert done.reply.trace is trace
     assert set(trace.routing["component"]) == {"thinker", "talker"}
-    assert len(trace.codes) == (FRAMES - 1) * 16
+    assert len(trace.codes) == FRAMES * 16
     assert list(trace.timings["stage"]) == [
         "preprocessing",
         "thinker_prefill",
@@ -134,7 +134,7 @@ def test_done_trace_has_tokens_routing_codes_and_timings(done):
         "code2wav",
     ]
     speech = trace.tokens[trace.tokens["modality"] == "speech"]
-    assert list(speech["frame"]) == list(range(FRAMES - 1))
+    assert list(speech["frame"]) == list(range(FRAMES))
     assert trace.meta["latency"]["first_packet_latency"] == done.timings.first_packet_latency
     # The same metadata as a traced generate: the analyses read the routing shape from it.
     assert set(trace.meta["components"]) == {"thinker", "talker"}
@@ -162,7 +162,7 @@ def test_done_trace_saves_and_loads_with_its_latency(done, tmp_path):
     from omnilab.trace import Trace
 
     loaded = Trace.load(done.trace.save(tmp_path / "streamed"))
-    assert loaded.meta["latency"]["frames"] == FRAMES - 1
+    assert loaded.meta["latency"]["frames"] == FRAMES
     assert len(loaded.routing) == len(done.trace.routing)
 
 
@@ -178,7 +178,7 @@ def test_latency_breakdown_is_complete_and_consistent(done):
     ):
         assert 0 < getattr(t, name) < t.full_reply_latency, name
     assert t.thinker_ttft + t.talker_ttft < t.first_packet_latency < t.full_reply_latency
-    assert t.frames == FRAMES - 1 and t.chunks == FRAMES - 1 and t.thinker_tokens == TOKENS
+    assert t.frames == FRAMES and t.chunks == FRAMES and t.thinker_tokens == TOKENS
     assert t.real_time_factor == pytest.approx(t.full_reply_latency / t.speech_seconds)
     text = format_timings(t)
     for label in (
@@ -337,12 +337,17 @@ def test_bad_options_fail_at_the_call_with_the_way_out(tiny):
 def test_larger_chunks_after_the_first_frame_keep_the_audio(tiny, done):
     events = _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, chunk_frames=3, trace=False)
     chunks = [e for e in events if e.kind == "audio"]
-    assert [c.frame for c in chunks] == [0, 3, 4]  # frame 0 alone, then every 3, then the rest
+    assert [c.frame for c in chunks] == [0, 3, FRAMES - 1]  # frame 0 alone, then every 3, then the rest
     assert np.array_equal(events[-1].reply.codes, done.reply.codes)
     assert _relative_error(np.concatenate([c.audio for c in chunks]), done.reply.audio) <= 1e-5
     grown = _run(tiny, HELLO, max_new_tokens=TOKENS, max_speech_frames=FRAMES, trace=False)  # the default
     chunks = [e for e in grown if e.kind == "audio"]
-    assert [c.frame for c in chunks] == [0, 1, 3, 4]  # 1, 1, 2 frames (each as long as all before), the rest
+    assert [c.frame for c in chunks] == [
+        0,
+        1,
+        3,
+        FRAMES - 1,
+    ]  # 1, 1, 2 frames (each as long as all before), the rest
     assert _relative_error(np.concatenate([c.audio for c in chunks]), done.reply.audio) <= 1e-5
 
 

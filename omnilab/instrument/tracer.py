@@ -34,6 +34,11 @@ from .record import (
 )
 from .sites import component_module
 
+TALKER_POSITIONS_NOTE = (
+    "the talker's positions ignore use_audio_in_video: transformers' generate does not pass it to the "
+    "talker, so in the talker's sequence a video's audio follows its frames (flat) where the "
+    "thinker's positions interleave them in time"
+)
 DEFAULT_CAPTURE = ("routing", "positions", "codes", "timings")
 CAPTURES = ("routing", "positions", "codes", "timings", "attention", "logits")
 
@@ -100,6 +105,9 @@ class Tracer:
     default capture, DEFAULT_CAPTURE) or a capture spec (names from CAPTURES) — and attach the Trace
     to the Reply (`Reply.trace`, a `Trace | None`).
 
+    One Tracer records one run (one `generate` or `forward`); a second `generate` or
+    `forward` inside it is refused, the first run's record kept.
+
     capture: names from CAPTURES (positions are always recorded); attention_layers: {component:
     layers} for "attention" (thinker, talker, audio_tower, vision_tower; default the thinker's layer
     0); heads: keep only these heads of each map.
@@ -137,6 +145,14 @@ class Tracer:
 
     # -- called by OmniLab.generate ---------------------------------------------------------------
     def begin(self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool) -> None:
+        if self._prompt is not None:
+            # Tables key each token by (component, pos): a second run's rows would silently merge
+            # with the first's, and meta holds one reply. What was recorded so far stays intact.
+            raise InterventionError(
+                "this lab.trace() has already recorded a run, and one Tracer records one run (a "
+                "second would merge its tokens and routing with the first's); open a new "
+                "lab.trace() around each generate or forward, or pass trace=True to generate"
+            )
         self._prompt = {
             "length": prompt_length,
             "items": gathered.items,
@@ -163,13 +179,17 @@ class Tracer:
             text=reply.text if reply is not None else "",
             items=prompt["items"] if prompt else [],
             use_audio_in_video=bool(prompt and prompt["use_audio_in_video"]),
+            spoke=reply is not None and reply.audio is not None,
         )
         audio = reply.audio if reply is not None else None
         return Trace.build(audio=audio, sample_rate=SAMPLE_RATE, meta=meta, **tables)
 
 
-def trace_meta(lab, *, capture, text: str, items: list, use_audio_in_video: bool, **extra) -> dict:
-    """The metadata of a trace of `lab`: identity, capture spec and per-component routing shape."""
+def trace_meta(
+    lab, *, capture, text: str, items: list, use_audio_in_video: bool, spoke: bool = False, **extra
+) -> dict:
+    """The metadata of a trace of `lab`: identity, capture spec and per-component routing shape
+    (`spoke`: the talker ran, so its positions are in the trace)."""
     return {
         "model_id": lab.model_id,
         "random_weights": lab.random_weights,
@@ -182,6 +202,13 @@ def trace_meta(lab, *, capture, text: str, items: list, use_audio_in_video: bool
         # Media are named by file name only: a trace must not carry the paths of the machine that made it.
         "items": [{**item, "name": Path(str(item["name"])).name} for item in items],
         "use_audio_in_video": bool(use_audio_in_video),
+        # Upstream generate hands the talker no use_audio_in_video: its TM-RoPE positions put a
+        # video's audio after its frames where the thinker's interleave them. Said, not hidden.
+        **(
+            {"talker_use_audio_in_video": False, "notes": [TALKER_POSITIONS_NOTE]}
+            if use_audio_in_video and spoke
+            else {}
+        ),
         **extra,
     }
 

@@ -17,6 +17,7 @@ from ..errors import ConversationError, InterventionError
 from ..instrument.record import CodesRecorder, Recording, TimingsRecorder, Turn
 from ..instrument.speech_decoder import SpeechDecoder
 from ..instrument.tracer import capture_spec, recorders_for, trace_meta
+from ..lab import quiet_talker_penalty_notice
 from ..options import GenerationOptions, with_option_keywords
 from ..reply import SAMPLE_RATE, Reply
 from ..trace import Trace
@@ -134,7 +135,7 @@ class _Stream:
         yield from self._thinker_events()
 
         talker = None
-        if self.speech:
+        if self.speech and not self._empty_reply():
             started = time.perf_counter()
             with self._step():
                 talker = self._start_talker(talker_kwargs)
@@ -157,6 +158,11 @@ class _Stream:
             yield from self._decode_audio(final=True)
         yield from self._text_events(final=True)
         yield self._done(gathered)
+
+    def _empty_reply(self) -> bool:
+        """The thinker's first token ended its reply: no text to speak (`generate` gives empty speech too)."""
+        ids = self.thinker_decoder.generated.tolist()
+        return self.thinker_decoder.done and ids == [self.model.config.im_end_token_id]
 
     def now(self) -> float:
         """Seconds since the stream started (its first `next()`)."""
@@ -257,6 +263,7 @@ class _Stream:
         self.entries: list[torch.Tensor] = []
         self.entries_final = False
         self._consume_thinker_tokens()
+        quiet_talker_penalty_notice()
         with code_predictor_sampling(talker, talker_kwargs["do_sample"]):
             prepared = talker.generate(
                 inputs_embeds=prompt["inputs_embeds"],
@@ -406,6 +413,7 @@ class _Stream:
                 text=text,
                 items=gathered.items,
                 use_audio_in_video=self.options.use_audio_in_video,
+                spoke=bool(self.speech),
                 streamed=True,
                 latency=timings.as_dict(),
             )
