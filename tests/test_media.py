@@ -406,9 +406,7 @@ def test_audio_shorter_than_the_feature_extractor_accepts_is_refused_naming_it(t
     path = tmp_path / "one.wav"
     soundfile.write(path, np.array([0.1], dtype=np.float32), 16000)
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}]}]
-    with pytest.raises(
-        MediaError, match=r"one\.wav is 0\.1 ms long \(1 samples at 16 kHz\); the shortest"
-    ):
+    with pytest.raises(MediaError, match=r"one\.wav is 0\.1 ms long \(1 samples at 16 kHz\); the shortest"):
         gather(conversation)
     # the bound counts samples after resampling to 16 kHz
     with pytest.raises(MediaError, match=r"109 samples at 16 kHz"):
