@@ -29,7 +29,8 @@ def test_generation_kwargs_come_from_the_options(tiny):
     options = GenerationOptions(max_new_tokens=5, do_sample=True, top_k=7, max_speech_frames=9)
     kwargs = tiny.generation_kwargs(inputs, options)
     assert kwargs["thinker_max_new_tokens"] == 5 and kwargs["thinker_top_k"] == 7
-    assert kwargs["talker_max_new_tokens"] == 9 and kwargs["talker_do_sample"] is True
+    # 9 frames take 10 talker steps: the last codebook-0 token is never completed by the code predictor
+    assert kwargs["talker_max_new_tokens"] == 10 and kwargs["talker_do_sample"] is True
     assert tiny.generation_kwargs(inputs, options, speech_do_sample=False)["talker_do_sample"] is False
     assert "speaker" not in tiny.generation_kwargs(inputs, return_audio=False)
 

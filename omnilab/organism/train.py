@@ -280,7 +280,7 @@ def train_thinker(
             with history_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(task=task, loss=f"{float(loss):.3f}")
+            bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
             if (step + 1) % config.save_every == 0 or step + 1 in (config.steps, until):
                 state = {
                     "thinker": thinker.state_dict(),
