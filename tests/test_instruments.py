@@ -549,3 +549,20 @@ def test_meta_says_the_talker_positions_ignore_use_audio_in_video(tiny, data_dir
     assert meta["notes"] == [TALKER_POSITIONS_NOTE] and "flat" in TALKER_POSITIONS_NOTE
     plain = tiny.generate(conversation, **options).trace.meta
     assert "talker_use_audio_in_video" not in plain and "notes" not in plain
+
+
+def test_sites_resolve_aliases_globs_and_sets_and_name_the_closest_when_unknown(tiny):
+    from omnilab.errors import InterventionError
+    from omnilab.instrument.sites import resolve_sites
+
+    resid = resolve_sites(tiny.model, "resid.*")
+    assert [s.alias for s in resid] == ["resid.0", "resid.1", "resid.2", "resid.3"]
+    assert resid[2].name == "thinker.model.language_model.layers.2"
+    assert resolve_sites(tiny.model, ["thinker.model.language_model.layers.2", "resid.2"]) == [resid[2]]
+    assert {s.kind for s in resolve_sites(tiny.model, "routing")} == {"router"}
+    assert {s.alias for s in resolve_sites(tiny.model, "talker.resid.*")} == {
+        "talker.resid.0",
+        "talker.resid.1",
+    }
+    with pytest.raises(InterventionError, match=r"no site 'resid10'.*closest: resid\.1"):
+        resolve_sites(tiny.model, "resid10")

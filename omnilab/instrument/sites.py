@@ -1,17 +1,30 @@
 """The registry of hook sites, named after the transformers module paths.
 
-A site is a module of the model that omnilab knows how to record at. Sites are found from the
-model's own modules, so the same code finds 4 thinker routers on `tiny` and 48 on the real
-checkpoint (built on the meta device).
+A site is a module of the model that omnilab knows how to record at or change. Sites are found from
+the model's own modules, so the same code finds 4 thinker routers on `tiny` and 48 on the real
+checkpoint (built on the meta device). Each has its module path and a short alias a researcher types:
+
+    resid.10            thinker.model.language_model.layers.10          (the residual stream after layer 10)
+    attn.10 / mlp.10    ...layers.10.self_attn / ...layers.10.mlp       (attention / MoE block output)
+    router.10           ...layers.10.mlp.gate
+    talker.resid.3      talker.model.layers.3        (talker.attn.3, talker.mlp.3, talker.router.3 likewise)
+    code_predictor.resid.0, audio_tower, vision_tower, deepstack.1, codec_head, code_predictor, code2wav
+
+`resolve_sites(model, patterns)` takes aliases, module paths, globs over either (`resid.*`) and the
+named sets in SITE_SETS (`routing`, `positions`, `codes`, `residual`).
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import re
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
+
+from ..errors import InterventionError
 
 # (kind, pattern on the module path, what it records)
 _PATTERNS = [
@@ -23,6 +36,11 @@ _PATTERNS = [
     ("router", r"^talker\.model\.layers\.(\d+)\.mlp\.gate$", "top-k experts and weights, router logits"),
     ("rotary", r"^thinker\.model\.language_model\.rotary_emb$", "the (t, h, w) position ids the model uses"),
     ("rotary", r"^talker\.model\.rotary_emb$", "the (t, h, w) position ids the model uses"),
+    ("residual", r"^thinker\.model\.language_model\.layers\.(\d+)$", "the residual stream after the layer"),
+    ("residual", r"^talker\.model\.layers\.(\d+)$", "the residual stream after the layer"),
+    ("residual", r"^talker\.code_predictor\.model\.layers\.(\d+)$", "the residual stream after the layer"),
+    ("mlp", r"^thinker\.model\.language_model\.layers\.(\d+)\.mlp$", "the MoE block's output"),
+    ("mlp", r"^talker\.model\.layers\.(\d+)\.mlp$", "the MoE block's output (shared expert included)"),
     ("attention", r"^thinker\.model\.language_model\.layers\.(\d+)\.self_attn$", "attention maps (eager)"),
     ("attention", r"^talker\.model\.layers\.(\d+)\.self_attn$", "attention maps (eager)"),
     (
@@ -46,11 +64,49 @@ _COMPILED = [(kind, re.compile(p), what) for kind, p, what in _PATTERNS]
 @dataclass(frozen=True)
 class Site:
     name: str  # the module path, e.g. "thinker.model.language_model.layers.10.mlp.gate"
-    kind: str  # router, rotary, attention, audio_tower, vision_tower, deepstack, codec_head, ...
-    component: str  # thinker, talker, code2wav
+    kind: str  # router, rotary, residual, mlp, attention, audio_tower, vision_tower, deepstack, ...
+    component: str  # thinker, talker, code_predictor, audio_tower, vision_tower, code2wav
     layer: int | None
     records: str
     module: torch.nn.Module
+    alias: str = ""  # the short name, e.g. "resid.10" (the module path where there is none)
+
+
+# (component, kind) -> the alias stem; a layer's number follows it ("resid.10")
+_ALIAS = {
+    ("thinker", "residual"): "resid",
+    ("thinker", "mlp"): "mlp",
+    ("thinker", "attention"): "attn",
+    ("thinker", "router"): "router",
+    ("talker", "residual"): "talker.resid",
+    ("talker", "mlp"): "talker.mlp",
+    ("talker", "attention"): "talker.attn",
+    ("talker", "router"): "talker.router",
+    ("code_predictor", "residual"): "code_predictor.resid",
+    ("audio_tower", "attention"): "audio_tower.attn",
+    ("vision_tower", "attention"): "vision_tower.attn",
+    ("vision_tower", "deepstack"): "deepstack",
+    ("thinker", "rotary"): "thinker.rotary",
+    ("talker", "rotary"): "talker.rotary",
+}
+# named sets of sites: name -> the kinds (and components) they hold
+SITE_SETS = {
+    "routing": {"router"},
+    "positions": {"rotary"},
+    "codes": {"codec_head", "code_predictor"},
+    "residual": {"residual"},
+}
+
+
+def _alias(name: str, kind: str, component: str, layer: int | None) -> str:
+    stem = _ALIAS.get((component, kind))
+    if stem is None:
+        return (
+            kind
+            if kind in {"audio_tower", "vision_tower", "codec_head", "code_predictor", "code2wav"}
+            else name
+        )
+    return stem if layer is None else f"{stem}.{layer}"
 
 
 def _component(name: str) -> str:
@@ -86,17 +142,62 @@ def _walk(model: torch.nn.Module) -> list[Site]:
             match = pattern.match(name)
             if match:
                 layer = int(match.group(1)) if match.groups() else None
-                sites.append(Site(name, kind, _component(name), layer, what, module))
+                component = _component(name)
+                alias = _alias(name, kind, component, layer)
+                sites.append(Site(name, kind, component, layer, what, module, alias))
                 break
     return sites
 
 
 def sites_frame(sites: list[Site]) -> pd.DataFrame:
-    """The registry as a table: name, kind, component, layer, records."""
+    """The registry as a table: alias, name, kind, component, layer, records."""
     return pd.DataFrame(
-        [(s.name, s.kind, s.component, s.layer, s.records) for s in sites],
-        columns=["name", "kind", "component", "layer", "records"],
+        [(s.alias, s.name, s.kind, s.component, s.layer, s.records) for s in sites],
+        columns=["alias", "name", "kind", "component", "layer", "records"],
     )
+
+
+def resolve_sites(model: torch.nn.Module, patterns) -> list[Site]:
+    """The sites `patterns` name, in module order, each once.
+
+    A pattern is an alias ("resid.10"), a module path, a glob over either ("resid.*",
+    "talker.model.layers.*"), or a named set of SITE_SETS ("routing"). A pattern that names nothing
+    is refused, with the closest real names.
+    """
+    sites = find_sites(model)
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise InterventionError(f"a site is named by a string; got {type(pattern).__name__} {pattern!r}")
+        if pattern in SITE_SETS:
+            hits = [s for s in sites if s.kind in SITE_SETS[pattern]]
+        else:
+            hits = [
+                s
+                for s in sites
+                if fnmatch.fnmatchcase(s.alias, pattern) or fnmatch.fnmatchcase(s.name, pattern)
+            ]
+        if not hits:
+            names = [s.alias for s in sites] + [s.name for s in sites] + list(SITE_SETS)
+            close = difflib.get_close_matches(pattern, names, n=4, cutoff=0.5)
+            hint = f"closest: {', '.join(close)}" if close else "see lab.sites()"
+            raise InterventionError(f"no site {pattern!r} in this model; {hint}")
+        chosen.update(s.name for s in hits)
+    return [s for s in sites if s.name in chosen]
+
+
+def site_tensor(output) -> torch.Tensor:
+    """The hidden-state tensor in a site module's output (attention and towers return tuples)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    for key in ("last_hidden_state", "hidden_states", "logits"):
+        value = getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise InterventionError(f"cannot find a tensor in a site's output of type {type(output).__name__}")
 
 
 def routers(model: torch.nn.Module, component: str) -> dict[int, torch.nn.Module]:
