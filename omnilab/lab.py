@@ -322,7 +322,12 @@ class OmniLab:
         return Tracer(self, capture=capture, **options)
 
     def intervene(self, **spec):
-        """A context that changes routing or positions while it is open (see omnilab.instrument.interventions)."""
+        """A context that changes the model while it is open, in forward, generate and stream alike.
+
+        ablate= / force= / replay= (routing), positions= (a TM-RoPE transform), set= / add= ({site:
+        tensor}: patch or steer a site's output; at= prompt positions, modality= a modality's tokens);
+        see omnilab.instrument.interventions and omnilab.instrument.patch. Contexts nest.
+        """
         from .instrument.interventions import Intervention
 
         return Intervention(self, **spec)

@@ -31,7 +31,8 @@ from .attribution import (
     attribution_by_patch,
     attribution_by_window,
 )
-from .lens import logit_lens
+from .lens import logit_lens, talker_lens
+from .patching import patching_sweep
 from .positions import av_alignment, position_layout
 from .probes import linear_probe
 from .routing import (
@@ -62,6 +63,7 @@ from .speech import (
     spoken_text,
     waveform_envelope,
 )
+from .steering import steering_vector
 
 __all__ = [
     "ROUTING_ANALYSES",
@@ -75,6 +77,9 @@ __all__ = [
     "attribute",
     "linear_probe",
     "logit_lens",
+    "patching_sweep",
+    "steering_vector",
+    "talker_lens",
     "attribution_by_item",
     "attribution_by_modality",
     "attribution_by_patch",

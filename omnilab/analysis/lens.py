@@ -10,6 +10,12 @@ An analysis that must run the model, so it takes an OmniLab, as attribution does
 
     logit_lens(lab, conversation, target=...)  → layer, pos, modality, rank, token_id, token, prob
                                                   (+ target_id, target_rank, target_prob)
+
+The talker's lens reads each talker layer's residual stream at the row that predicts the next frame
+(the last row of each talker forward) through the talker's final norm and `codec_head`: codebook 0
+per layer and frame. Its last layer is the talker's own codebook-0 logits (a test checks the argmax).
+
+    talker_lens(lab, conversation)             → frame, layer, rank, code, prob, talker_code
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ import pandas as pd
 import torch
 
 from ..errors import ConversationError
-from ..instrument.unembed import thinker_layers, thinker_unembed
+from ..instrument.unembed import talker_layer_modules, talker_unembed, thinker_layers, thinker_unembed
 
-__all__ = ["logit_lens"]
+__all__ = ["logit_lens", "talker_lens"]
 
 POSITION_CHUNK = 64  # positions unembedded at once: a 152k-word vocabulary is the memory here
 
@@ -69,6 +75,61 @@ def logit_lens(
     pieces = {int(t): tokenizer.decode([int(t)]) for t in pd.unique(frame["token_id"])}
     frame.insert(5, "token", frame["token_id"].map(pieces))
     return frame
+
+
+def talker_lens(lab, conversation, *, top: int = 3, **options) -> pd.DataFrame:
+    """The talker's logit lens over one spoken reply of `conversation` (`lab.generate` with speech).
+
+    `options`: generation options (max_new_tokens, max_speech_frames, speaker ...; greedy by
+    default). Returns one row per (frame, layer, rank) for the `top` most probable codebook-0 codes
+    the layer's residual reads as, with `talker_code`: the talker's own argmax of `codec_head` at
+    that frame (what the last layer's rank 0 must equal).
+    """
+    if not lab.has_talker:
+        raise ConversationError(f"model '{lab.model_id}' has no talker; the talker lens needs one")
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise ConversationError(f"top must be a whole number ≥ 1; got {top!r}")
+    layers = talker_layer_modules(lab)
+    states: list[list[torch.Tensor]] = [[] for _ in layers]
+    own: list[torch.Tensor] = []
+
+    def keep(layer):
+        return lambda module, args, output: states[layer].append(_last_row(output))
+
+    handles = [module.register_forward_hook(keep(i)) for i, module in enumerate(layers)]
+    handles.append(
+        lab.model.talker.codec_head.register_forward_hook(lambda m, a, o: own.append(_last_row(o)))
+    )
+    try:
+        lab.generate(conversation, return_audio=True, **options)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unembed, parts = talker_unembed(lab), []
+    talker_code = torch.stack(own).argmax(-1).cpu().numpy()
+    with torch.inference_mode():
+        for layer, rows in enumerate(states):
+            probs = torch.softmax(unembed(torch.stack(rows)).float(), dim=-1)
+            values, codes = probs.topk(min(top, probs.shape[-1]), dim=-1)
+            k = codes.shape[-1]
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "frame": np.repeat(np.arange(len(rows)), k),
+                        "layer": layer,
+                        "rank": np.tile(np.arange(k), len(rows)),
+                        "code": codes.reshape(-1).cpu().numpy(),
+                        "prob": values.reshape(-1).cpu().numpy(),
+                        "talker_code": np.repeat(talker_code, k),
+                    }
+                )
+            )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _last_row(output) -> torch.Tensor:
+    hidden = output[0] if isinstance(output, tuple) else output
+    return hidden[0, -1].detach().clone()
 
 
 def _top_rows(

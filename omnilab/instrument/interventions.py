@@ -4,10 +4,12 @@
     with lab.intervene(force={"talker": {2: [5]}}): ...                            # every token takes expert 5
     with lab.intervene(positions="temporal_only"): ...                              # h = w = t
     with lab.intervene(replay=trace): ...                                           # route exactly as recorded
+    with lab.intervene(set={"resid.2": clean}, add={"mlp.1": v}, at=[3, 4]): ...  # patch / steer (patch.py)
 
 A router hook re-selects the top-k from the router's own softmax, with ablated experts excluded,
 forced experts included, or the recorded experts taken; the weights are the router's probabilities
-of the chosen experts, renormalized where the router renormalizes (`norm_topk_prob`). Hooks run
+of the chosen experts, renormalized where the router renormalizes (`norm_topk_prob`). `set`/`add`
+change a site's output (omnilab.instrument.patch says where and with what shapes). Hooks run
 before any recording hook, so a trace records what the model really used. Everything is removed
 on exit; contexts nest.
 """
@@ -21,6 +23,7 @@ import torch
 
 from ..errors import InterventionError
 from .context import ForwardTracker
+from .patch import apply_patch, build_patches, check_positions, resolve_prompt_positions
 from .record.tokens import special_tokens
 from .sites import find_sites, rotary
 
@@ -28,7 +31,7 @@ MODALITIES = ("text", "audio", "image", "video", "speech")
 
 
 class Intervention:
-    """A context manager that changes routing and/or positions while it is open."""
+    """A context manager that changes routing, positions and/or site outputs while it is open."""
 
     def __init__(
         self,
@@ -39,9 +42,14 @@ class Intervention:
         modality: str | None = None,
         positions: str | Callable | None = None,
         replay=None,
+        set: dict | None = None,  # noqa: A002  (the word a researcher types: lab.intervene(set=...))
+        add: dict | None = None,
+        at=None,
     ):
-        if not any(x is not None for x in (ablate, force, positions, replay)):
-            raise InterventionError("nothing to do: give ablate=, force=, positions= or replay=")
+        if not any(x is not None for x in (ablate, force, positions, replay, set, add)):
+            raise InterventionError("nothing to do: give ablate=, force=, positions=, replay=, set= or add=")
+        if at is not None and set is None and add is None:
+            raise InterventionError("at= chooses where set=/add= apply; give set= or add= with it")
         if modality is not None and modality not in MODALITIES:
             raise InterventionError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
         if isinstance(positions, str) and positions != "temporal_only":
@@ -59,6 +67,9 @@ class Intervention:
         self.ablate = self._check(ablate or {}, "ablate")
         self.force = self._check(force or {}, "force")
         self.replay = self._replay_table(replay) if replay is not None else {}
+        self.at = check_positions(at)
+        self.patches = build_patches(self.model, set, add, self.at)
+        self._prompt: dict[str, int] = {}  # component -> its prompt length, noted at its prefill
         self._tracker = ForwardTracker(self.model)
         self._handles: list = []
 
@@ -125,6 +136,10 @@ class Intervention:
             for key in keys:
                 self._handles.append(
                     self._routers[key].register_forward_hook(self._router_hook(*key), prepend=True)
+                )
+            for patch in self.patches:
+                self._handles.append(
+                    patch.site.module.register_forward_hook(self._patch_hook(patch), prepend=True)
                 )
             if self.positions is not None:
                 for component in ("thinker", "talker"):
@@ -206,6 +221,24 @@ class Intervention:
             if module.norm_topk_prob:
                 new_weights = new_weights / new_weights.sum(-1, keepdim=True)
             return logits, new_weights.to(weights.dtype), new_indices
+
+        return hook
+
+    def _patch_hook(self, patch):
+        component = patch.site.component
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            forward = self._tracker.current.get(component)
+            seq = hidden.shape[1]
+            start = forward.start if forward is not None and forward.length == seq else 0
+            if start == 0:
+                self._prompt[component] = seq
+            at = self.at
+            if at is not None:
+                at = resolve_prompt_positions(at, self._prompt.get(component, seq), component)
+            new = apply_patch(patch, hidden, start, at, self._rows(component, seq))
+            return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
 
