@@ -46,10 +46,10 @@ class Intervention:
         add: dict | None = None,
         at=None,
     ):
-        if not any(x is not None for x in (ablate, force, positions, replay, set, add)):
-            raise InterventionError("nothing to do: give ablate=, force=, positions=, replay=, set= or add=")
         if at is not None and set is None and add is None:
             raise InterventionError("at= chooses where set=/add= apply; give set= or add= with it")
+        if not any(x is not None for x in (ablate, force, positions, replay, set, add)):
+            raise InterventionError("nothing to do: give ablate=, force=, positions=, replay=, set= or add=")
         if modality is not None and modality not in MODALITIES:
             raise InterventionError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
         if isinstance(positions, str) and positions != "temporal_only":

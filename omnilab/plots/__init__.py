@@ -21,7 +21,8 @@ from .attention import (
     tower_attention_heatmap,
 )
 from .attribution import attribution_modality, attribution_patches, attribution_tokens, attribution_windows
-from .lens import logit_lens_heatmap, probe_lines
+from .lens import logit_lens_heatmap, probe_lines, talker_lens_heatmap
+from .patching import patching_heatmap
 from .positions import positions_3d, seconds_timeline
 from .routing import (
     agreement_lines,
@@ -53,11 +54,13 @@ __all__ = [
     "export",
     "logit_lens_heatmap",
     "paths_sankey",
+    "patching_heatmap",
     "positions_3d",
     "probe_lines",
     "routing_heatmap",
     "seconds_timeline",
     "spectrogram",
     "specialization_heatmap",
+    "talker_lens_heatmap",
     "token_route",
 ]

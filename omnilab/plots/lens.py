@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 
 from ._style import TEMPLATE, as_text, modality_color
 
-__all__ = ["logit_lens_heatmap", "probe_lines"]
+__all__ = ["logit_lens_heatmap", "probe_lines", "talker_lens_heatmap"]
 
 
 def logit_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
@@ -60,6 +60,44 @@ def logit_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
         title=title or "Logit lens: each layer read through the final norm and lm_head",
         xaxis_title="pos",
         yaxis_title="layer",
+    )
+    return fig
+
+
+def talker_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
+    """Talker layers × frames of `analysis.talker_lens`: each cell the top codebook-0 code's
+    probability, the code written in the cell; hover adds the talker's own code at that frame."""
+    top = lens[lens["rank"] == 0]
+    layers = np.unique(top["layer"].to_numpy())
+    frames = np.unique(top["frame"].to_numpy())
+    li = np.searchsorted(layers, top["layer"].to_numpy())
+    fi = np.searchsorted(frames, top["frame"].to_numpy())
+    prob = np.full((len(layers), len(frames)), np.nan)
+    prob[li, fi] = top["prob"].to_numpy(dtype=float)
+    code = np.full((len(layers), len(frames)), "", dtype=object)
+    code[li, fi] = top["code"].astype(str).to_numpy()
+    own = np.full((len(layers), len(frames)), "", dtype=object)
+    own[li, fi] = top["talker_code"].astype(str).to_numpy()
+    fig = go.Figure(
+        go.Heatmap(
+            z=prob,
+            x=frames,
+            y=layers,
+            text=code,
+            texttemplate="%{text}" if len(frames) <= 32 else None,
+            customdata=np.stack([code, own], axis=-1),
+            colorscale="Viridis",
+            colorbar={"title": "top prob"},
+            hovertemplate="talker layer %{y}, frame %{x}<br>top code %{customdata[0]} (p %{z:.3g})"
+            "<br>the talker's code %{customdata[1]}<extra></extra>",
+            name="talker lens",
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or "Talker lens: each layer read through the final norm and codec_head (codebook 0)",
+        xaxis_title="frame",
+        yaxis_title="talker layer",
     )
     return fig
 
