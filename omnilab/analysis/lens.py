@@ -70,7 +70,7 @@ def logit_lens(
         read = head if layer == n_layers - 1 else unembed  # the model's last state is already normed
         parts.append(_top_rows(read, state, layer, positions, top, target_id))
     frame = pd.concat(parts, ignore_index=True)
-    modality = _modalities(lab, ids.cpu().numpy())
+    modality = token_modalities(lab, ids.cpu().numpy())
     frame.insert(2, "modality", pd.Categorical(modality[frame["pos"].to_numpy()]))
     pieces = {int(t): tokenizer.decode([int(t)]) for t in pd.unique(frame["token_id"])}
     frame.insert(5, "token", frame["token_id"].map(pieces))
@@ -182,7 +182,8 @@ def _target_id(target, tokenizer, vocab: int) -> int | None:
     return int(target)
 
 
-def _modalities(lab, ids: np.ndarray) -> np.ndarray:
+def token_modalities(lab, ids: np.ndarray) -> np.ndarray:
+    """The modality of each token id of the thinker's prompt: text, or its media placeholder's."""
     config = lab.thinker.config
     out = np.full(len(ids), "text", dtype=object)
     for name in ("audio", "image", "video"):

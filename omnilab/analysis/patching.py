@@ -7,10 +7,11 @@ Factual Associations in GPT" (causal tracing); Heimersheim & Nanda, 2024, "How t
 activation patching"). `recovered` = (patched - corrupted) / (clean - corrupted): 1 where the patch
 restores the clean answer, 0 where it changes nothing.
 
-Batched: clean and corrupted run once; the language model's inputs of the corrupted run (merged
-embeddings, TM-RoPE positions, mask, deepstack features) are kept and only the thinker's text model
-runs again, one patch per batch row (no tower re-runs), in chunks sized by a memory estimate; the
-final norm is the model's and `lm_head` reads only the last position. `batched=False` instead runs
+Batched: clean and corrupted run once; the text model's inputs of the corrupted run (merged
+embeddings, TM-RoPE positions, mask, deepstack features) and the hidden state entering each layer
+are kept, and the patches at one layer ride one batch (one patch per row, chunked by a memory
+estimate) through that layer and the ones after it only: no tower re-runs, no layers a patch cannot
+change; the final norm is the model's and `lm_head` reads only the last position. `batched=False` instead runs
 one full `lab.forward` per patch under `lab.intervene(set=..., at=...)` (the reference: a test shows
 both agree to float rounding — grouped expert matmuls round differently at different batch sizes).
 
@@ -33,7 +34,9 @@ import torch
 
 from ..errors import InterventionError
 from ..instrument.budget import MEMORY_BUDGET_BYTES
-from ..instrument.sites import resolve_sites, site_tensor
+from ..instrument.patch import RecordedRun, patched_last_logits, record_run
+from ..instrument.sites import resolve_sites
+from .lens import token_modalities
 
 __all__ = ["patching_sweep", "sweep_memory_per_row"]
 
@@ -79,19 +82,17 @@ def patching_sweep(
     """
     chosen = _sites(lab, sites)
     score = _metric(lab, metric)
-    runs = [_run(lab, c, chosen, use_audio_in_video) for c in (clean, corrupted)]
-    _check_aligned(lab, *runs)
-    clean_run, corrupted_run = runs
-    ids = corrupted_run["input_ids"]
-    groups = position_groups(lab, ids, positions)
+    clean_run, corrupted_run = (
+        record_run(lab, c, chosen, use_audio_in_video=use_audio_in_video) for c in (clean, corrupted)
+    )
+    _check_aligned(lab, clean_run, corrupted_run)
+    groups = position_groups(lab, corrupted_run.input_ids, positions)
     patches = list(itertools.product(chosen, groups))
     if batched:
-        values = _batched(lab, corrupted_run, clean_run["acts"], patches, score, memory_budget)
+        values = _batched(lab, corrupted_run, clean_run.acts, patches, score, memory_budget)
     else:
-        values = [
-            _one(lab, corrupted, clean_run["acts"], s, g, score, use_audio_in_video) for s, g in patches
-        ]
-    clean_value, corrupted_value = score(clean_run["last"]), score(corrupted_run["last"])
+        values = [_one(lab, corrupted, clean_run.acts, s, g, score, use_audio_in_video) for s, g in patches]
+    clean_value, corrupted_value = score(clean_run.last_logits), score(corrupted_run.last_logits)
     span = clean_value - corrupted_value
     rows = [
         (s.alias, s.kind, s.layer, g.label, g.modality, int(g.positions.min()), int(g.positions.max()),
@@ -131,32 +132,8 @@ def _metric(lab, metric) -> Callable[[torch.Tensor], float]:
     raise InterventionError(f"metric is a function of logits [vocab], a token id or text; got {metric!r}")
 
 
-def _run(lab, conversation, chosen, use_audio_in_video: bool) -> dict:
-    """One thinker forward: the language model's inputs, each chosen site's output, the last logits."""
-    inputs = lab.prepare(conversation, use_audio_in_video=use_audio_in_video)
-    out: dict = {"input_ids": inputs["input_ids"][0].cpu(), "acts": {}}
-
-    def keep_inputs(module, args, kwargs):
-        out["lm"] = {k: kwargs.get(k) for k in _LM_INPUTS}
-
-    def keep(site):
-        return lambda module, args, output: out["acts"].__setitem__(site.name, site_tensor(output).clone())
-
-    language_model = lab.thinker.model.language_model
-    handles = [language_model.register_forward_pre_hook(keep_inputs, with_kwargs=True)]
-    handles += [s.module.register_forward_hook(keep(s)) for s in chosen]
-    try:
-        with torch.inference_mode():
-            logits = lab.thinker(**inputs, use_audio_in_video=use_audio_in_video).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    out["last"] = logits[0, -1].float()
-    return out
-
-
-def _check_aligned(lab, clean: dict, corrupted: dict) -> None:
-    a, b = clean["input_ids"], corrupted["input_ids"]
+def _check_aligned(lab, clean: RecordedRun, corrupted: RecordedRun) -> None:
+    a, b = clean.input_ids, corrupted.input_ids
     how = "e.g. the same question with a blank image of the same size instead of the real one"
     if a.shape != b.shape:
         raise InterventionError(
@@ -171,21 +148,12 @@ def _check_aligned(lab, clean: dict, corrupted: dict) -> None:
             f"position {p} is {ma[p]} in clean but {mb[p]} in corrupted ({len(differ)} positions differ): "
             f"the prompts must place the same modalities at the same positions ({how})"
         )
-    pa, pb = clean["lm"]["position_ids"], corrupted["lm"]["position_ids"]
+    pa, pb = clean.lm_inputs["position_ids"], corrupted.lm_inputs["position_ids"]
     if pa is not None and pb is not None and not torch.equal(pa, pb):
         raise InterventionError(
             "clean and corrupted give their tokens different TM-RoPE positions (media of different "
             f"sizes or durations): give the corrupted media the clean one's size and length ({how})"
         )
-
-
-def token_modalities(lab, ids: np.ndarray) -> np.ndarray:
-    """The modality of each token id: text, or the media placeholder's modality."""
-    config = lab.thinker.config
-    out = np.full(len(ids), "text", dtype=object)
-    for name in ("audio", "image", "video"):
-        out[ids == getattr(config, f"{name}_token_id")] = name
-    return out
 
 
 def position_groups(lab, ids: torch.Tensor, positions) -> list[Group]:
@@ -235,59 +203,27 @@ def sweep_memory_per_row(lab, length: int) -> int:
     return 4 * length * (8 * hidden + heads * length + routed)
 
 
-def _batched(lab, run: dict, clean_acts: dict, patches: list, score, memory_budget: int) -> list[float]:
-    length = int(run["input_ids"].shape[0])
+def _batched(
+    lab, run: RecordedRun, clean_acts: dict, patches: list, score, memory_budget: int
+) -> list[float]:
+    """Each patch's metric: patches at one layer ride one batch (chunked by the memory estimate),
+    which runs only that layer and those after it."""
+    length = int(run.input_ids.shape[0])
     chunk = max(1, int(memory_budget // sweep_memory_per_row(lab, length)))
-    log.info("patching sweep: %d patches, %d per batch, %d positions", len(patches), chunk, length)
-    values: list[float] = []
-    for start in range(0, len(patches), chunk):
-        values += _batch(lab, run["lm"], clean_acts, patches[start : start + chunk], length, score)
-    return values
-
-
-def _batch(lab, lm: dict, clean_acts: dict, patches: list, length: int, score) -> list[float]:
-    size = len(patches)
-    masks: dict[str, torch.Tensor] = {}
-    for row, (site, group) in enumerate(patches):
-        mask = masks.setdefault(site.name, torch.zeros(size, length, dtype=torch.bool))
-        mask[row, torch.as_tensor(group.positions)] = True
-    sites = {site.name: site for site, _ in patches}
-
-    def patch(site):
-        clean, mask = clean_acts[site.name], masks[site.name]
-
-        def hook(module, args, output):
-            hidden = site_tensor(output)
-            new = torch.where(mask.to(hidden.device)[..., None], clean.to(hidden.dtype), hidden)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        return hook
-
-    kwargs = _expand(lm, size)
-    handles = [sites[name].module.register_forward_hook(patch(sites[name]), prepend=True) for name in masks]
-    try:
-        with torch.inference_mode():
-            hidden = lab.thinker.model.language_model(**kwargs, use_cache=False).last_hidden_state
-            logits = lab.thinker.get_output_embeddings()(hidden[:, -1]).float()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [score(row) for row in logits]
-
-
-def _expand(lm: dict, size: int) -> dict:
-    """The language model's captured inputs (batch 1) repeated `size` times along the batch."""
-    out = {}
-    for key, value in lm.items():
-        if value is None:
-            continue
-        if key == "deepstack_visual_embeds":
-            out[key] = [v.repeat(size, 1) for v in value]  # visual rows of every batch row, in order
-        elif key == "position_ids":
-            out[key] = value.expand(value.shape[0], size, *value.shape[2:]) if value.ndim == 3 else value
-        else:
-            out[key] = value.expand(size, *value.shape[1:])
-    return out
+    log.info("patching sweep: %d patches, up to %d per batch, %d positions", len(patches), chunk, length)
+    values: dict[int, float] = {}
+    for layer in sorted({site.layer for site, _ in patches}):
+        rows = [i for i, (site, _) in enumerate(patches) if site.layer == layer]
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            masks: dict[str, torch.Tensor] = {}
+            for row, i in enumerate(part):
+                site, group = patches[i]
+                mask = masks.setdefault(site.name, torch.zeros(len(part), length, dtype=torch.bool))
+                mask[row, torch.as_tensor(group.positions)] = True
+            logits = patched_last_logits(lab, run, layer, clean_acts, masks)
+            values.update({i: score(row) for i, row in zip(part, logits, strict=True)})
+    return [values[i] for i in range(len(patches))]
 
 
 def _one(lab, corrupted, clean_acts: dict, site, group: Group, score, use_audio_in_video: bool) -> float:

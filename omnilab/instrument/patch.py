@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InterventionError
-from .sites import Site, component_module, resolve_sites
+from .sites import Site, component_module, find_sites, resolve_sites, site_tensor
 
 PATCHABLE_KINDS = ("residual", "attention", "mlp")
 PATCHABLE_COMPONENTS = ("thinker", "talker")
@@ -159,4 +159,120 @@ def apply_patch(
         out[:, where] = new
     else:
         out[:, where] = hidden[:, where] + new
+    return out
+
+
+# -- batched patching: the corrupted run once, then only the text model's layers from the patched one --
+_LM_INPUTS = (
+    "inputs_embeds",
+    "attention_mask",
+    "position_ids",
+    "visual_pos_masks",
+    "deepstack_visual_embeds",
+)
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """One thinker forward, kept for patching: what its text model saw and its sites' outputs."""
+
+    input_ids: torch.Tensor  # [L]
+    lm_inputs: dict  # the text model's keyword inputs (batch 1): merged embeddings, positions, deepstack
+    entering: tuple  # the hidden state entering each decoder layer, [1, L, H] each
+    acts: dict  # site name -> its output [1, L, H]
+    last_logits: torch.Tensor  # [vocab] float32, the next-token logits after the prompt
+
+
+def record_run(lab, conversation, sites: list[Site], *, use_audio_in_video: bool = False) -> RecordedRun:
+    """Run the thinker once over `conversation`'s prompt, keeping what a batched patch needs."""
+    inputs = lab.prepare(conversation, use_audio_in_video=use_audio_in_video)
+    language_model = lab.thinker.model.language_model
+    kept: dict = {"acts": {}, "entering": {}}
+
+    def keep_inputs(module, args, kwargs):
+        kept["lm"] = {k: kwargs.get(k) for k in _LM_INPUTS}
+
+    def keep_entering(layer):
+        return lambda module, args, kwargs: kept["entering"].__setitem__(
+            layer, (args[0] if args else kwargs["hidden_states"]).clone()
+        )
+
+    def keep(site):
+        return lambda module, args, output: kept["acts"].__setitem__(site.name, site_tensor(output).clone())
+
+    handles = [language_model.register_forward_pre_hook(keep_inputs, with_kwargs=True)]
+    handles += [
+        m.register_forward_pre_hook(keep_entering(i), with_kwargs=True)
+        for i, m in enumerate(language_model.layers)
+    ]
+    handles += [s.module.register_forward_hook(keep(s)) for s in sites]
+    try:
+        with torch.inference_mode():
+            logits = lab.thinker(**inputs, use_audio_in_video=use_audio_in_video).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    entering = tuple(kept["entering"][i] for i in range(len(language_model.layers)))
+    return RecordedRun(
+        inputs["input_ids"][0].cpu(), kept["lm"], entering, kept["acts"], logits[0, -1].float()
+    )
+
+
+def patched_last_logits(lab, run: RecordedRun, layer: int, sources: dict, masks: dict) -> torch.Tensor:
+    """The last position's logits [B, vocab] (float32) of `run` with patches, B = the masks' rows.
+
+    Only decoder layers `layer`.. run, from the hidden state that entered `layer` in `run` (the
+    layers before are unchanged by a patch there); at each site of `masks` (name -> bool [B, L]) the
+    output takes `sources[name]` ([1, L, H]) where the mask is True. The text model's own loop, final
+    norm and mask run; its layer list is cut for the call (under the model's lock) and restored.
+    """
+    from ..streaming.steps import model_lock
+
+    size = next(iter(masks.values())).shape[0]
+    sites = {s.name: s for s in find_sites(lab.model) if s.name in masks}
+
+    def hook(name):
+        source, mask = sources[name], masks[name]
+
+        def patch(module, args, output):
+            hidden = site_tensor(output)
+            new = torch.where(mask.to(hidden.device)[..., None], source.to(hidden.dtype), hidden)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return patch
+
+    kwargs = _expanded(run.lm_inputs, size)
+    kwargs["inputs_embeds"] = run.entering[layer].expand(size, -1, -1)
+    deepstack = kwargs.pop("deepstack_visual_embeds", None)
+    if deepstack is not None and len(deepstack) > layer:  # deepstack level j is added after layer j
+        kwargs["deepstack_visual_embeds"] = deepstack[layer:]
+    else:
+        kwargs.pop("visual_pos_masks", None)
+    language_model = lab.thinker.model.language_model
+    with model_lock(lab.model):
+        layers = language_model.layers
+        handles = [sites[name].module.register_forward_hook(hook(name), prepend=True) for name in masks]
+        language_model.layers = torch.nn.ModuleList(list(layers)[layer:])
+        try:
+            with torch.inference_mode():
+                hidden = language_model(**kwargs, use_cache=False).last_hidden_state
+                return lab.thinker.get_output_embeddings()(hidden[:, -1]).float()
+        finally:
+            language_model.layers = layers
+            for handle in handles:
+                handle.remove()
+
+
+def _expanded(lm: dict, size: int) -> dict:
+    """The text model's captured inputs (batch 1) repeated `size` times along the batch."""
+    out = {}
+    for key, value in lm.items():
+        if value is None:
+            continue
+        if key == "deepstack_visual_embeds":
+            out[key] = [v.repeat(size, 1) for v in value]  # the visual rows of every batch row, in order
+        elif key == "position_ids":
+            out[key] = value.expand(value.shape[0], size, *value.shape[2:]) if value.ndim == 3 else value
+        else:
+            out[key] = value.expand(size, *value.shape[1:])
     return out
