@@ -1,5 +1,5 @@
 """The demo's model jobs: a turn (whole or streamed), an ablated rerun, the speech of a few
-codebooks, an attribution. Each holds the model's lock (`omnilab.streaming.model_lock`, which
+codebooks, an attribution, the logit lens. Each holds the model's lock (`omnilab.streaming.model_lock`, which
 `lab.stream` takes at each step) from start to end: tracers and interventions hook the shared model.
 """
 
@@ -26,6 +26,7 @@ from .session import Session, Settings, Turn, number, show
 
 CAPTURE = ("routing", "positions", "codes", "timings")
 MAX_ATTRIBUTION_STEPS = 128
+LENS_POSITIONS = 48  # the last prompt positions the lens panel reads: a heatmap still readable
 
 
 def _attention_layers(lab: OmniLab) -> list[int]:
@@ -288,3 +289,16 @@ def attribute_turn(
             reply=last.reply,
         )
     return session.attribution
+
+
+def lens_turn(lab: OmniLab, session: Session, positions: int = LENS_POSITIONS):
+    """The thinker's logit lens (`omnilab.analysis.logit_lens`, top token) over the last `positions`
+    positions of the last turn's prompt: its last column is the reply's first token."""
+    if session.last is None:
+        raise ConversationError("there is no turn to read yet; send a message first")
+    last = session.last
+    with model_lock(lab.model), _upload_errors(last.conversation):
+        return analysis.logit_lens(
+            lab, last.conversation, last=positions, top=1,
+            use_audio_in_video=last.settings.generation.use_audio_in_video,
+        )  # fmt: skip

@@ -213,6 +213,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             "residual_audio": None,
             "reply_wav": str(wav) if wav else None,
             "latency_text": panels.latency_text(session),
+            "lens": panels.lens_figure(session),  # a new turn's lens is read on request
         }
         return tuple(shown[name] for name in panel_out)
 
@@ -238,6 +239,11 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         original, ablated = (turn.reply for turn in jobs.ablate_turn(lab, session, component, spec))
         speech = (original.text, player(original.audio), ablated.text, player(ablated.audio))
         return (*speech, *panels.comparison_figures(session, component))
+
+    @_guard
+    def lens(state):
+        session = _session(state)
+        return panels.lens_figure(session, jobs.lens_turn(lab, session))
 
     def clear(state):
         return sessions.clear(_session(state)), [], None, "", None, None, None
@@ -347,6 +353,9 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                 )
                 attribution_tokens_plot = gr.Plot(label="attribution over tokens", elem_id="attribution-plot")
                 attribution_modality_plot = gr.Plot(label="attribution by modality")
+            with gr.Tab("Logit lens"):
+                lens_button = gr.Button("Read the logit lens of the last turn", elem_id="lens")
+                lens_plot = gr.Plot(label="logit lens", elem_id="lens-plot")
             with gr.Tab("Latency"):
                 latency_plot = gr.Plot(label="latency")
                 latency_text = gr.Code(label="streamed latency breakdown", language=None, interactive=False)
@@ -383,7 +392,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             "attribution_modality": attribution_modality_plot, "attribution_text": attribution_text,
             "attribution_token": attribution_token, "latency": latency_plot, "latency_text": latency_text,
             "ablation_original": original_plot, "ablation_ablated": ablated_plot, "ablation_agreement": agreement_plot,
-            "layer": layer, "token": token, "reply_wav": reply_wav,
+            "layer": layer, "token": token, "reply_wav": reply_wav, "lens": lens_plot,
         }  # fmt: skip
         panel_in, panels_out = [session, component, layer, token], list(panel_out.values())
         private = {"api_visibility": "private"}
@@ -423,6 +432,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             [original_text, original_audio, ablated_text, ablated_audio, original_plot, ablated_plot, agreement_plot],
             api_name="ablate", **job,
         )  # fmt: skip
+        lens_button.click(lens, [session], [lens_plot], api_name="logit_lens", **job)
         zip_button.click(
             _guard(lambda s: str(panels.trace_zip(_session(s)))), [session], [download], api_name="trace_zip"
         )

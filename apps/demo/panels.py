@@ -232,6 +232,19 @@ def attribution_figures(session: Session) -> tuple[go.Figure, go.Figure]:
     )
 
 
+def lens_figure(session: Session, lens=None) -> go.Figure:
+    """The logit lens of the last turn (`jobs.lens_turn`'s frame): layers × its last prompt positions."""
+    if session.last is None:
+        return _note(NO_TURN, "logit lens")
+    if lens is None:
+        return _note(
+            "press Read the logit lens: each layer of the last turn's prompt, read as tokens", "logit lens"
+        )
+    return plots.logit_lens_heatmap(
+        lens, title="Logit lens of the last turn: what each layer would say next (last column: the reply)"
+    )
+
+
 def latency_figure(session: Session) -> go.Figure:
     """Seconds spent in each stage of the last turn (preprocessing, thinker, talker, code predictor, code2wav)."""
     trace = _trace(session)

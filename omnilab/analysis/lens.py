@@ -38,6 +38,7 @@ def logit_lens(
     *,
     layers=None,
     positions=None,
+    last: int | None = None,
     target: int | str | None = None,
     top: int = 5,
     use_audio_in_video: bool = False,
@@ -45,7 +46,8 @@ def logit_lens(
     """The thinker's logit lens over the prompt of `conversation` (one forward, nothing generated).
 
     layers: decoder layers (0-based, "after layer L"; None: all). positions: prompt positions (None:
-    all; negative counts from the end). target: a token id, or text whose first token is taken; its
+    all; negative counts from the end); or `last`: the last n positions (all of a shorter prompt;
+    the very last predicts the reply's first token). target: a token id, or text whose first token is taken; its
     rank (0 = the top token) and probability are added per layer and position. Returns one row per
     (layer, pos, rank) for the `top` most probable next tokens, with the position's modality.
     """
@@ -53,6 +55,10 @@ def logit_lens(
     ids = inputs["input_ids"][0]
     n_layers, length = thinker_layers(lab), int(ids.shape[0])
     layers = _pick(layers, n_layers, "layer", f"the thinker has layers 0-{n_layers - 1}")
+    if last is not None:
+        if positions is not None or isinstance(last, bool) or not isinstance(last, int) or last < 1:
+            raise ConversationError(f"last is a whole number ≥ 1 given instead of positions; got {last!r}")
+        positions = range(max(0, length - last), length)
     positions = _pick(positions, length, "position", f"the prompt has positions 0-{length - 1}")
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ConversationError(f"top must be a whole number ≥ 1; got {top!r}")
