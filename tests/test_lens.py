@@ -61,6 +61,17 @@ def test_layers_and_positions_select_and_out_of_range_ones_say_what_fits(tiny, m
         analysis.logit_lens(tiny, mixed, target=10**9)
 
 
+def test_last_reads_the_last_positions_and_a_short_prompt_whole(tiny):
+    length = tiny.prepare("Hi")["input_ids"].shape[1]
+    tail = analysis.logit_lens(tiny, "Hi", layers=[0], last=3, top=1)
+    assert tail["pos"].tolist() == [length - 3, length - 2, length - 1]
+    assert analysis.logit_lens(tiny, "Hi", layers=[0], last=10**4, top=1)["pos"].tolist() == list(
+        range(length)
+    )
+    with pytest.raises(ConversationError, match="last is a whole number"):
+        analysis.logit_lens(tiny, "Hi", last=0)
+
+
 def test_the_lens_heatmap_shows_layers_by_positions(lens):
     fig = plots.logit_lens_heatmap(lens)
     z = np.asarray(fig.data[0].z)
