@@ -45,9 +45,10 @@ def test_the_lens_panel_says_what_to_do_before_a_turn_and_before_reading(lab, tu
         jobs.lens_turn(lab, sessions.Session())
 
 
-def test_the_app_wires_the_lens_button(lab):
+def test_the_app_wires_the_lens_button_as_a_model_job(lab):
     from apps.demo.layout import build_app
 
     app = build_app(lab)
-    names = {getattr(fn, "api_name", None) for fn in app.fns.values()}
-    assert "logit_lens" in names
+    (lens,) = [fn for fn in app.fns.values() if fn.api_name == "logit_lens"]
+    assert lens.api_visibility == "public"
+    assert lens.concurrency_id == "model" and lens.concurrency_limit == 1  # a model job, one at a time
