@@ -16,10 +16,13 @@ source paper in its docstring. `trace` may be an omnilab Trace, a dict of tables
                 residual_audio, residual_series (these two run the model's code2wav)
     attribution attribute → Attribution; attribution_by_modality, attribution_by_item,
                 attribution_by_window, attribution_by_patch
-    lens        logit_lens (runs the thinker)
+    lens        logit_lens (runs the thinker), talker_lens (runs a spoken reply)
     probes      linear_probe (scikit-learn, over activations)
+    patching    patching_sweep (clean vs corrupted, batched over patches; runs the thinker)
+    steering    steering_vector (mean difference of two activation sets)
 
-Attribution and residual audio must run the model, so they take an OmniLab, not a Trace.
+Attribution, the lenses, patching and residual audio must run the model, so they take an OmniLab,
+not a Trace.
 """
 
 from .attention import attention_map, attention_modality_mass, attention_over_time, tower_attention_map

@@ -9,7 +9,8 @@ writes HTML, or PNG/SVG/PDF where a Chromium is available.
     attention   attention_heatmap, attention_mass_heatmap, attention_time_lines, tower_attention_heatmap
     speech      codebook_heatmap, spectrogram
     attribution attribution_tokens, attribution_modality, attribution_windows, attribution_patches
-    lens        logit_lens_heatmap, probe_lines
+    lens        logit_lens_heatmap, talker_lens_heatmap, probe_lines
+    patching    patching_heatmap
 """
 
 from ._export import ExportError, browser_path, export
