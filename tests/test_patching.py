@@ -236,3 +236,12 @@ def test_the_patching_heatmap_shows_sites_by_groups(sweep):
     z = np.asarray(fig.data[0].z)
     assert z.shape == (4, 3)
     assert list(fig.data[0].y) == ["resid.0", "resid.1", "resid.2", "resid.3"]
+
+
+def test_the_sweep_bench_times_both_ways_and_they_agree(tiny):
+    from omnilab.bench.patching import sweep_speedup
+
+    figures = sweep_speedup(tiny, tokens=64, groups=4, per_patch_sample=4)
+    assert figures["patches"] == 4 * 4 and figures["per_patch_timed"] == 4
+    assert figures["batched_s"] > 0 and figures["speedup"] == figures["per_patch_s"] / figures["batched_s"]
+    assert figures["max_abs_diff"] <= 1e-5
