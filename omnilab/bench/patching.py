@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..analysis.patching import patching_sweep
+from ..analysis.patching import patching_sweep, position_groups
 from ._common import _sync, load_lab, mixed_conversation
 
 
@@ -58,8 +58,6 @@ def sweep_speedup(
         _sync()
         batched_s = time.perf_counter() - start
         ids = lab.prepare(conversation)["input_ids"][0]
-        from ..analysis.patching import position_groups
-
         chosen = position_groups(lab, ids, groups)
         if per_patch_sample is not None:  # spread the sample over layers and groups
             step = max(1, len(batched) // per_patch_sample)
