@@ -85,7 +85,7 @@ def activation_rows(keys: dict, tokens: dict) -> pd.DataFrame:
         out[column] = values
     if n and (out["component"] == "code_predictor").any():
         mask = out["component"] == "code_predictor"
-        out["frame"][mask] = out["step"][mask] - 1
+        out["frame"][mask] = out["step"][mask]  # it completes the frame whose codebook 0 that step chose
     frame = pd.DataFrame(out)
     return frame.astype({"step": "int32", "pos": "int32"})
 

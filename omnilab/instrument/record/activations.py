@@ -11,8 +11,8 @@ The batch dimension is kept while recording; `tables(turn)` gives row `turn.batc
 padding only its first `turn.prompt_length` prefill positions).
 
 Rows are keyed like the tokens table: (component, phase, step, pos). Thinker and talker sites key by
-their own forward; the code predictor by its own sequence inside a talker step (component
-"code_predictor", step = the talker step); the audio and vision towers (and deepstack mergers) by
+their own forward; the code predictor by its own sequence (component "code_predictor", pos in its
+16-position sequence, step = the talker step whose codebook 0 it completes, which is the frame); the audio and vision towers (and deepstack mergers) by
 the thinker positions of the placeholders they fill, in order (images before videos, as the thinker
 fills them). A pattern ending in ":input" records the module's first input (e.g. "resid.0:input",
 the embeddings the first layer reads).
