@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import OmnilabError
 
-BENCHES = ("forward", "trace", "analysis", "stream", "store", "memory")
+BENCHES = ("forward", "trace", "analysis", "stream", "store", "memory", "activations")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,9 +186,9 @@ def _bench(args) -> int:
     module = importlib.import_module(f".bench.{args.name}", __package__)
     options = {"model": args.model} if args.model else {}
     if args.device:
-        if args.name not in ("forward", "trace", "stream"):
+        if args.name not in ("forward", "trace", "stream", "activations"):
             raise OmnilabError(
-                f"bench {args.name} runs on the CPU only; --device is for forward, trace and stream"
+                f"bench {args.name} runs on the CPU only; --device is for forward, trace, stream and activations"
             )
         options["device"] = args.device
     figures = module.run(**options)

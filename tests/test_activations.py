@@ -72,7 +72,9 @@ def test_thinker_residual_equals_output_hidden_states_prefill_and_decode(tiny):
     phases = trace.activations["resid.1"].rows["phase"]
     assert {"prefill", "decode"} <= set(phases)
     with torch.no_grad():
-        _assert_residuals_equal_hidden_states(trace, reference.forwards, "resid.", "thinker", language_model.norm)
+        _assert_residuals_equal_hidden_states(
+            trace, reference.forwards, "resid.", "thinker", language_model.norm
+        )
 
 
 def test_talker_residual_equals_output_hidden_states(tiny):
@@ -85,7 +87,9 @@ def test_talker_residual_equals_output_hidden_states(tiny):
     assert {"prefill", "decode"} <= set(trace.activations["talker.resid.0"].rows["phase"])
     assert set(trace.activations["talker.resid.0"].rows["modality"]) >= {"speech"}
     with torch.no_grad():
-        _assert_residuals_equal_hidden_states(trace, reference.forwards, "talker.resid.", "talker", talker_model.norm)
+        _assert_residuals_equal_hidden_states(
+            trace, reference.forwards, "talker.resid.", "talker", talker_model.norm
+        )
 
 
 def test_rows_join_the_tokens_table(tiny, all_media_conversation):
@@ -139,7 +143,9 @@ def test_capture_over_budget_is_refused_before_the_forward_with_the_estimate(tin
     ran = []
     handle = tiny.model.thinker.model.language_model.layers[0].register_forward_hook(lambda *a: ran.append(1))
     try:
-        with pytest.raises(InterventionError, match=r"~0 MB, over the memory budget|MB, over the memory budget"):
+        with pytest.raises(
+            InterventionError, match=r"~0 MB, over the memory budget|MB, over the memory budget"
+        ):
             with tiny.trace(sites="resid.*", budget=1000):
                 tiny.forward(TEXT)
     finally:
@@ -176,7 +182,9 @@ def test_batch_row_and_right_padding(tiny):
     recorder = ActivationsRecorder(resolve_requests(tiny.model, "resid.1"), dtype=torch.float32)
     with Recording(tiny.model, [TokensRecorder(), recorder]), torch.inference_mode():
         out = tiny.model.thinker(input_ids=batch, attention_mask=mask, output_hidden_states=True)
-    keys, values = recorder.recorded(Turn(tiny.processor.tokenizer, prompt_length=n - 3, batch_row=1))["resid.1"]
+    keys, values = recorder.recorded(Turn(tiny.processor.tokenizer, prompt_length=n - 3, batch_row=1))[
+        "resid.1"
+    ]
     assert list(keys["pos"]) == list(range(n - 3))
     torch.testing.assert_close(values, out.hidden_states[2][1, : n - 3], rtol=0, atol=0)
     np.testing.assert_array_equal(keys["component"], "thinker")

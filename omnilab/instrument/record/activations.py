@@ -36,6 +36,9 @@ from .tokens import special_tokens
 UNRECORDABLE = {"code2wav", "thinker", "talker", "rotary"}
 TOWERS = ("audio_tower", "vision_tower")
 INPUT_SUFFIX = ":input"
+# Below this a forward's tensors go to the host in one transfer (concatenated on the device first);
+# above it one by one, so the device never holds a second copy of a large capture.
+_ONE_TRANSFER_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,11 @@ class ActivationsRecorder(Recorder):
         if not pending:
             return
         device = pending[0][1].values.device
-        if device.type != "cpu":
+        size = sum(c.values.numel() * c.values.element_size() for _, c in pending)
+        if device.type != "cpu" and size > _ONE_TRANSFER_BYTES:  # one copy each: no second device buffer
+            for _, chunk in pending:
+                chunk.values = chunk.values.cpu()
+        elif device.type != "cpu":
             flat = torch.cat([c.values.reshape(-1) for _, c in pending]).cpu()
             offset = 0
             for _, chunk in pending:
@@ -236,7 +243,8 @@ class ActivationsRecorder(Recorder):
             pos = chunk.pos
             if chunk.component == "thinker" and chunk.phase == "prefill" and turn.prompt_length is not None:
                 inside = pos < turn.prompt_length  # right padding: only this row's own prompt
-                pos, values = pos[inside], values[torch.as_tensor(np.flatnonzero(inside))]
+                if not inside.all():
+                    pos, values = pos[inside], values[torch.as_tensor(np.flatnonzero(inside))]
             parts.append((chunk.component, chunk.phase, chunk.step, pos))
             tensors.append(values)
         columns = {
@@ -245,7 +253,7 @@ class ActivationsRecorder(Recorder):
             "step": np.concatenate([np.full(len(p), s, dtype=np.int32) for _, _, s, p in parts]),
             "pos": np.concatenate([p for *_, p in parts]).astype(np.int32),
         }
-        return columns, torch.cat(tensors)
+        return columns, tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
     def _tower_rows(self, site: Site, chunks: list[_Chunk]):
         """Tower rows at the thinker positions of the placeholders they fill, in fill order."""
@@ -255,7 +263,7 @@ class ActivationsRecorder(Recorder):
         else:  # images fill first, then videos (one vision call each)
             slots = [np.flatnonzero(ids == t) for t in (self._special.image, self._special.video)]
             slots = [s for s in slots if len(s)]
-        values = torch.cat([c.values for c in chunks])
+        values = chunks[0].values if len(chunks) == 1 else torch.cat([c.values for c in chunks])
         pos = np.concatenate(slots) if slots else np.empty(0, np.int64)
         if len(pos) != values.shape[0]:  # batched prompts: placeholders of other rows; keep the order
             pos = np.full(values.shape[0], -1, dtype=np.int64)
