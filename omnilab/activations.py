@@ -70,13 +70,14 @@ def activation_rows(keys: dict, tokens: dict) -> pd.DataFrame:
     n = len(keys["pos"])
     out = {c: np.asarray(keys[c]) for c in KEY_COLUMNS}
     defaults = {"modality": "speech", "item": -1, "seconds": np.nan, "frame": -1, "token_id": -1, "text": ""}
-    index = {}
-    for i, (component, pos) in enumerate(zip(tokens["component"], tokens["pos"], strict=True)):
-        index[(component, int(pos))] = i
-    where = np.array(
-        [index.get((c, int(p)), -1) for c, p in zip(out["component"], out["pos"], strict=True)],
-        dtype=np.int64,
-    )
+    where = np.full(n, -1, dtype=np.int64)  # the tokens row of each activation row, -1 for none
+    for component in pd.unique(np.asarray(tokens["component"])):
+        mask = np.asarray(tokens["component"]) == component
+        pos = np.asarray(tokens["pos"])[mask].astype(np.int64)
+        table = np.full(int(pos.max()) + 2, -1, dtype=np.int64)  # the last slot: positions past the end
+        table[pos] = np.flatnonzero(mask)
+        rows = out["component"] == component
+        where[rows] = table[np.clip(out["pos"][rows].astype(np.int64), 0, len(table) - 1)]
     found = where >= 0
     for column in TOKEN_COLUMNS:
         source = np.asarray(tokens[column])

@@ -113,7 +113,7 @@ def test_towers_fill_the_placeholders_they_map_to(tiny, all_media_conversation):
         rows = acts[tower].rows
         assert set(rows["modality"]) == modalities and (rows["pos"] >= 0).all()
         # what the tower gave is what the first layer reads at those positions
-        at = embeds.values[torch.as_tensor(rows["pos"].to_numpy())]
+        at = embeds.values[torch.from_numpy(rows["pos"].to_numpy().astype(np.int64))]
         torch.testing.assert_close(acts[tower].values, at, rtol=0, atol=0)
 
 
