@@ -4,16 +4,16 @@ In one run: the thinker forward recording every layer's residual stream at every
 (`lab.trace(sites="resid.*")`, float16) / the bare forward (target <= 1.10), beside nnsight saving
 the same layer outputs / bare (the traced ratio should not exceed nnsight's); and the capture's
 peak memory above the bare forward's peak / the captured tensors' size (target <= 1.2): on a GPU
-the device's peak (torch.cuda.max_memory_allocated), on the CPU the process's peak resident memory
-(VmHWM, reset through /proc/self/clear_refs before each measured forward). The patching sweep's
+the device's peak (torch.cuda.max_memory_allocated), on the CPU the peak of bytes allocated in the
+C heap (glibc mallinfo2, sampled around every module's forward). The patching sweep's
 speed-up (batched / one forward per patch) comes from `omnilab.bench.patching.sweep_speedup(lab)`
 where that module exists.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
-from pathlib import Path
 
 import torch
 
@@ -74,7 +74,7 @@ def _memory(bare, traced) -> dict:
     captured = sum(a.values.numel() * a.values.element_size() for a in trace.activations.values())
     extra = traced_peak - bare_peak
     return {
-        "memory_measured_on": "cuda" if cuda else "cpu (VmHWM)",
+        "memory_measured_on": "cuda" if cuda else "cpu (mallinfo2)",
         "captured_mb": captured / 2**20,
         "capture_peak_extra_mb": extra / 2**20,
         "capture_peak_over_captured": extra / captured if captured else float("nan"),
@@ -93,21 +93,45 @@ def _cuda_peak(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+        )
+    ]  # fmt: skip
+
+
 def _host_peak(fn) -> int:
-    """Peak resident bytes `fn` adds to the process (VmHWM after a reset, minus VmRSS before)."""
+    """Peak bytes `fn` holds allocated in the C heap above what was allocated before it (glibc's
+    mallinfo2 over all arenas, sampled before and after every module's forward). Allocated bytes,
+    not resident pages: freed heap pages stay resident and are reused, which hides a small capture
+    from the resident size."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+
+    def allocated() -> int:
+        info = libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
     gc.collect()
-    clear = Path("/proc/self/clear_refs")
-    base = _status("VmRSS")
-    clear.write_text("5")  # resets the peak (VmHWM) to the current resident size
-    fn()
-    return _status("VmHWM") - base
+    base = allocated()
+    peak = [base]
 
+    def sample(*_):
+        peak[0] = max(peak[0], allocated())
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    hooks = [
+        torch.nn.modules.module.register_module_forward_pre_hook(sample),
+        torch.nn.modules.module.register_module_forward_hook(sample),
+    ]
+    try:
+        fn()
+        sample()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peak[0] - base
 
 
 def _patching(lab) -> dict:
