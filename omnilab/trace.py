@@ -369,7 +369,11 @@ class Trace:
         elif (directory / "audio.npy").exists():
             (directory / "audio.npy").unlink()
         meta = {**self.meta, "schema_version": SCHEMA_VERSION, "sample_rate": self.sample_rate}
-        meta["activations"] = _save_activations(self.activations, directory / "activations")
+        listing = _save_activations(self.activations, directory / "activations")
+        if listing:
+            meta["activations"] = listing
+        else:
+            meta.pop("activations", None)
         tmp = directory / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2, default=_json_default))
         os.replace(tmp, directory / "meta.json")
@@ -422,13 +426,14 @@ def _save_activations(activations: dict, folder: Path) -> dict:
     """Write each site's values and row keys as safetensors in `folder`; the listing for meta.json."""
     from .activations import file_name, write_site
 
+    values = {key: acts.values for key, acts in activations.items()}  # a loaded trace may read them here
     if folder.exists():
         for old in folder.glob("*.safetensors"):
             old.unlink()
     listing = {}
     for key, acts in activations.items():
         folder.mkdir(parents=True, exist_ok=True)
-        write_site(folder / file_name(key), acts.values, acts.rows, {"site": key, "name": acts.name})
+        write_site(folder / file_name(key), values[key], acts.rows, {"site": key, "name": acts.name})
         listing[key] = {"file": file_name(key), "name": acts.name, "shape": list(acts.values.shape)}
     return listing
 

@@ -170,6 +170,22 @@ def test_save_and_load_keep_activations_lazily(tiny, tmp_path):
     assert acts.values.dtype == torch.bfloat16
     assert torch.equal(acts.values, tr.trace.activations["resid.0"].values)
     assert acts.rows.equals(tr.trace.activations["resid.0"].rows)
+    loaded.save(tmp_path / "t")  # over itself: the values it had not read yet survive
+    again = Trace.load(tmp_path / "t").activations["resid.0:input"]
+    assert torch.equal(again.values, tr.trace.activations["resid.0:input"].values)
+
+
+def test_code_predictor_rows_follow_its_own_sequence_per_frame(tiny):
+    with tiny.trace(sites=["code_predictor.resid.0", "codec_head"]) as tr:
+        reply = tiny.generate(TEXT, max_new_tokens=4, max_speech_frames=3)
+    rows = tr.trace.activations["code_predictor.resid.0"].rows
+    assert set(rows["component"]) == {"code_predictor"} and set(rows["modality"]) == {"speech"}
+    frames = len(reply.codes)
+    assert sorted(set(rows["frame"])) == list(range(frames))
+    books = reply.codes.shape[1]
+    assert (rows.groupby("frame")["pos"].max() == books - 1).all()  # codebook 0's embedding, then 1..15
+    head = tr.trace.activations["codec_head"]
+    assert head.values.shape[1] == tiny.model.talker.codec_head.out_features
 
 
 def test_batch_row_and_right_padding(tiny):
