@@ -94,12 +94,10 @@ def activation_rows(keys: dict, tokens: dict) -> pd.DataFrame:
 def key_tensors(rows: pd.DataFrame) -> dict[str, torch.Tensor]:
     """The row keys of `rows` as small tensors (component and phase as codes of COMPONENT_CODES, PHASE_CODES)."""
     return {
-        "component": torch.as_tensor(
-            pd.Categorical(rows["component"], COMPONENT_CODES).codes.astype(np.int8)
-        ),
-        "phase": torch.as_tensor(pd.Categorical(rows["phase"], PHASE_CODES).codes.astype(np.int8)),
-        "step": torch.as_tensor(rows["step"].to_numpy(np.int32)),
-        "pos": torch.as_tensor(rows["pos"].to_numpy(np.int32)),
+        "component": torch.tensor(pd.Categorical(rows["component"], COMPONENT_CODES).codes.astype(np.int8)),
+        "phase": torch.tensor(pd.Categorical(rows["phase"], PHASE_CODES).codes.astype(np.int8)),
+        "step": torch.tensor(rows["step"].to_numpy(np.int32)),
+        "pos": torch.tensor(rows["pos"].to_numpy(np.int32)),
     }
 
 

@@ -73,7 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--capture", default="routing,positions,codes")
+    p.add_argument(
+        "--capture",
+        default="routing,positions,codes",
+        help="captures and site patterns, comma-separated (e.g. 'positions,resid.*': activations per shard)",
+    )
     p.add_argument(
         "--generate", type=int, default=0, help="new tokens to generate per sample (0: prefill only)"
     )
