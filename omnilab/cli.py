@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import OmnilabError
 
-BENCHES = ("forward", "trace", "analysis", "stream", "store", "memory")
+BENCHES = ("forward", "trace", "analysis", "stream", "store", "memory", "activations")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--capture", default="routing,positions,codes")
+    p.add_argument(
+        "--capture",
+        default="routing,positions,codes",
+        help="captures and site patterns, comma-separated (e.g. 'positions,resid.*': activations per shard)",
+    )
     p.add_argument(
         "--generate", type=int, default=0, help="new tokens to generate per sample (0: prefill only)"
     )
@@ -186,9 +190,9 @@ def _bench(args) -> int:
     module = importlib.import_module(f".bench.{args.name}", __package__)
     options = {"model": args.model} if args.model else {}
     if args.device:
-        if args.name not in ("forward", "trace", "stream"):
+        if args.name not in ("forward", "trace", "stream", "activations"):
             raise OmnilabError(
-                f"bench {args.name} runs on the CPU only; --device is for forward, trace and stream"
+                f"bench {args.name} runs on the CPU only; --device is for forward, trace, stream and activations"
             )
         options["device"] = args.device
     figures = module.run(**options)

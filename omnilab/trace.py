@@ -32,6 +32,11 @@ spans         contiguous runs of one modality in the thinker's sequence: compone
 timings       one row per stage: stage, seconds, calls (thinker_prefill, thinker_decode, talker_prefill,
               talker_decode, code_predictor, code2wav)
 
+activations   optional (`lab.trace(sites=...)`): site key -> Activations, a tensor [rows, width] and its
+              rows (component, phase, step, pos + the token's modality, item, seconds, frame,
+              token_id, text); saved as one safetensors file per site under `activations/` (see
+              omnilab.activations for the format and why), loaded lazily
+
 `meta` holds model_id, config_hash, omnilab_version, schema_version, capture, random_weights,
 num_experts/top_k per component, position_id_per_seconds, sample_rate and the reply text; a spoken
 turn with use_audio_in_video adds talker_use_audio_in_video (False: the talker's positions do not
@@ -258,6 +263,7 @@ class Trace:
     audio: np.ndarray | None = None
     sample_rate: int = 24_000
     meta: dict = field(default_factory=dict)
+    activations: dict = field(default_factory=dict)  # site key -> Activations (omnilab.activations)
     _frames: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -280,11 +286,15 @@ class Trace:
         object.__setattr__(self, "tables", conformed)
 
     @classmethod
-    def build(cls, *, audio=None, sample_rate: int = 24_000, meta: dict | None = None, **tables) -> Trace:
+    def build(
+        cls, *, audio=None, sample_rate: int = 24_000, meta: dict | None = None, activations=None, **tables
+    ) -> Trace:
         """A Trace of `tables` (DataFrames or dicts of column arrays, by table name; missing ones
         empty), its meta stamped with the schema version."""
         meta = {"schema_version": SCHEMA_VERSION, **(meta or {})}
-        return cls(tables, audio=audio, sample_rate=sample_rate, meta=meta)
+        return cls(
+            tables, audio=audio, sample_rate=sample_rate, meta=meta, activations=dict(activations or {})
+        )
 
     def table(self, name: str) -> pd.DataFrame:
         if name not in TABLES:
@@ -359,6 +369,11 @@ class Trace:
         elif (directory / "audio.npy").exists():
             (directory / "audio.npy").unlink()
         meta = {**self.meta, "schema_version": SCHEMA_VERSION, "sample_rate": self.sample_rate}
+        listing = _save_activations(self.activations, directory / "activations")
+        if listing:
+            meta["activations"] = listing
+        else:
+            meta.pop("activations", None)
         tmp = directory / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2, default=_json_default))
         os.replace(tmp, directory / "meta.json")
@@ -402,7 +417,42 @@ class Trace:
             except (ValueError, OSError) as exc:
                 raise TraceError(f"'{audio_path}' is damaged: {exc}") from None
         sample_rate = int(meta.get("sample_rate", 24_000))
-        return cls.build(**tables, audio=audio, sample_rate=sample_rate, meta=meta)
+        trace = cls.build(**tables, audio=audio, sample_rate=sample_rate, meta=meta)
+        trace.activations.update(_load_activations(meta.get("activations") or {}, directory, trace))
+        return trace
+
+
+def _save_activations(activations: dict, folder: Path) -> dict:
+    """Write each site's values and row keys as safetensors in `folder`; the listing for meta.json."""
+    from .activations import file_name, write_site
+
+    values = {key: acts.values for key, acts in activations.items()}  # a loaded trace may read them here
+    if folder.exists():
+        for old in folder.glob("*.safetensors"):
+            old.unlink()
+    listing = {}
+    for key, acts in activations.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_site(folder / file_name(key), values[key], acts.rows, {"site": key, "name": acts.name})
+        listing[key] = {"file": file_name(key), "name": acts.name, "shape": list(acts.values.shape)}
+    return listing
+
+
+def _load_activations(listing: dict, directory: Path, trace: Trace) -> dict:
+    """Activations of a saved trace: rows now (joined to its tokens), values on first access."""
+    from .activations import Activations, activation_rows, read_site
+
+    out = {}
+    tokens = trace.columns("tokens")
+    for key, entry in listing.items():
+        path = directory / "activations" / entry["file"]
+        if not path.is_file():
+            raise TraceError(f"trace '{directory}' is incomplete: activations/{entry['file']} is missing")
+        _, keys = read_site(path, values=False)
+        out[key] = Activations(
+            key, entry["name"], activation_rows(keys, tokens), lambda p=path: read_site(p)[0]
+        )
+    return out
 
 
 def _atomic_parquet(table: pa.Table, path: Path) -> None:

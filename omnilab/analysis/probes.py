@@ -11,10 +11,15 @@ the held-out split, or R² 0 (predicting the training mean).
 
     linear_probe(features, labels)  → layer, task, metric, train_score, test_score, baseline,
                                       n_train, n_test, n_classes
+    store_probe(store, "modality", sites="resid.*", where="component = 'thinker'")
+                                    → the same, one row per site, `site` added: features read from a
+                                      store's activations (omnilab.store.activations), labels from
+                                      their rows or a manifest label column, groups by sample
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,7 +27,7 @@ import pandas as pd
 
 from ..errors import TraceError
 
-__all__ = ["TASKS", "linear_probe"]
+__all__ = ["TASKS", "linear_probe", "store_probe"]
 
 TASKS = ("auto", "classify", "regress")
 
@@ -85,6 +90,87 @@ def linear_probe(
             }
         )
     return pd.DataFrame(rows)
+
+
+def store_probe(
+    store,
+    label: str,
+    *,
+    sites: str = "resid.*",
+    where: str | None = None,
+    task: str = "auto",
+    by_sample: bool = True,
+    test_size: float = 0.25,
+    seed: int = 0,
+    regularization: float = 1.0,
+) -> pd.DataFrame:
+    """`linear_probe` per site over a store's activations (the store's `sites` matching a glob).
+
+    label: a column of the activations' rows (modality, seconds, token_id, item, frame, ...) or a
+    label column of the manifest (a key of each sample's `extra`, e.g. "kind"); rows without a label
+    (a NaN `seconds` on a text token) are left out. where: SQL over the rows (see
+    omnilab.store.activations). by_sample: all tokens of one sample on one side of the split.
+    Returns linear_probe's columns with `site`; `layer` is the site's layer number.
+    """
+    import fnmatch
+
+    from ..store.activations import activations
+    from ..store.activations import sites as stored_sites
+
+    keys = [k for k in stored_sites(store) if fnmatch.fnmatchcase(k, sites)]
+    if not keys:
+        raise TraceError(
+            f"store '{store}' has no activations matching {sites!r}; it has {stored_sites(store)}"
+        )
+    features, first, labels = {}, None, None
+    for key in keys:
+        acts = activations(store, key, where)
+        rows = acts.rows
+        if first is None:
+            first = rows
+            labels = _store_labels(store, rows, label)
+            keep = ~pd.isna(labels).to_numpy()
+        elif not rows[["sample_id", "component", "pos"]].equals(first[["sample_id", "component", "pos"]]):
+            raise TraceError(f"site {key!r} holds other tokens than {keys[0]!r}; probe them apart (sites=)")
+        values = acts.values()
+        features[key] = values[np.flatnonzero(keep)] if not keep.all() else values
+    layers = {i: features[k] for i, k in enumerate(keys)}
+    groups = first["sample_id"].to_numpy()[keep] if by_sample else None
+    result = linear_probe(
+        layers,
+        np.asarray(labels[keep].tolist()),
+        task=task,
+        groups=groups,
+        test_size=test_size,
+        seed=seed,
+        regularization=regularization,
+    )
+    result.insert(0, "site", [keys[i] for i in result["layer"]])
+    result["layer"] = [_layer_of(keys[i]) for i in result["layer"]]
+    return result
+
+
+def _store_labels(store, rows: pd.DataFrame, label: str) -> pd.Series:
+    if label in rows.columns:
+        return rows[label].reset_index(drop=True)
+    from ..store.sql import query
+
+    samples = query(store, "SELECT sample_id, extra FROM samples")
+    values = {
+        s: json.loads(e or "{}").get(label)
+        for s, e in zip(samples["sample_id"], samples["extra"], strict=True)
+    }
+    if not any(v is not None for v in values.values()):
+        raise TraceError(
+            f"label {label!r} is neither a column of the activations' rows ({', '.join(rows.columns)}) nor a "
+            "label column of the store's manifest; choose one of those"
+        )
+    return rows["sample_id"].map(values).reset_index(drop=True)
+
+
+def _layer_of(key: str) -> int:
+    tail = key.split(":")[0].rsplit(".", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _layers(features) -> dict[int, np.ndarray]:

@@ -16,12 +16,16 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from .._version import __version__
 from ..errors import InterventionError
 from ..reply import SAMPLE_RATE
 from ..trace import Trace
 from .record import (
     TOWERS,
+    ActivationsRecorder,
     AttentionRecorder,
     CodesRecorder,
     Recording,
@@ -30,7 +34,9 @@ from .record import (
     TokensRecorder,
     TowerAttentionRecorder,
     Turn,
+    estimate_bytes,
     position_id_per_seconds,
+    resolve_requests,
 )
 from .sites import component_module
 
@@ -52,6 +58,19 @@ def capture_spec(capture) -> tuple[str, ...]:
     if unknown:
         raise InterventionError(f"unknown capture {sorted(unknown)}; choose from {', '.join(CAPTURES)}")
     return capture
+
+
+def split_capture(capture, sites=()) -> tuple[tuple[str, ...], list[str]]:
+    """A capture spec and site patterns as (capture names, site patterns): names of CAPTURES (and the
+    named site sets routing, positions, codes) are captures, anything else a site pattern."""
+    capture = None if capture is None else ((capture,) if isinstance(capture, str) else tuple(capture))
+    sites = [sites] if isinstance(sites, str) else list(sites or ())
+    names = [*(capture or ()), *sites]
+    patterns = [n for n in names if n not in CAPTURES]
+    known = tuple(n for n in names if n in CAPTURES)
+    if capture is None and not known:
+        known = DEFAULT_CAPTURE
+    return known, patterns
 
 
 def recorders_for(model, capture: tuple[str, ...], *, attention_layers=None, heads=None, hooks=True) -> list:
@@ -111,22 +130,49 @@ class Tracer:
     capture: names from CAPTURES (positions are always recorded); attention_layers: {component:
     layers} for "attention" (thinker, talker, audio_tower, vision_tower; default the thinker's layer
     0); heads: keep only these heads of each map.
+
+    sites: site patterns (see `lab.sites()`: "resid.*", "attn.3", "talker.resid.0", "audio_tower",
+    "resid.0:input" for a module's input) whose tensors go to `trace.activations` (site key ->
+    Activations [rows, width]); the named sets routing, positions, codes mean those captures, and a
+    site pattern in `capture` counts as one here. positions: thinker prompt positions to keep (all
+    when None); modality: a modality name or names to keep; dtype: what the tensors are stored in
+    (float16, or the model's dtype where it is bfloat16/float16). A capture that would hold more
+    than `budget` bytes (omnilab.instrument.budget.MEMORY_BUDGET_BYTES) is refused before the forward.
     """
 
-    def __init__(self, lab, capture=None, *, attention_layers: dict | None = None, heads=None):
+    def __init__(
+        self,
+        lab,
+        capture=None,
+        *,
+        attention_layers: dict | None = None,
+        heads=None,
+        sites=None,
+        positions=None,
+        modality=None,
+        dtype=None,
+        budget: int | None = None,
+    ):
         self.lab = lab
         self.model = lab.model
-        self.capture = capture_spec(capture)
+        self.capture, patterns = split_capture(capture, sites)
+        self.capture = capture_spec(self.capture)
+        self.requests = resolve_requests(self.model, patterns) if patterns else []
+        self.activation_options = {"positions": positions, "modality": modality, "dtype": dtype}
+        self.budget = budget
         self.attention_layers = attention_layers or {}
         self.heads = heads
         self.trace: Trace | None = None
         recorders_for(self.model, self.capture, attention_layers=attention_layers, heads=heads)  # checks
+        _check_modality(modality)
 
     # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
         recorders = recorders_for(
             self.model, self.capture, attention_layers=self.attention_layers, heads=self.heads
         )
+        if self.requests:
+            recorders.append(ActivationsRecorder(self.requests, **self.activation_options))
         self._recording = Recording(self.model, recorders)
         self._prompt = None
         self._reply = None
@@ -153,6 +199,8 @@ class Tracer:
                 "second would merge its tokens and routing with the first's); open a new "
                 "lab.trace() around each generate or forward, or pass trace=True to generate"
             )
+        if self.requests:
+            self._check_activations(inputs["input_ids"], prompt_length)
         self._prompt = {
             "length": prompt_length,
             "items": gathered.items,
@@ -161,6 +209,28 @@ class Tracer:
 
     def end(self, reply) -> None:
         self._reply = reply
+
+    def _check_activations(self, input_ids, prompt_length: int) -> None:
+        """Positions inside the prompt, and the capture within the memory budget, before the forward."""
+        from .budget import MEMORY_BUDGET_BYTES
+
+        positions = self.activation_options["positions"]
+        if positions is not None:
+            outside = sorted({int(p) for p in positions if not 0 <= int(p) < prompt_length})
+            if outside:
+                shown = ", ".join(map(str, outside[:8])) + (" ..." if len(outside) > 8 else "")
+                raise InterventionError(
+                    f"positions {shown} lie outside the prompt, which has {prompt_length} positions; "
+                    f"choose positions in 0..{prompt_length - 1}"
+                )
+        budget = MEMORY_BUDGET_BYTES if self.budget is None else self.budget
+        estimate = estimate_bytes(self.model, self.requests, input_ids[0], **self.activation_options)
+        if estimate > budget:
+            raise InterventionError(
+                f"recording {len(self.requests)} sites over this prompt ({prompt_length} positions) would "
+                f"hold ~{estimate / 1e6:,.0f} MB, over the memory budget of {budget / 1e6:,.0f} MB; record "
+                "fewer sites, positions= or modality=, or raise budget="
+            )
 
     # -- the Trace -------------------------------------------------------------------------------
     # Tables are built as column arrays in the schema's dtypes (no DataFrames: a collection pays this
@@ -173,6 +243,7 @@ class Tracer:
             token_ids=tuple(reply.token_ids) if reply is not None else (),
         )
         tables = self._recording.tables(turn)
+        activations = self._activations(turn, tables.get("tokens"))
         meta = trace_meta(
             self.lab,
             capture=self.capture,
@@ -182,7 +253,37 @@ class Tracer:
             spoke=reply is not None and reply.audio is not None,
         )
         audio = reply.audio if reply is not None else None
-        return Trace.build(audio=audio, sample_rate=SAMPLE_RATE, meta=meta, **tables)
+        return Trace.build(audio=audio, sample_rate=SAMPLE_RATE, meta=meta, activations=activations, **tables)
+
+    def _activations(self, turn: Turn, tokens) -> dict:
+        """site key -> Activations, rows joined to the tokens table."""
+        recorder = self._recording.recorder("activations")
+        if recorder is None:
+            return {}
+        from ..activations import Activations, activation_rows
+        from ..trace import COLUMNS
+
+        tokens = tokens or {c: np.empty(0, dtype=d) for c, d in COLUMNS["tokens"].items()}
+        names = {r.key: r.site.name for r in self.requests}
+        modality = self.activation_options["modality"]
+        wanted = None if modality is None else ({modality} if isinstance(modality, str) else set(modality))
+        out = {}
+        for key, (keys, values) in recorder.recorded(turn).items():
+            rows = activation_rows(keys, tokens)
+            if wanted is not None and not rows["modality"].isin(wanted).all():  # batched prompts
+                keep = rows["modality"].isin(wanted).to_numpy()
+                rows, values = rows[keep].reset_index(drop=True), values[torch.as_tensor(keep)]
+            out[key] = Activations(key, names[key], rows, values)
+        return out
+
+
+def _check_modality(modality) -> None:
+    from ..trace import MODALITIES
+
+    names = [] if modality is None else ([modality] if isinstance(modality, str) else list(modality))
+    unknown = [m for m in names if m not in MODALITIES]
+    if unknown:
+        raise InterventionError(f"unknown modality {unknown}; choose from {', '.join(MODALITIES)}")
 
 
 def trace_meta(

@@ -4,12 +4,14 @@
     con = omnilab.open_store("runs/demo")          # a DuckDB connection, a view per table
     omnilab.store.query("runs/demo", "SELECT count(*) FROM routing")
     omnilab.store.expert_load_sql("runs/demo")     # computed in DuckDB, not in memory
+    omnilab.store.activations("runs/demo", "resid.3", where="modality = 'audio'")  # read lazily
 
 The layout on disk is described in `omnilab.store.layout`; manifests in `omnilab.store.manifest`.
 """
 
 from __future__ import annotations
 
+from .activations import activations
 from .collect import collect, run_sample
 from .layout import TABLES
 from .manifest import Sample, read_manifest
@@ -17,6 +19,7 @@ from .sql import expert_load_sql, load_trace, open_store, query, read_source, re
 
 __all__ = [
     "TABLES",
+    "activations",
     "Sample",
     "collect",
     "expert_load_sql",

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -45,11 +46,13 @@ from ..options import GenerationOptions, options_from
 from ..trace import TABLES as TRACE_TABLES
 from ..trace import to_arrow
 from . import layout
+from .activations import check_sites, sample_activations, shard_activations
 from .manifest import Sample, read_manifest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAPTURE = ("routing", "positions", "codes")
+_SITE_PATTERN = re.compile(r"^[A-Za-z_][\w.*?\[\]:-]*$")
 ENGINES = ("local", "ray")
 
 
@@ -62,6 +65,9 @@ class SampleResult:
     tokens: int
     seconds: float
     tables: dict[str, pa.Table] = field(default_factory=dict)
+    activations: dict = field(
+        default_factory=dict
+    )  # site key -> (index table, values), see store.activations
 
 
 def collect(
@@ -137,6 +143,7 @@ def collect(
                 else _RayEngine(model, workers=workers, address=ray_address)
             )
             try:
+                check_sites(runner, capture)
                 described = runner.describe()
                 if meta is None:
                     meta = layout.new_meta(
@@ -247,9 +254,11 @@ def run_sample(
         "meta": _json(trace.meta if trace is not None else {}),
     }
     tables = {"samples": _rows("samples", sample.sample_id, row)}
+    activations = {}
     if trace is not None:
         tables.update(trace_tables(sample.sample_id, trace))
-    return SampleResult(sample.sample_id, True, prompt + generated, seconds, tables)
+        activations = sample_activations(sample.sample_id, trace)
+    return SampleResult(sample.sample_id, True, prompt + generated, seconds, tables, activations)
 
 
 def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
@@ -327,7 +336,7 @@ def _write(
                 parts = [r.tables[name] for r in buffer if name in r.tables]
                 if parts:
                     tables[name] = pa.concat_tables(parts)
-            layout.write_shard(root, tables)
+            layout.write_shard(root, tables, shard_activations(buffer))
             summary["shards"] += 1
             summary["write_seconds"] += time.perf_counter() - start
             buffer.clear()
@@ -503,9 +512,12 @@ def _capture(capture) -> tuple[str, ...]:
     names = sorted({c.strip() for c in capture if c and c.strip()})
     from ..instrument.tracer import CAPTURES
 
-    unknown = [c for c in names if c not in CAPTURES]
+    # Any other name is a site pattern ("resid.*"), checked against the model when it is loaded.
+    unknown = [c for c in names if c not in CAPTURES and not _SITE_PATTERN.match(c)]
     if unknown:
-        raise OmnilabError(f"unknown capture {unknown}; choose from {', '.join(CAPTURES)}")
+        raise OmnilabError(
+            f"unknown capture {unknown}; choose from {', '.join(CAPTURES)} or site patterns (lab.sites())"
+        )
     return tuple(names)
 
 

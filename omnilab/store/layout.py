@@ -10,6 +10,10 @@
           tokens.parquet routing.parquet router_stats.parquet router_logits.parquet
           codes.parquet attention.parquet spans.parquet timings.parquet
                                   the Trace's tables, each row keyed by `sample_id`
+          activations/            only when sites were captured (`--capture resid.*`), per site:
+            resid.3.safetensors   `values` [rows, width] of every sample in the shard, one block
+            resid.3.parquet       its index: sample_id, component, phase, step, pos, row (the
+                                  row of `values`), which joins to `tokens` (omnilab.store.activations)
         shard=000001/ ...
       _tmp/                       the shard being written; removed by the next collect
       .lock                       held by the one collect that writes the store
@@ -91,6 +95,18 @@ STORE_COLUMNS: dict[str, dict[str, str]] = {
     },
 }
 TABLES = ("samples", "errors", *TRACE_TABLES)
+ACTIVATIONS = "activations"
+# The index of one site's activations in a shard: row `row` of its values is this token's.
+ACTIVATION_INDEX = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("component", pa.string()),
+        pa.field("phase", pa.string()),
+        pa.field("step", pa.int32()),
+        pa.field("pos", pa.int32()),
+        pa.field("row", pa.int64()),
+    ]
+)
 
 
 def schema(table: str) -> pa.Schema:
@@ -200,8 +216,9 @@ def clear_tmp(root: Path) -> None:
         shutil.rmtree(tmp)
 
 
-def write_shard(root: Path, tables: dict[str, pa.Table]) -> Path:
-    """Write one shard (every store table; missing ones empty) and commit it by renaming its folder.
+def write_shard(root: Path, tables: dict[str, pa.Table], activations: dict | None = None) -> Path:
+    """Write one shard (every store table; missing ones empty; `activations`: site key -> (index
+    table, values [rows, width])) and commit it by renaming its folder.
 
     Only the one collect that holds the store's lock calls this, so the next number is free.
     """
@@ -220,11 +237,41 @@ def write_shard(root: Path, tables: dict[str, pa.Table]) -> Path:
             pq.write_table(data, f, compression="zstd")
             f.flush()
             os.fsync(f.fileno())
+    if activations:
+        _write_activations(tmp / ACTIVATIONS, activations)
     _fsync_dir(tmp)
     final = shards / name
     os.rename(tmp, final)
     _fsync_dir(shards)
     return final
+
+
+def _write_activations(folder: Path, activations: dict) -> None:
+    from ..activations import file_name, write_site
+
+    folder.mkdir()
+    for key, (index, values) in activations.items():
+        path = folder / file_name(key)
+        write_site(path, values, meta={"site": key})
+        with open(path.with_suffix(".parquet"), "wb") as f:
+            pq.write_table(index.cast(ACTIVATION_INDEX), f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def activation_files(root: Path, key: str) -> list[tuple[Path, Path]]:
+    """(index, values) files of site `key` in every committed shard that has them."""
+    from ..activations import file_name
+
+    out = []
+    for shard in shard_dirs(root):
+        values = shard / ACTIVATIONS / file_name(key)
+        if values.is_file():
+            out.append((values.with_suffix(".parquet"), values))
+    return out
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 # ruff: noqa: F401  (re-exports: the public names of this package)
 
+from .activations import ActivationsRecorder, SiteRequest, estimate_bytes, resolve_requests
 from .attention import AttentionRecorder
 from .base import Columns, Recorder, Recording, Turn, concat_columns
 from .codes import CodesRecorder

@@ -36,6 +36,7 @@ class Turn:
     tokenizer: object
     prompt_length: int | None = None
     token_ids: tuple[int, ...] = ()
+    batch_row: int = 0
 
 
 class Recorder:
