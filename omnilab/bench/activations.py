@@ -59,7 +59,7 @@ def run(model: str = "small", device: str | None = None, tokens: int = 512, repe
         "nnsight_over_bare", float("inf")
     )
     figures.update(_memory(bare, traced))
-    figures.update(_patching(lab))
+    figures.update(_patching(lab, tokens))
     return figures
 
 
@@ -134,13 +134,11 @@ def _host_peak(fn) -> int:
     return peak[0] - base
 
 
-def _patching(lab) -> dict:
-    """The patching sweep's figures from omnilab.bench.patching (helper "patch"), where it exists."""
-    try:
-        from .patching import sweep_speedup
-    except ImportError:
-        return {"patching": "not measured: omnilab.bench.patching.sweep_speedup is not there"}
-    return {f"patching_{k}": v for k, v in sweep_speedup(lab).items()}
+def _patching(lab, tokens: int) -> dict:
+    """The patching sweep's figures (omnilab.bench.patching), each key prefixed `patching_`."""
+    from .patching import sweep_speedup
+
+    return {f"patching_{k}": v for k, v in sweep_speedup(lab, tokens=tokens).items()}
 
 
 def _nnsight(thinker, inputs):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InterventionError
-from .sites import Site, component_module, find_sites, resolve_sites, site_tensor
+from .sites import Site, find_sites, resolve_sites, site_tensor, site_width
 
 PATCHABLE_KINDS = ("residual", "attention", "mlp")
 PATCHABLE_COMPONENTS = ("thinker", "talker")
@@ -36,12 +36,6 @@ class SitePatch:
     site: Site
     mode: str
     value: torch.Tensor
-
-
-def site_width(model: torch.nn.Module, site: Site) -> int:
-    """The width (hidden size) of the tensor a residual, attention or MLP site outputs."""
-    config = component_module(model, site.component).config
-    return int(getattr(config, "text_config", config).hidden_size)
 
 
 def check_positions(at) -> list[int] | None:

@@ -218,3 +218,28 @@ def rotary(model: torch.nn.Module, component: str) -> torch.nn.Module | None:
     if module is None:
         return None
     return module.model.language_model.rotary_emb if component == "thinker" else module.model.rotary_emb
+
+
+def site_width(model: torch.nn.Module, site: Site) -> int | None:
+    """The width of a site's tensor, from the config (None where the config does not say)."""
+    if site.kind == "router":
+        gate = site.module
+        return int(getattr(gate, "num_experts", 0) or gate.weight.shape[0])
+    if site.kind == "codec_head":
+        return int(site.module.out_features)
+    if site.kind in ("residual", "mlp", "attention") and site.component in (
+        "thinker",
+        "talker",
+        "code_predictor",
+    ):
+        owner = component_module(model, "talker" if site.component != "thinker" else "thinker")
+        if site.component == "code_predictor":
+            owner = owner.code_predictor
+        config = owner.config
+        return int(getattr(config, "text_config", config).hidden_size)
+    if site.kind == "audio_tower":
+        return int(site.module.config.output_dim)
+    if site.kind == "vision_tower":
+        return int(site.module.config.out_hidden_size)
+    weights = list(site.module.parameters())  # a deepstack merger ends in its output projection
+    return int(weights[-1].shape[0]) if weights else None

@@ -28,7 +28,7 @@ import torch
 
 from ...errors import InterventionError
 from ..context import Forward
-from ..sites import Site, component_module, find_sites, resolve_sites, site_tensor
+from ..sites import Site, find_sites, resolve_sites, site_tensor, site_width
 from .base import Recorder, Recording, Turn
 from .tokens import special_tokens
 
@@ -292,31 +292,6 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # -- what a capture will cost, before it runs ------------------------------------------------------
-def site_width(model, site: Site) -> int | None:
-    """The width of a site's tensor, from the config (None where the config does not say)."""
-    if site.kind == "router":
-        gate = site.module
-        return int(getattr(gate, "num_experts", 0) or gate.weight.shape[0])
-    if site.kind == "codec_head":
-        return int(site.module.out_features)
-    if site.kind in ("residual", "mlp", "attention") and site.component in (
-        "thinker",
-        "talker",
-        "code_predictor",
-    ):
-        owner = component_module(model, "talker" if site.component != "thinker" else "thinker")
-        if site.component == "code_predictor":
-            owner = owner.code_predictor
-        config = owner.config
-        return int(getattr(config, "text_config", config).hidden_size)
-    if site.kind == "audio_tower":
-        return int(site.module.config.output_dim)
-    if site.kind == "vision_tower":
-        return int(site.module.config.out_hidden_size)
-    weights = list(site.module.parameters())  # a deepstack merger ends in its output projection
-    return int(weights[-1].shape[0]) if weights else None
-
-
 def estimate_bytes(
     model, requests: list[SiteRequest], input_ids, *, positions=None, modality=None, dtype=None
 ) -> int:
