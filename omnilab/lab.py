@@ -220,6 +220,7 @@ class OmniLab:
                     gathered,
                     prompt_length=prompt_length,
                     use_audio_in_video=options.use_audio_in_video,
+                    max_new_tokens=options.max_new_tokens,
                 )
             if options.return_audio:
                 quiet_talker_penalty_notice()

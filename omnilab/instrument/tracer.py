@@ -20,6 +20,7 @@ from .._version import __version__
 from ..errors import InterventionError
 from ..reply import SAMPLE_RATE
 from ..trace import Trace
+from .budget import MEMORY_BUDGET_BYTES, check_budget
 from .record import (
     TOWERS,
     AttentionRecorder,
@@ -29,6 +30,7 @@ from .record import (
     TimingsRecorder,
     TokensRecorder,
     TowerAttentionRecorder,
+    attention_settings,
     Turn,
     position_id_per_seconds,
 )
@@ -54,10 +56,13 @@ def capture_spec(capture) -> tuple[str, ...]:
     return capture
 
 
-def recorders_for(model, capture: tuple[str, ...], *, attention_layers=None, heads=None, hooks=True) -> list:
+def recorders_for(
+    model, capture: tuple[str, ...], *, attention_layers=None, heads=None, hooks=True, attention=None
+) -> list:
     """The recorders of a capture spec (positions are always recorded: they key the tokens table).
 
-    hooks=False: codes and timings are handed to their recorders by the caller (as a stream does).
+    hooks=False: codes and timings are handed to their recorders by the caller (as a stream does);
+    attention: AttentionSettings (or a dict of its fields) for the thinker/talker attention.
     """
     recorders = [TokensRecorder()]
     if "routing" in capture or "logits" in capture:
@@ -73,7 +78,7 @@ def recorders_for(model, capture: tuple[str, ...], *, attention_layers=None, hea
         if towers:
             recorders.append(TowerAttentionRecorder(model, towers, heads=heads))
         if text:
-            recorders.append(AttentionRecorder(model, text, heads=heads))
+            recorders.append(AttentionRecorder(model, text, heads=heads, settings=attention))
     return recorders
 
 
@@ -110,22 +115,43 @@ class Tracer:
 
     capture: names from CAPTURES (positions are always recorded); attention_layers: {component:
     layers} for "attention" (thinker, talker, audio_tower, vision_tower; default the thinker's layer
-    0); heads: keep only these heads of each map.
+    0); heads: keep only these heads of each map; attention: AttentionSettings (or a dict of its
+    fields: queries, blocks, top_k), what of the thinker/talker attention is kept (by default the
+    whole rows of the last prompt token and the generated tokens, and every query's mass per
+    modality block); memory_budget: the bytes this run's captures may hold (estimated before the
+    forward; over it the run is refused with a BudgetError; None: no limit).
     """
 
-    def __init__(self, lab, capture=None, *, attention_layers: dict | None = None, heads=None):
+    def __init__(
+        self,
+        lab,
+        capture=None,
+        *,
+        attention_layers: dict | None = None,
+        heads=None,
+        attention=None,
+        memory_budget: int | None = MEMORY_BUDGET_BYTES,
+    ):
         self.lab = lab
         self.model = lab.model
         self.capture = capture_spec(capture)
         self.attention_layers = attention_layers or {}
         self.heads = heads
+        self.attention = attention_settings(attention)
+        self.memory_budget = memory_budget
         self.trace: Trace | None = None
-        recorders_for(self.model, self.capture, attention_layers=attention_layers, heads=heads)  # checks
+        recorders_for(  # checks
+            self.model, self.capture, attention_layers=attention_layers, heads=heads, attention=self.attention
+        )
 
     # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
         recorders = recorders_for(
-            self.model, self.capture, attention_layers=self.attention_layers, heads=self.heads
+            self.model,
+            self.capture,
+            attention_layers=self.attention_layers,
+            heads=self.heads,
+            attention=self.attention,
         )
         self._recording = Recording(self.model, recorders)
         self._prompt = None
@@ -144,7 +170,9 @@ class Tracer:
         self.trace = self._build()
 
     # -- called by OmniLab.generate ---------------------------------------------------------------
-    def begin(self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool) -> None:
+    def begin(
+        self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool, max_new_tokens: int = 0
+    ) -> None:
         if self._prompt is not None:
             # Tables key each token by (component, pos): a second run's rows would silently merge
             # with the first's, and meta holds one reply. What was recorded so far stays intact.
@@ -153,6 +181,8 @@ class Tracer:
                 "second would merge its tokens and routing with the first's); open a new "
                 "lab.trace() around each generate or forward, or pass trace=True to generate"
             )
+        if self.memory_budget is not None:  # before the forward: refused, or it runs
+            check_budget(self, inputs, max_new_tokens=max_new_tokens)
         self._prompt = {
             "length": prompt_length,
             "items": gathered.items,
