@@ -754,6 +754,32 @@ def test_a_session_deletes_its_uploads_when_it_ends_and_keeps_shared_ones_until_
     assert not Path(shared).exists()
 
 
+def test_a_session_gradio_evicts_at_capacity_deletes_its_uploads_and_downloads():
+    """Gradio's StateHolder drops the oldest session past its capacity without calling the State's
+    delete callback: the dropped session's files still go."""
+    import gc
+
+    import gradio as gr
+    from gradio.state_holder import StateHolder
+
+    with gr.Blocks() as blocks:
+        state = gr.State(sessions.Session(), delete_callback=sessions.close_session)
+    blocks.state_session_capacity = 1
+    holder = StateHolder()
+    holder.set_blocks(blocks)
+    mine, kept = _fake_upload("evicted.png", b"3"), _fake_upload("kept.png", b"4")
+    old = holder["old"][state._id]
+    old.hold(sessions.upload_paths(mine))
+    folder = old.output_folder()
+    holder["new"][state._id].hold(sessions.upload_paths(kept))  # past capacity: "old" is evicted
+    del old
+    gc.collect()
+    assert "old" not in holder and not Path(mine).exists() and not folder.exists()
+    assert Path(kept).exists()
+    holder["new"][state._id].close()
+    assert not Path(kept).exists()
+
+
 def test_files_outside_the_upload_folder_are_never_held(tmp_path):
     outside = tmp_path / "keep.png"
     outside.write_bytes(b"x")

@@ -114,3 +114,20 @@ def test_a_capture_over_budget_is_refused_before_the_forward(tiny, all_media_con
     inputs = tiny.prepare(all_media_conversation)
     estimate = estimate_capture_bytes(tiny, inputs, ("attention",), {"thinker": [0]}, attention={"queries": "all"})
     assert estimate.over(10**5)
+
+
+def test_modality_mass_from_blocks_equals_the_mass_of_whole_rows(tiny, all_media_conversation):
+    from dataclasses import replace
+
+    from omnilab import analysis
+
+    with tiny.trace(capture=("attention",), attention={"queries": "all"}) as tracer:
+        tiny.generate(all_media_conversation, **GEN)
+    trace = tracer.trace
+    attention = trace.tables["attention"]
+    rows_only = {c: v[attention["reduction"] == "row"] for c, v in attention.items()}
+    from_blocks = analysis.attention_modality_mass(trace)
+    from_rows = analysis.attention_modality_mass(replace(trace, tables={**trace.tables, "attention": rows_only}))
+    assert (attention["reduction"] == "block").any() and len(from_blocks) == len(from_rows)
+    np.testing.assert_allclose(from_blocks["mass"], from_rows["mass"], atol=2e-3)
+    assert (from_blocks["queries"] == from_rows["queries"]).all()
