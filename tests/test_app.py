@@ -695,14 +695,21 @@ def test_the_capture_estimate_counts_the_attention_rows_a_trace_records(lab):
     assert estimate.total == sum(estimate.bytes.values())
 
 
-def test_the_attention_estimate_grows_with_the_square_of_the_prompt(lab):
+def test_the_attention_estimate_grows_linearly_by_default_and_with_the_square_for_every_row(lab):
     from omnilab.instrument.budget import estimate_capture_bytes
 
     layers = {"thinker": [0]}
     small, large = (
         estimate_capture_bytes(lab, n, ("attention",), layers).bytes["attention"] for n in (1000, 4000)
     )
-    assert large == 16 * small
+    assert large == 4 * small
+    small, large = (
+        estimate_capture_bytes(
+            lab, n, ("attention",), layers, attention={"queries": "all", "blocks": False}
+        ).bytes["attention"]
+        for n in (1000, 4000)
+    )
+    assert large == pytest.approx(16 * small, rel=1e-3)
 
 
 def test_a_turn_over_the_memory_budget_runs_without_attention_and_says_so(lab):

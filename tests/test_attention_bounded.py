@@ -48,7 +48,12 @@ def test_kept_rows_equal_the_eager_maps_rows_on_a_mixed_prompt_and_in_decode(rec
     prompt = int(trace.tokens.query("component == 'thinker' and phase == 'prefill'")["pos"].max()) + 1
     fed = prompt + len(reply.token_ids) - 1
     assert sorted(rows["query_pos"].unique()) == list(range(prompt - 1, fed))  # last prompt row + decode rows
-    assert set(trace.tokens.query("component == 'thinker'")["modality"]) >= {"audio", "image", "video", "text"}
+    assert set(trace.tokens.query("component == 'thinker'")["modality"]) >= {
+        "audio",
+        "image",
+        "video",
+        "text",
+    }
     for (layer, head, query), row in rows.groupby(["layer", "head", "query_pos"]):
         eager = maps[layer][head, query, : query + 1]
         got = np.zeros(query + 1, dtype=np.float32)
@@ -67,7 +72,9 @@ def test_blocks_hold_every_querys_mass_per_modality_run(recorded):
         assert len(sums) == maps[layer].shape[1]  # every query, prompt and decode
         for query, start, end, weight in part[["query_pos", "key_pos", "key_end", "weight"]].to_numpy()[::97]:
             query, start, end = int(query), int(start), int(end)
-            np.testing.assert_allclose(weight, maps[layer][head, query, start:end].sum(), atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(
+                weight, maps[layer][head, query, start:end].sum(), atol=2e-3, rtol=2e-3
+            )
             assert tokens.loc[start:end - 1, "modality"].nunique() == 1  # fmt: skip
 
 
@@ -96,7 +103,9 @@ def test_the_estimate_counts_the_rows_exactly_and_grows_linearly(tiny, all_media
     settings = {"top_k": 4}
     assert len(trace.attention) == 2 * heads * attention_rows(tiny, inputs, settings, max_new_tokens=3)
     linear = [attention_rows(tiny, n, None, max_new_tokens=3) for n in (1000, 4000, 16000)]
-    assert linear[2] / linear[1] == pytest.approx(4, rel=0.01) and linear[1] / linear[0] == pytest.approx(4, rel=0.01)
+    assert linear[2] / linear[1] == pytest.approx(4, rel=0.01) and linear[1] / linear[0] == pytest.approx(
+        4, rel=0.01
+    )
     square = [attention_rows(tiny, n, {"queries": "all"}) for n in (1000, 4000)]
     assert square[1] / square[0] > 15
 
@@ -112,7 +121,9 @@ def test_a_capture_over_budget_is_refused_before_the_forward(tiny, all_media_con
         handle.remove()
     assert calls == []
     inputs = tiny.prepare(all_media_conversation)
-    estimate = estimate_capture_bytes(tiny, inputs, ("attention",), {"thinker": [0]}, attention={"queries": "all"})
+    estimate = estimate_capture_bytes(
+        tiny, inputs, ("attention",), {"thinker": [0]}, attention={"queries": "all"}
+    )
     assert estimate.over(10**5)
 
 
@@ -127,7 +138,9 @@ def test_modality_mass_from_blocks_equals_the_mass_of_whole_rows(tiny, all_media
     attention = trace.tables["attention"]
     rows_only = {c: v[attention["reduction"] == "row"] for c, v in attention.items()}
     from_blocks = analysis.attention_modality_mass(trace)
-    from_rows = analysis.attention_modality_mass(replace(trace, tables={**trace.tables, "attention": rows_only}))
+    from_rows = analysis.attention_modality_mass(
+        replace(trace, tables={**trace.tables, "attention": rows_only})
+    )
     assert (attention["reduction"] == "block").any() and len(from_blocks) == len(from_rows)
     np.testing.assert_allclose(from_blocks["mass"], from_rows["mass"], atol=2e-3)
     assert (from_blocks["queries"] == from_rows["queries"]).all()

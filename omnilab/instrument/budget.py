@@ -121,7 +121,7 @@ def estimate_capture_bytes(
     out: dict[str, int] = {}
     if "attention" in capture:
         per_head = attention_rows(lab, inputs, settings, max_new_tokens=new)
-        rows = keys = 0
+        rows = keys = transient = 0
         for component, layers in (attention_layers or {"thinker": [0]}).items():
             config = _text_config(lab, component)
             if config is None or component not in ("thinker", "talker"):
@@ -129,9 +129,14 @@ def estimate_capture_bytes(
             count = len(heads) if heads is not None else int(config.num_attention_heads)
             rows += len(list(layers)) * count * per_head
             head_dim = int(getattr(config, "head_dim", 0) or config.hidden_size // config.num_attention_heads)
-            keys += len(list(layers)) * (length + new) * int(config.num_key_value_heads) * head_dim * 4
+            kv = int(config.num_key_value_heads)
+            keys += len(list(layers)) * (length + new) * kv * head_dim * 4
+            # one layer at a time: a chunk of scores (scores, probabilities, block sums) and the
+            # recomputed queries and keys of the prompt (a few float32 copies)
+            chunk = min(settings.chunk_bytes, 4 * count * length * length)
+            transient = max(transient, 3 * chunk + 3 * length * (count + kv) * head_dim * 4)
         out["attention"] = rows * ATTENTION_ROW_BYTES
-        out["attention_transient"] = 3 * settings.chunk_bytes + keys if rows else 0
+        out["attention_transient"] = keys + transient if rows else 0
     if "routing" in capture or "logits" in capture:
         config = _text_config(lab, "thinker")
         top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)

@@ -30,8 +30,8 @@ from .record import (
     TimingsRecorder,
     TokensRecorder,
     TowerAttentionRecorder,
-    attention_settings,
     Turn,
+    attention_settings,
     position_id_per_seconds,
 )
 from .sites import component_module

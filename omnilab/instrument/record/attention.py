@@ -72,7 +72,9 @@ def attention_settings(settings) -> AttentionSettings:
         if not isinstance(queries, str):
             settings = {**settings, "queries": tuple(int(q) for q in queries)}
         return AttentionSettings(**settings)
-    raise InterventionError(f"attention settings must be a dict or AttentionSettings; got {type(settings).__name__}")
+    raise InterventionError(
+        f"attention settings must be a dict or AttentionSettings; got {type(settings).__name__}"
+    )
 
 
 class _Layer:
@@ -118,7 +120,9 @@ class AttentionRecorder(Recorder):
         for component, layer in self.wanted:
             state = self.layers[(component, layer)] = _Layer(component, layer)
             hook = self._receive(recording, state)
-            recording.add_handle(sites[(component, layer)].module.register_forward_hook(hook, with_kwargs=True))
+            recording.add_handle(
+                sites[(component, layer)].module.register_forward_hook(hook, with_kwargs=True)
+            )
 
     # -- hooks ----------------------------------------------------------------------------------------
     def _positions(self, recording: Recording, component: str):
@@ -216,7 +220,9 @@ class AttentionRecorder(Recorder):
             weight = probs[:, i, : q + 1].to(torch.float16).numpy()
             keys = np.arange(q + 1, dtype=np.int32)
             state.parts.append(
-                _part("row", np.repeat(heads, q + 1), q, np.tile(keys, h), np.tile(keys + 1, h), weight.ravel())
+                _part(
+                    "row", np.repeat(heads, q + 1), q, np.tile(keys, h), np.tile(keys + 1, h), weight.ravel()
+                )
             )
         if blocks is not None:
             index, starts, ends = blocks
