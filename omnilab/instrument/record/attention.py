@@ -258,21 +258,36 @@ class AttentionRecorder(Recorder):
         self.modality = {}
 
     def tables(self, recording: Recording, turn: Turn) -> dict[str, Columns]:
-        columns: dict[str, list[np.ndarray]] = {c: [] for c in _COLUMNS}
-        for state in self.layers.values():
-            for part in state.parts:
-                n = len(part["weight"])
-                columns["component"].append(np.full(n, state.component, dtype=object))
-                columns["layer"].append(np.full(n, state.layer, dtype=np.int16))
-                for name in ("head", "query_pos", "key_pos", "key_end", "weight"):
-                    columns[name].append(part[name])
-                columns["reduction"].append(np.full(n, part["reduction"], dtype=object))
-        if not columns["weight"] or not sum(len(w) for w in columns["weight"]):
+        total = sum(len(part["weight"]) for state in self.layers.values() for part in state.parts)
+        if not total:
             return {}
-        return {"attention": {c: np.concatenate(v) for c, v in columns.items()}}
+        # Filled in place, each part dropped once copied: the peak is the table plus one part.
+        out = {c: np.empty(total, dtype=d) for c, d in _COLUMNS.items()}
+        at = 0
+        for state in self.layers.values():
+            parts, state.parts = state.parts, []
+            while parts:
+                part = parts.pop(0)
+                rows = slice(at, at + len(part["weight"]))
+                out["component"][rows] = state.component
+                out["layer"][rows] = state.layer
+                out["reduction"][rows] = part["reduction"]
+                for name in ("head", "query_pos", "key_pos", "key_end", "weight"):
+                    out[name][rows] = part[name]
+                at = rows.stop
+        return {"attention": out}
 
 
-_COLUMNS = ("component", "layer", "head", "query_pos", "key_pos", "weight", "reduction", "key_end")
+_COLUMNS = {
+    "component": object,
+    "layer": np.int16,
+    "head": np.int16,
+    "query_pos": np.int32,
+    "key_pos": np.int32,
+    "weight": np.float16,
+    "reduction": object,
+    "key_end": np.int32,
+}
 
 
 def _part(reduction, heads, query_pos, key_pos, key_end, weight) -> dict:
