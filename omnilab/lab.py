@@ -59,7 +59,11 @@ def last_logits_only(thinker) -> Iterator[None]:
     Generation reads only the last row, but the thinker's forward has no `logits_to_keep`: at prefill
     its head makes [L, 151,936] float32 logits (6 GB at 10k tokens) to use one row of them.
     """
-    handle = thinker.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
+    head = getattr(thinker, "lm_head", None)  # the talker's head is codec_head: left alone
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
     try:
         yield
     finally:

@@ -41,3 +41,15 @@ def test_generate_computes_the_thinkers_logits_for_the_last_position_only(tiny):
     assert logits.shape[1] == length and shapes == [tuple(logits.shape)]
     assert int(logits[0, -1].argmax()) == reply.token_ids[0]
     assert not tiny.thinker.lm_head._forward_pre_hooks
+
+
+def test_a_stream_computes_the_thinkers_logits_for_the_last_position_only(tiny):
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "count the words " * 20}]}]
+    shapes = []
+    handle = tiny.thinker.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    try:
+        events = list(tiny.stream(conversation, max_new_tokens=3, return_audio=False))
+    finally:
+        handle.remove()
+    assert events and shapes and all(shape[1] == 1 for shape in shapes)
+    assert not tiny.thinker.lm_head._forward_pre_hooks
