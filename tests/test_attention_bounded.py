@@ -144,3 +144,32 @@ def test_modality_mass_from_blocks_equals_the_mass_of_whole_rows(tiny, all_media
     assert (attention["reduction"] == "block").any() and len(from_blocks) == len(from_rows)
     np.testing.assert_allclose(from_blocks["mass"], from_rows["mass"], atol=2e-3)
     assert (from_blocks["queries"] == from_rows["queries"]).all()
+
+
+def test_traces_keep_the_reductions_and_older_attention_tables_read_as_whole_rows(recorded, tmp_path):
+    import pandas as pd
+
+    from omnilab.trace import Trace
+
+    trace, _, _ = recorded
+    loaded = Trace.load(trace.save(tmp_path / "t"))
+    assert loaded.arrow("attention").schema.field("weight").type == "halffloat"
+    pd.testing.assert_frame_equal(loaded.attention, trace.attention)
+    old = trace.attention.query("reduction == 'row'")[
+        ["component", "layer", "head", "query_pos", "key_pos", "weight"]
+    ]
+    older = Trace.build(tokens=trace.tokens, attention=old.astype({"weight": "float32"}))
+    assert (older.attention["reduction"] == "row").all()
+    assert (older.attention["key_end"] == older.attention["key_pos"] + 1).all()
+
+
+def test_talker_attention_is_recorded_the_same_way(tiny, all_media_conversation):
+    with tiny.trace(capture=("attention",), attention_layers={"talker": [1]}) as tracer:
+        reply = tiny.generate(all_media_conversation, max_new_tokens=2, max_speech_frames=3)
+    attention = tracer.trace.attention
+    assert set(attention["component"]) == {"talker"} and reply.audio is not None
+    for reduction in ("row", "block"):
+        sums = attention[attention["reduction"] == reduction].groupby(["head", "query_pos"])["weight"].sum()
+        assert len(sums) and np.allclose(sums, 1.0, atol=5e-4)
+    speech = attention[(attention["reduction"] == "block") & (attention["key_pos"] > 0)]
+    assert len(speech)  # the generated frames are a block of their own (speech)
