@@ -17,6 +17,7 @@ def test_bench_memory_measures_each_turn_in_its_own_process():
         assert figures[f"attention_rows_{size}"] > 0
     assert figures["tokens_256"] > figures["tokens_64"]
     assert isinstance(figures["pass_ratio"], bool) and "extra_growth_exponent" in figures
+    assert "traced/bare" in figures["verdict"] and "tokens^" in figures["verdict"]
 
 
 def test_a_turn_over_the_limit_is_killed_and_reported():
