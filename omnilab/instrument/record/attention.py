@@ -184,13 +184,13 @@ class AttentionRecorder(Recorder):
         head_ids = np.asarray(heads, dtype=np.int16)
         for first in range(0, forward.length, chunk):
             rows = slice(first, min(first + chunk, forward.length))
-            pos = torch.arange(forward.start + rows.start, forward.start + rows.stop)
+            pos = torch.arange(forward.start + rows.start, forward.start + rows.stop, device=keys.device)
             scores = torch.matmul(query[:, rows], keys.transpose(1, 2)) * module.scaling
-            future = torch.arange(total)[None, :] > pos[:, None]  # causal: a query sees keys up to itself
+            future = torch.arange(total, device=keys.device)[None, :] > pos[:, None]  # causal
             scores.masked_fill_(future[None], float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             del scores
-            self._keep(state, probs, pos.numpy(), head_ids, chosen, blocks)
+            self._keep(state, probs, pos.cpu().numpy(), head_ids, chosen, blocks)
 
     def _chosen(self, forward: Forward) -> np.ndarray:
         """Positions of this forward whose whole row is kept."""
@@ -217,7 +217,7 @@ class AttentionRecorder(Recorder):
         h = len(heads)
         for i in np.flatnonzero(np.isin(pos, chosen)):
             q = int(pos[i])
-            weight = probs[:, i, : q + 1].to(torch.float16).numpy()
+            weight = probs[:, i, : q + 1].to(torch.float16).cpu().numpy()
             keys = np.arange(q + 1, dtype=np.int32)
             state.parts.append(
                 _part(
@@ -226,7 +226,8 @@ class AttentionRecorder(Recorder):
             )
         if blocks is not None:
             index, starts, ends = blocks
-            mass = torch.zeros(h, len(pos), len(starts)).index_add_(2, index, probs)
+            mass = torch.zeros(h, len(pos), len(starts), device=probs.device)
+            mass = mass.index_add_(2, index.to(probs.device), probs).cpu()
             hh, qq, bb = np.meshgrid(np.arange(h), np.arange(len(pos)), np.arange(len(starts)), indexing="ij")
             seen = starts[bb] <= pos[qq]  # blocks that start after the query get no mass
             state.parts.append(
@@ -241,7 +242,7 @@ class AttentionRecorder(Recorder):
             )
         k = min(int(self.settings.top_k), probs.shape[-1])
         if k:
-            values, keys = torch.topk(probs, k, dim=-1)
+            values, keys = (t.cpu() for t in torch.topk(probs, k, dim=-1))
             keys = keys.numpy().astype(np.int32)
             hh, qq, _ = np.meshgrid(np.arange(h), np.arange(len(pos)), np.arange(k), indexing="ij")
             seen = keys <= pos[qq]  # a short prefix has fewer than k keys
