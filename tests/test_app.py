@@ -832,6 +832,8 @@ def test_the_downloads_of_an_ended_server_are_removed_at_start():
     stale = sessions.output_root() / f"pid-{int(dead.stdout)}" / "session-x"
     stale.mkdir(parents=True)
     (stale / f"{panels.PARTIAL}1234-trace-1.zip").write_bytes(b"PK half")
-    mine = sessions.Session().output_folder()
+    live = sessions.Session()  # held: a session nobody holds has its files removed (see eviction)
+    mine = live.output_folder()
     assert stale.parent in sessions.remove_stale_outputs()
     assert not stale.parent.exists() and mine.exists()
+    live.close()
