@@ -266,9 +266,9 @@ class AttentionRecorder(Recorder):
         out = {c: np.empty(total, dtype=d) for c, d in _COLUMNS.items()}
         at = 0
         for state in self.layers.values():
-            parts, state.parts = state.parts, []
+            parts, state.parts = state.parts[::-1], []
             while parts:
-                part = parts.pop(0)
+                part = parts.pop()
                 rows = slice(at, at + len(part["weight"]))
                 out["component"][rows] = state.component
                 out["layer"][rows] = state.layer
@@ -295,7 +295,7 @@ def _part(reduction, heads, query_pos, key_pos, key_end, weight) -> dict:
     n = len(weight)
     return {
         "reduction": reduction,
-        "head": np.asarray(heads, dtype=np.int16).reshape(-1)[:n] if np.ndim(heads) else np.full(n, heads),
+        "head": np.asarray(heads, dtype=np.int16),
         "query_pos": np.broadcast_to(np.asarray(query_pos, dtype=np.int32), (n,)).copy(),
         "key_pos": np.asarray(key_pos, dtype=np.int32),
         "key_end": np.asarray(key_end, dtype=np.int32),
