@@ -81,6 +81,12 @@ def eager_attention(module, query, key, value, attention_mask, *, scaling, dropo
     )
 
 
+def rotary(query, key, cos, sin):
+    """Queries and keys [B, heads, L, head_dim] turned by the rotary embedding (cos, sin) the way the
+    thinker's and talker's attention turn them (`apply_rotary_pos_emb`)."""
+    return modeling.apply_rotary_pos_emb(query, key, cos, sin)
+
+
 # -- what the functions above rely on -----------------------------------------------------------------
 # (name, owner, attribute, the parameters we pass: by name, or a property / context manager)
 REQUIRED: tuple[tuple[str, object, str, tuple[str, ...]], ...] = (
@@ -96,6 +102,7 @@ REQUIRED: tuple[tuple[str, object, str, tuple[str, ...]], ...] = (
     ("PretrainedConfig._attn_implementation", PretrainedConfig, "_attn_implementation", ("property",)),
     ("PretrainedConfig._experts_implementation", PretrainedConfig, "_experts_implementation", ("property",)),
     ("modeling_qwen3_omni_moe.eager_attention_forward", modeling, "eager_attention_forward", ("module", "query", "key", "value", "attention_mask", "scaling", "dropout")),
+    ("modeling_qwen3_omni_moe.apply_rotary_pos_emb", modeling, "apply_rotary_pos_emb", ("q", "k", "cos", "sin")),
     ("modeling_utils.ALL_ATTENTION_FUNCTIONS.get_interface", ALL_ATTENTION_FUNCTIONS, "get_interface", ("attn_implementation", "default")),
 )  # fmt: skip
 

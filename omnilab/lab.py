@@ -52,6 +52,24 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
+@contextlib.contextmanager
+def last_logits_only(thinker) -> Iterator[None]:
+    """While open, the thinker's head computes logits for the last position only ([1, 1, vocab]).
+
+    Generation reads only the last row, but the thinker's forward has no `logits_to_keep`: at prefill
+    its head makes [L, 151,936] float32 logits (6 GB at 10k tokens) to use one row of them.
+    """
+    head = getattr(thinker, "lm_head", None)  # the talker's head is codec_head: left alone
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class EmptyReply(Exception):
     """The thinker's first token ended its reply: `sequences` are the prompt and that token."""
 
@@ -212,7 +230,12 @@ class OmniLab:
         kwargs = self.generation_kwargs(inputs, options)
         prompt_length = inputs["input_ids"].shape[1]
         codes = CodesRecorder(hooks=options.return_audio)
-        with self._seeded(options.seed), Recording(self.model, [codes]), torch.inference_mode():
+        with (
+            self._seeded(options.seed),
+            Recording(self.model, [codes]),
+            last_logits_only(self.thinker),
+            torch.inference_mode(),
+        ):
             tracer = active_tracer(self)
             if tracer is not None:
                 tracer.begin(
@@ -220,6 +243,7 @@ class OmniLab:
                     gathered,
                     prompt_length=prompt_length,
                     use_audio_in_video=options.use_audio_in_video,
+                    max_new_tokens=options.max_new_tokens,
                 )
             if options.return_audio:
                 quiet_talker_penalty_notice()

@@ -22,7 +22,11 @@ router_stats  one row per (token, layer): component, layer, pos, phase, entropy 
               router softmax), topk_mass (softmax probability of the chosen k experts)
 router_logits optional (capture "logits"): component, layer, pos, expert, logit (float16)
 codes         one row per (frame, codebook): frame, codebook (0 talker, 1-15 code predictor), code
-attention     optional: component, layer, head, query_pos, key_pos, weight (the chosen layers/heads)
+attention     optional, the chosen layers/heads: component, layer, head, query_pos, key_pos, weight
+              (float16), reduction, key_end. reduction "row": the weight of key key_pos in the whole
+              causal row of a chosen query; "top_k": one of the query's k strongest keys; "block": the
+              query's attention mass on keys key_pos..key_end-1 (one modality run). Tables without
+              reduction/key_end (older traces) are whole rows: "row" and key_pos + 1.
 tower_attention optional: audio/vision tower attention maps of the chosen layers (capture "attention"
               with attention_layers={"audio_tower": [...], "vision_tower": [...]}): tower, layer,
               call (n-th tower forward in the run), window (the tower attends within windows),
@@ -122,7 +126,9 @@ COLUMNS: dict[str, dict[str, str]] = {
         "head": "int16",
         "query_pos": "int32",
         "key_pos": "int32",
-        "weight": "float32",
+        "weight": "float16",
+        "reduction": "object",
+        "key_end": "int32",
     },
     "tower_attention": {
         "tower": "object",
@@ -248,6 +254,17 @@ def _with_modality(routing, tokens: Columns) -> Columns:
     return columns
 
 
+def _whole_rows(attention) -> Columns:
+    """An attention table from before reductions (whole rows), conformed: reduction "row", key_end
+    the key's next position."""
+    if isinstance(attention, pd.DataFrame):
+        attention = {c: attention[c].to_numpy() for c in attention.columns}
+    key = np.asarray(attention["key_pos"])
+    return conform_columns(
+        "attention", {**attention, "reduction": np.full(len(key), "row", dtype=object), "key_end": key + 1}
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class Trace:
     """What one run did inside: tables (see the module docstring), the reply's audio, and metadata.
@@ -275,6 +292,8 @@ class Trace:
             table = self.tables.get(name)
             if table is None or (isinstance(table, pd.DataFrame) and len(table) == 0):
                 conformed[name] = {c: np.empty(0, dtype=d) for c, d in COLUMNS[name].items()}
+            elif name == "attention" and "reduction" not in table:
+                conformed[name] = _whole_rows(table)
             elif name == "routing" and "modality" not in table:
                 conformed[name] = None  # its modality comes from the tokens, conformed below
             elif isinstance(table, dict):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from omnilab.errors import InterventionError
+from omnilab.instrument.budget import BudgetError
 from omnilab.instrument.record import ActivationsRecorder, Recording, TokensRecorder, Turn, resolve_requests
 from omnilab.trace import Trace
 
@@ -143,10 +144,8 @@ def test_capture_over_budget_is_refused_before_the_forward_with_the_estimate(tin
     ran = []
     handle = tiny.model.thinker.model.language_model.layers[0].register_forward_hook(lambda *a: ran.append(1))
     try:
-        with pytest.raises(
-            InterventionError, match=r"~0 MB, over the memory budget|MB, over the memory budget"
-        ):
-            with tiny.trace(sites="resid.*", budget=1000):
+        with pytest.raises(BudgetError, match=r"activations 0\.00 GB.*the budget is 0\.00 GB"):
+            with tiny.trace(sites="resid.*", memory_budget=1000):
                 tiny.forward(TEXT)
     finally:
         handle.remove()

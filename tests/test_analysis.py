@@ -461,7 +461,8 @@ def test_attention_map_averages_heads(trace):
     mean = analysis.attention_map(trace, layer=0, average_heads=True)
     assert (mean["head"] == -1).all()
     assert len(mean) == len(both) // 2
-    assert np.allclose(mean.groupby("query_pos")["weight"].sum(), 1.0, atol=1e-5)
+    # weights are stored float16: a row of positive weights sums to 1 within its rounding, 2**-11
+    assert np.allclose(mean.groupby("query_pos")["weight"].sum(), 1.0, atol=5e-4)
 
 
 # -- 12. speech ---------------------------------------------------------------------------------------------

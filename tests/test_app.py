@@ -695,14 +695,21 @@ def test_the_capture_estimate_counts_the_attention_rows_a_trace_records(lab):
     assert estimate.total == sum(estimate.bytes.values())
 
 
-def test_the_attention_estimate_grows_with_the_square_of_the_prompt(lab):
+def test_the_attention_estimate_grows_linearly_by_default_and_with_the_square_for_every_row(lab):
     from omnilab.instrument.budget import estimate_capture_bytes
 
     layers = {"thinker": [0]}
     small, large = (
         estimate_capture_bytes(lab, n, ("attention",), layers).bytes["attention"] for n in (1000, 4000)
     )
-    assert large == 16 * small
+    assert large == 4 * small
+    small, large = (
+        estimate_capture_bytes(
+            lab, n, ("attention",), layers, attention={"queries": "all", "blocks": False}
+        ).bytes["attention"]
+        for n in (1000, 4000)
+    )
+    assert large == pytest.approx(16 * small, rel=1e-3)
 
 
 def test_a_turn_over_the_memory_budget_runs_without_attention_and_says_so(lab):
@@ -754,6 +761,32 @@ def test_a_session_deletes_its_uploads_when_it_ends_and_keeps_shared_ones_until_
     assert not Path(shared).exists()
 
 
+def test_a_session_gradio_evicts_at_capacity_deletes_its_uploads_and_downloads():
+    """Gradio's StateHolder drops the oldest session past its capacity without calling the State's
+    delete callback: the dropped session's files still go."""
+    import gc
+
+    import gradio as gr
+    from gradio.state_holder import StateHolder
+
+    with gr.Blocks() as blocks:
+        state = gr.State(sessions.Session(), delete_callback=sessions.close_session)
+    blocks.state_session_capacity = 1
+    holder = StateHolder()
+    holder.set_blocks(blocks)
+    mine, kept = _fake_upload("evicted.png", b"3"), _fake_upload("kept.png", b"4")
+    old = holder["old"][state._id]
+    old.hold(sessions.upload_paths(mine))
+    folder = old.output_folder()
+    holder["new"][state._id].hold(sessions.upload_paths(kept))  # past capacity: "old" is evicted
+    del old
+    gc.collect()
+    assert "old" not in holder and not Path(mine).exists() and not folder.exists()
+    assert Path(kept).exists()
+    holder["new"][state._id].close()
+    assert not Path(kept).exists()
+
+
 def test_files_outside_the_upload_folder_are_never_held(tmp_path):
     outside = tmp_path / "keep.png"
     outside.write_bytes(b"x")
@@ -799,6 +832,8 @@ def test_the_downloads_of_an_ended_server_are_removed_at_start():
     stale = sessions.output_root() / f"pid-{int(dead.stdout)}" / "session-x"
     stale.mkdir(parents=True)
     (stale / f"{panels.PARTIAL}1234-trace-1.zip").write_bytes(b"PK half")
-    mine = sessions.Session().output_folder()
+    live = sessions.Session()  # held: a session nobody holds has its files removed (see eviction)
+    mine = live.output_folder()
     assert stale.parent in sessions.remove_stale_outputs()
     assert not stale.parent.exists() and mine.exists()
+    live.close()

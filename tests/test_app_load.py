@@ -126,8 +126,9 @@ def test_a_10000_character_message_with_default_settings_completes_under_6_gb(se
         ) from None
     else:
         assert chat[0]["content"][0]["text"] == LONG and chat[-1]["role"] == "assistant"
-        note = script.predict(None, api_name="/attention")[0]["plot"]
-        assert "attention was not recorded for this turn" in note and "prompt tokens" in note
+        # Attention is recorded at a cost linear in the prompt: this turn fits the budget and has it.
+        heatmap = script.predict(None, api_name="/attention")[0]["plot"]
+        assert "attention was not recorded" not in heatmap and '"heatmap"' in heatmap
     assert server.alive(), f"peak {server.peak / 1e9:.1f} GB\n{server.tail()}"
     assert server.peak < MEMORY_LIMIT
     text, _, chat = script.predict(text="and a short one", speak=False, **FAST, api_name="/reply")

@@ -240,8 +240,12 @@ def test_attention_rows_sum_to_one_and_spans_cover_every_token(tiny, all_media_c
     with tiny.trace(capture=("attention",), attention_layers={"thinker": [0, 1]}) as tr:
         tiny.generate(all_media_conversation, max_new_tokens=2, return_audio=False)
     attention = tr.trace.attention
-    sums = attention.groupby(["layer", "head", "query_pos"])["weight"].sum()
-    assert np.allclose(sums, 1.0, atol=1e-4)
+    # Weights are stored float16 (relative rounding <= 2**-11), so a row of positive weights sums to
+    # 1 within 5e-4; whole rows and per-block masses each sum to 1 for every recorded query.
+    for reduction in ("row", "block"):
+        part = attention[attention["reduction"] == reduction]
+        sums = part.groupby(["layer", "head", "query_pos"])["weight"].sum()
+        assert len(sums) and np.allclose(sums, 1.0, atol=5e-4)
     assert set(attention["layer"]) == {0, 1}
     spans = tr.trace.spans.query("component == 'thinker'")
     covered = np.zeros(spans["end"].max(), dtype=int)

@@ -130,6 +130,15 @@ def test_attention_heatmap_outlines_modality_blocks(trace):
     assert "mean of heads" in mean.layout.title.text
 
 
+def test_attention_heatmap_of_a_few_query_rows_is_a_few_rows(trace):
+    """Bounded recording keeps a few whole rows: the figure is [rows, keys], not [keys, keys]."""
+    rows = analysis.attention_map(trace, layer=0, head=0)
+    last = rows[rows["query_pos"] >= rows["query_pos"].max() - 2]
+    heat = plots.attention_heatmap(last).data[0]
+    assert np.asarray(heat.z).shape == (3, last["key_pos"].nunique())
+    assert list(heat.y) == sorted(last["query_pos"].unique())
+
+
 def test_attention_mass_heatmap_rows_sum_to_one(trace):
     fig = plots.attention_mass_heatmap(analysis.attention_modality_mass(trace), layer=0, head=0)
     z = np.asarray(fig.data[0].z, dtype=float)

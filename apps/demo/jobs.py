@@ -50,8 +50,9 @@ def within_budget(
 ) -> tuple[Settings, str | None]:
     """`settings`, without attention when recording it would pass `budget` bytes, and why (or None).
 
-    Attention is recorded as every (head, query, key) of its layers: its memory grows with the
-    square of the prompt, so it is estimated (prompt tokens counted first) before the turn runs.
+    The same estimate the library's Tracer checks before its forward (omnilab.instrument.budget),
+    with the app's attention settings (the defaults: linear in the prompt); where the library refuses
+    a trace over its budget, the app records the turn without attention and says so.
     """
     if not settings.attention:
         return settings, None

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,10 @@ class Session:
     folder: str | None = None  # this session's downloads
     uploads: list[str] = field(default_factory=list)  # files this session uploaded (deleted when it ends)
     memory_budget: int = MEMORY_BUDGET_BYTES  # what one turn's captures may hold
+    # What goes when Gradio drops this session without ending it (evicted at its session capacity,
+    # which calls no delete callback): the session's files, kept where a finalizer can reach them.
+    _files: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _dropped: object = field(default=None, init=False, repr=False, compare=False)
 
     def conversation(self, system, message: dict) -> list[dict]:
         """The conversation a new turn answers: the system prompt, the turns so far, `message`."""
@@ -344,7 +349,14 @@ class Session:
             root = output_root() / f"pid-{os.getpid()}"
             root.mkdir(parents=True, exist_ok=True)
             self.folder = tempfile.mkdtemp(prefix=f"session-{uuid.uuid4().hex[:8]}-", dir=root)
+            self._watch()
         return Path(self.folder)
+
+    def _watch(self) -> None:
+        """Remove this session's files when it is dropped unclosed (Gradio's eviction at capacity)."""
+        self._files.update(folder=self.folder, uploads=self.uploads)
+        if self._dropped is None:
+            self._dropped = weakref.finalize(self, _remove_files, self._files)
 
     def hold(self, paths: list[str]) -> None:
         """Keep uploads at `paths` (from `upload_paths`) for this session's life; they go when it ends."""
@@ -353,14 +365,21 @@ class Session:
                 if path not in self.uploads:
                     self.uploads.append(path)
                     _HELD[path] += 1
+        self._watch()
 
     def close(self) -> None:
         """Remove this session's files: its downloads and the uploads no other live session holds."""
-        if self.folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
-        uploads, self.uploads = self.uploads, []
-        _release(uploads)
+        self._files.update(folder=self.folder, uploads=self.uploads)
+        self.folder, self.uploads = None, []
+        _remove_files(self._files)
+
+
+def _remove_files(files: dict) -> None:
+    """Remove a session's download folder and release its uploads (once: `files` is emptied)."""
+    folder, uploads = files.pop("folder", None), files.pop("uploads", [])
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+    _release(list(uploads))
 
 
 def output_root() -> Path:

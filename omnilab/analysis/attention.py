@@ -1,7 +1,9 @@
 """Attention analyses over the attention table (captured for chosen layers and heads).
 
-Rows are (component, layer, head, query_pos, key_pos, weight); a query's weights over its keys sum to 1
-when every key was kept. Modalities come from the tokens table.
+Rows are (component, layer, head, query_pos, key_pos, weight, reduction, key_end): "row" rows hold
+the whole causal rows of the chosen queries (a query's weights sum to 1), "top_k" rows each query's
+strongest keys, "block" rows each query's mass on a run of one modality (key_pos..key_end-1).
+Modalities come from the tokens table.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ MASS_COLUMNS = ["component", "layer", "head", "query_modality", "key_modality", 
 TIME_COLUMNS = ["component", "layer", "head", "modality", "item", "frame", "seconds", "mass", "queries"]
 
 
-def _select(trace, component, layer, head) -> pd.DataFrame:
+def _select(trace, component, layer, head, reduction="row") -> pd.DataFrame:
     attention = table(trace, "attention")
     if len(attention) == 0:
         return attention
     keep = np.ones(len(attention), dtype=bool)
+    if "reduction" in attention:
+        keep &= np.isin(attention["reduction"].to_numpy(dtype=object), as_list(reduction))
     components = as_list(component)
     if components is not None:
         keep &= np.isin(attention["component"].to_numpy(dtype=object), components)
@@ -83,17 +87,18 @@ def _groups(frame: pd.DataFrame):
 
 
 def attention_map(
-    trace, *, component: str = "thinker", layer=None, head=None, average_heads: bool = False
+    trace, *, component: str = "thinker", layer=None, head=None, average_heads: bool = False, reduction="row"
 ) -> pd.DataFrame:
     """The attention weights of the chosen layers and heads, with each side's modality and text.
 
-    One row per recorded (layer, head, query_pos, key_pos); with average_heads=True the weights are
+    One row per recorded (layer, head, query_pos, key_pos) of the whole rows kept (reduction "row";
+    "top_k" gives every query's strongest keys instead); with average_heads=True the weights are
     averaged over the selected heads (head = -1). Columns add query_modality, key_modality,
     query_text, key_text. This is the input of the attention heatmap. Source: attention maps as read
     in "What Does BERT Look At?" (Clark et al., 2019), grouped by modality as in multimodal attention
     studies (e.g. "An Image is Worth 1/2 Tokens After Layer 2", Chen et al., 2024).
     """
-    rows = _select(trace, component, layer, head)
+    rows = _select(trace, component, layer, head, reduction)
     if len(rows) == 0:
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in MAP_COLUMNS})
     if average_heads:
@@ -136,11 +141,15 @@ def attention_modality_mass(trace, *, component=None, layer=None, head=None) -> 
 
     For a query q, mass(q → m) = Σ of its weights on keys of modality m; `mass` is its mean over the
     queries of the query modality that have recorded weights (queries; over all key modalities the
-    masses of one query modality sum to 1). Key modalities that no recorded key has are left out. Source: modality-level attention allocation as in
+    masses of one query modality sum to 1). Key modalities that no recorded key has are left out. It
+    reads the "block" rows when the trace has them (every query's mass per modality run), else the
+    whole rows of the recorded queries. Source: modality-level attention allocation as in
     "An Image is Worth 1/2 Tokens After Layer 2" (Chen et al., 2024) and the audio/visual attention
     analyses of omni-modal models.
     """
-    rows = _select(trace, component, layer, head)
+    rows = _select(trace, component, layer, head, "block")  # a block's modality is its first key's
+    if len(rows) == 0:
+        rows = _select(trace, component, layer, head)
     pieces = []
     modalities = len(MODALITIES) + 1  # the last code: unknown
     for name, part in _groups(rows):

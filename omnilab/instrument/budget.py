@@ -1,9 +1,10 @@
 """What a capture will cost in memory, estimated before the run, and the budget a caller holds it to.
 
-Attention is recorded today as one row per (head, query, key) of the eager attention maps, so its
-cost grows with the square of the prompt: 2 thinker layers x 4 heads at 4,000 tokens on `tiny` are
-128 million rows and 13.7 GB (measured: peak RSS of a traced turn minus the bare turn, the trace's
-DataFrame included). A caller estimates first and records less (or refuses) over budget.
+Attention is recorded at a cost linear in tokens by default (AttentionSettings: whole rows of the
+last prompt token and the generated tokens, every query's mass per modality block); asking for every
+row (queries="all") costs the square of the prompt. Each recorded row costs ATTENTION_ROW_BYTES at
+its peak, each routing row ROUTING_ROW_BYTES (both measured, below). The Tracer estimates before the forward and refuses a run
+over its budget (BudgetError); the app records such a turn without attention and says so.
 """
 
 from __future__ import annotations
@@ -11,13 +12,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from ..errors import InterventionError
+
 MEMORY_BUDGET_BYTES = 1024**3  # what one turn's captures may hold, by default
-# Bytes one recorded row costs at its peak, measured on `tiny` (2,000 and 4,000 prompt tokens, the
-# trace's DataFrame built): the hook's float32 copy of the map, the per-head columns, their
-# concatenation and the DataFrame (87 and 106 bytes a row); rounded up.
-ATTENTION_ROW_BYTES = 112
-ATTENTION_TRANSIENT_COPIES = 3  # eager attention: scores, softmax and the hook's copy, float32 each
-ROUTING_ROW_BYTES = 64  # component, layer, pos, phase, rank, expert, weight, and the DataFrame
+# Bytes a recorded row costs at the capture's peak: tracemalloc's peak over a traced `generate` minus
+# the bare one's, the trace's DataFrame built. Attention (the recorder's int16/int32/float16 parts, the
+# table filled from them, its DataFrame view): 49 (every row, `tiny`, 1.2k tokens) to 58 (the
+# defaults, `small`, 6k tokens); rounded up. Routing (component, layer, pos, phase, rank, expert,
+# weight, modality): 128.4 and 128.2 on `small` at 6k and 12k tokens.
+ATTENTION_ROW_BYTES = 64
+ROUTING_ROW_BYTES = 128
+DEFAULT_BLOCKS = 8  # modality runs assumed when only a token count is known
+
+
+class BudgetError(InterventionError):
+    """A capture whose estimated memory passes the budget it is held to (refused before the run)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,41 @@ def prompt_tokens(inputs) -> int:
     return int(inputs["input_ids"].shape[-1])
 
 
+def _block_starts(lab, inputs) -> np.ndarray | None:
+    """Where each modality run of the prompt starts (None for a bare token count)."""
+    if isinstance(inputs, int):
+        return None
+    from .record.tokens import special_tokens
+
+    ids = inputs["input_ids"][0].cpu().numpy()
+    codes = np.zeros(len(ids), dtype=np.int8)
+    for code, token in enumerate(special_tokens(lab.model).media.values(), start=1):
+        codes[ids == token] = code
+    return np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1])
+
+
+def attention_rows(lab, inputs, settings=None, *, max_new_tokens: int = 0) -> int:
+    """Rows one thinker layer and head records under `settings` (AttentionSettings) for a run of
+    `inputs` making `max_new_tokens`: whole rows (their causal keys), block rows and top-k rows."""
+    from .record.attention import attention_settings
+
+    settings = attention_settings(settings)
+    length, new = prompt_tokens(inputs), int(max_new_tokens)
+    fed = length + max(new - 1, 0)  # the last new token is never fed back
+    queries = np.arange(fed)
+    if settings.queries == "all":
+        chosen = queries
+    elif settings.queries == "last":
+        chosen = queries[length - 1 :]
+    else:
+        chosen = queries[np.isin(queries, np.asarray(settings.queries, dtype=np.int64))]
+    rows = int((chosen + 1).sum())
+    if settings.blocks:
+        starts = _block_starts(lab, inputs)
+        rows += int((fed - starts).sum()) if starts is not None else fed * DEFAULT_BLOCKS
+    return rows + int(np.minimum(int(settings.top_k), queries + 1).sum())  # a short prefix has fewer keys
+
+
 def estimate_capture_bytes(
     lab,
     inputs,
@@ -57,30 +103,41 @@ def estimate_capture_bytes(
     *,
     max_new_tokens: int = 0,
     heads: list[int] | None = None,
+    attention=None,
 ) -> CaptureEstimate:
     """Estimate the peak memory of recording `capture` on a run of `inputs` (before running it).
 
-    attention: for each (component, layer) asked, heads x (L^2 + new x (L + new)) rows at
-    ATTENTION_ROW_BYTES, plus the eager map of one layer (heads x L^2 float32, a few copies), where
-    L is the prompt length and `new` the generated tokens. routing: (L + new) x MoE layers x top-k
-    rows at ROUTING_ROW_BYTES. Tower attention (audio and vision encoders) is not estimated.
-    Returns a CaptureEstimate with bytes by kind ("attention", "attention_transient", "routing").
+    attention (`attention`: AttentionSettings or a dict of its fields): for each (component, layer)
+    asked, heads x `attention_rows` rows at ATTENTION_ROW_BYTES; attention_transient: one chunk of
+    float32 scores (a few copies) and the keys of the recorded layers. routing: (L + new) x MoE
+    layers x top-k rows at ROUTING_ROW_BYTES, L the prompt length and `new` the generated tokens.
+    Tower attention (audio and vision encoders) is not estimated. Talker layers are estimated at the
+    thinker's length. Returns a CaptureEstimate with bytes by kind.
     """
+    from .record.attention import attention_settings
+
+    settings = attention_settings(attention)
     length, new = prompt_tokens(inputs), int(max_new_tokens)
     out: dict[str, int] = {}
     if "attention" in capture:
-        cells = length * length + new * (length + new)
-        rows = transient = 0
+        per_head = attention_rows(lab, inputs, settings, max_new_tokens=new)
+        rows = keys = transient = 0
         for component, layers in (attention_layers or {"thinker": [0]}).items():
             config = _text_config(lab, component)
             if config is None or component not in ("thinker", "talker"):
                 continue
             count = len(heads) if heads is not None else int(config.num_attention_heads)
-            rows += len(list(layers)) * count * cells
-            transient = max(transient, count * length * length * 4 * ATTENTION_TRANSIENT_COPIES)
+            rows += len(list(layers)) * count * per_head
+            head_dim = int(getattr(config, "head_dim", 0) or config.hidden_size // config.num_attention_heads)
+            kv = int(config.num_key_value_heads)
+            keys += len(list(layers)) * (length + new) * kv * head_dim * 4
+            # one layer at a time: a chunk of scores (scores, probabilities, block sums) and the
+            # recomputed queries and keys of the prompt (a few float32 copies)
+            chunk = min(settings.chunk_bytes, 4 * count * length * length)
+            transient = max(transient, 3 * chunk + 3 * length * (count + kv) * head_dim * 4)
         out["attention"] = rows * ATTENTION_ROW_BYTES
-        out["attention_transient"] = transient
-    if "routing" in capture:
+        out["attention_transient"] = keys + transient if rows else 0
+    if "routing" in capture or "logits" in capture:
         config = _text_config(lab, "thinker")
         top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
         layers = int(getattr(config, "num_hidden_layers", 0) or 0)
@@ -88,10 +145,38 @@ def estimate_capture_bytes(
     return CaptureEstimate(length, out)
 
 
+def check_budget(tracer, inputs, *, max_new_tokens: int = 0) -> CaptureEstimate:
+    """The estimate of `tracer`'s captures on `inputs`; a BudgetError, before any forward, when it
+    passes `tracer.memory_budget`."""
+    estimate = estimate_capture_bytes(
+        tracer.lab,
+        inputs,
+        tracer.capture,
+        tracer.attention_layers or None,
+        max_new_tokens=max_new_tokens,
+        heads=tracer.heads,
+        attention=tracer.attention,
+    )
+    if getattr(tracer, "requests", None):  # activations of sites (lab.trace(sites=...))
+        from .record.activations import estimate_bytes
+
+        sized = estimate_bytes(
+            tracer.lab.model, tracer.requests, inputs["input_ids"][0], **tracer.activation_options
+        )
+        estimate = CaptureEstimate(estimate.tokens, {**estimate.bytes, "activations": sized})
+    if estimate.over(tracer.memory_budget):
+        raise BudgetError(
+            f"this trace was refused before running: recording it would need "
+            f"{describe(estimate, tracer.memory_budget)}; record less (attention={{'queries': 'last'}}, "
+            "fewer attention_layers or heads, fewer sites, positions= or modality=, a shorter prompt) or raise lab.trace(memory_budget=...)"
+        )
+    return estimate
+
+
 def describe(estimate: CaptureEstimate, budget: int = MEMORY_BUDGET_BYTES) -> str:
     """'attention 3.2 GB + routing 0.1 GB = 3.3 GB for 1,700 prompt tokens; the budget is 1.1 GB'."""
-    parts = " + ".join(f"{kind} {size / 1e9:.1f} GB" for kind, size in estimate.bytes.items() if size)
+    parts = " + ".join(f"{kind} {size / 1e9:.2f} GB" for kind, size in estimate.bytes.items() if size)
     return (
-        f"{parts or 'nothing'} = {estimate.total / 1e9:.1f} GB for {estimate.tokens:,} prompt tokens; "
-        f"the budget is {budget / 1e9:.1f} GB"
+        f"{parts or 'nothing'} = {estimate.total / 1e9:.2f} GB for {estimate.tokens:,} prompt tokens; "
+        f"the budget is {budget / 1e9:.2f} GB"
     )

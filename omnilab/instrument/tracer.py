@@ -23,6 +23,7 @@ from .._version import __version__
 from ..errors import InterventionError
 from ..reply import SAMPLE_RATE
 from ..trace import Trace
+from .budget import MEMORY_BUDGET_BYTES, check_budget
 from .record import (
     TOWERS,
     ActivationsRecorder,
@@ -34,7 +35,7 @@ from .record import (
     TokensRecorder,
     TowerAttentionRecorder,
     Turn,
-    estimate_bytes,
+    attention_settings,
     position_id_per_seconds,
     resolve_requests,
 )
@@ -73,10 +74,13 @@ def split_capture(capture, sites=()) -> tuple[tuple[str, ...], list[str]]:
     return known, patterns
 
 
-def recorders_for(model, capture: tuple[str, ...], *, attention_layers=None, heads=None, hooks=True) -> list:
+def recorders_for(
+    model, capture: tuple[str, ...], *, attention_layers=None, heads=None, hooks=True, attention=None
+) -> list:
     """The recorders of a capture spec (positions are always recorded: they key the tokens table).
 
-    hooks=False: codes and timings are handed to their recorders by the caller (as a stream does).
+    hooks=False: codes and timings are handed to their recorders by the caller (as a stream does);
+    attention: AttentionSettings (or a dict of its fields) for the thinker/talker attention.
     """
     recorders = [TokensRecorder()]
     if "routing" in capture or "logits" in capture:
@@ -92,7 +96,7 @@ def recorders_for(model, capture: tuple[str, ...], *, attention_layers=None, hea
         if towers:
             recorders.append(TowerAttentionRecorder(model, towers, heads=heads))
         if text:
-            recorders.append(AttentionRecorder(model, text, heads=heads))
+            recorders.append(AttentionRecorder(model, text, heads=heads, settings=attention))
     return recorders
 
 
@@ -129,15 +133,19 @@ class Tracer:
 
     capture: names from CAPTURES (positions are always recorded); attention_layers: {component:
     layers} for "attention" (thinker, talker, audio_tower, vision_tower; default the thinker's layer
-    0); heads: keep only these heads of each map.
+    0); heads: keep only these heads of each map; attention: AttentionSettings (or a dict of its
+    fields: queries, blocks, top_k), what of the thinker/talker attention is kept (by default the
+    whole rows of the last prompt token and the generated tokens, and every query's mass per
+    modality block).
 
     sites: site patterns (see `lab.sites()`: "resid.*", "attn.3", "talker.resid.0", "audio_tower",
     "resid.0:input" for a module's input) whose tensors go to `trace.activations` (site key ->
     Activations [rows, width]); the named sets routing, positions, codes mean those captures, and a
     site pattern in `capture` counts as one here. positions: thinker prompt positions to keep (all
     when None); modality: a modality name or names to keep; dtype: what the tensors are stored in
-    (float16, or the model's dtype where it is bfloat16/float16). A capture that would hold more
-    than `budget` bytes (omnilab.instrument.budget.MEMORY_BUDGET_BYTES) is refused before the forward.
+    (float16, or the model's dtype where it is bfloat16/float16). memory_budget: the bytes this run's
+    captures (attention, routing, activations) may hold, estimated before the forward; over it the
+    run is refused with a BudgetError (None: no limit).
     """
 
     def __init__(
@@ -151,7 +159,8 @@ class Tracer:
         positions=None,
         modality=None,
         dtype=None,
-        budget: int | None = None,
+        attention=None,
+        memory_budget: int | None = MEMORY_BUDGET_BYTES,
     ):
         self.lab = lab
         self.model = lab.model
@@ -159,17 +168,24 @@ class Tracer:
         self.capture = capture_spec(self.capture)
         self.requests = resolve_requests(self.model, patterns) if patterns else []
         self.activation_options = {"positions": positions, "modality": modality, "dtype": dtype}
-        self.budget = budget
         self.attention_layers = attention_layers or {}
         self.heads = heads
+        self.attention = attention_settings(attention)
+        self.memory_budget = memory_budget
         self.trace: Trace | None = None
-        recorders_for(self.model, self.capture, attention_layers=attention_layers, heads=heads)  # checks
+        recorders_for(  # checks
+            self.model, self.capture, attention_layers=attention_layers, heads=heads, attention=self.attention
+        )
         _check_modality(modality)
 
     # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
         recorders = recorders_for(
-            self.model, self.capture, attention_layers=self.attention_layers, heads=self.heads
+            self.model,
+            self.capture,
+            attention_layers=self.attention_layers,
+            heads=self.heads,
+            attention=self.attention,
         )
         if self.requests:
             recorders.append(ActivationsRecorder(self.requests, **self.activation_options))
@@ -190,7 +206,9 @@ class Tracer:
         self.trace = self._build()
 
     # -- called by OmniLab.generate ---------------------------------------------------------------
-    def begin(self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool) -> None:
+    def begin(
+        self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool, max_new_tokens: int = 0
+    ) -> None:
         if self._prompt is not None:
             # Tables key each token by (component, pos): a second run's rows would silently merge
             # with the first's, and meta holds one reply. What was recorded so far stays intact.
@@ -200,7 +218,9 @@ class Tracer:
                 "lab.trace() around each generate or forward, or pass trace=True to generate"
             )
         if self.requests:
-            self._check_activations(inputs["input_ids"], prompt_length)
+            self._check_positions(prompt_length)
+        if self.memory_budget is not None:  # before the forward: refused, or it runs
+            check_budget(self, inputs, max_new_tokens=max_new_tokens)
         self._prompt = {
             "length": prompt_length,
             "items": gathered.items,
@@ -210,10 +230,8 @@ class Tracer:
     def end(self, reply) -> None:
         self._reply = reply
 
-    def _check_activations(self, input_ids, prompt_length: int) -> None:
-        """Positions inside the prompt, and the capture within the memory budget, before the forward."""
-        from .budget import MEMORY_BUDGET_BYTES
-
+    def _check_positions(self, prompt_length: int) -> None:
+        """The activations' positions lie inside the prompt (checked before the forward)."""
         positions = self.activation_options["positions"]
         if positions is not None:
             outside = sorted({int(p) for p in positions if not 0 <= int(p) < prompt_length})
@@ -223,14 +241,6 @@ class Tracer:
                     f"positions {shown} lie outside the prompt, which has {prompt_length} positions; "
                     f"choose positions in 0..{prompt_length - 1}"
                 )
-        budget = MEMORY_BUDGET_BYTES if self.budget is None else self.budget
-        estimate = estimate_bytes(self.model, self.requests, input_ids[0], **self.activation_options)
-        if estimate > budget:
-            raise InterventionError(
-                f"recording {len(self.requests)} sites over this prompt ({prompt_length} positions) would "
-                f"hold ~{estimate / 1e6:,.0f} MB, over the memory budget of {budget / 1e6:,.0f} MB; record "
-                "fewer sites, positions= or modality=, or raise budget="
-            )
 
     # -- the Trace -------------------------------------------------------------------------------
     # Tables are built as column arrays in the schema's dtypes (no DataFrames: a collection pays this

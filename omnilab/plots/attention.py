@@ -12,6 +12,14 @@ from ._style import TEMPLATE, as_text, modality_color, pick
 __all__ = ["attention_heatmap", "attention_mass_heatmap", "attention_time_lines", "tower_attention_heatmap"]
 
 
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values (end exclusive)."""
+    if not len(values):
+        return []
+    change = np.flatnonzero(values[1:] != values[:-1]) + 1
+    return list(zip(np.r_[0, change].tolist(), np.r_[change, len(values)].tolist(), strict=True))
+
+
 def attention_heatmap(attention: pd.DataFrame, *, layer=None, head=None, title=None) -> go.Figure:
     """Query × key attention at one (layer, head), with the modality blocks outlined.
 
@@ -22,32 +30,30 @@ def attention_heatmap(attention: pd.DataFrame, *, layer=None, head=None, title=N
     """
     rows, layer = pick(attention, "layer", layer, "attention_map")
     rows, head = pick(rows, "head", head, "attention_map")
-    positions = (
-        np.union1d(rows["query_pos"].to_numpy(), rows["key_pos"].to_numpy()) if len(rows) else np.zeros(0)
-    )
-    qi = np.searchsorted(positions, rows["query_pos"].to_numpy())
-    ki = np.searchsorted(positions, rows["key_pos"].to_numpy())
-    n = len(positions)
-    z = np.full((n, n), np.nan)
+    # Queries and keys on their own axes: a few recorded query rows over every key stay a few rows.
+    queries, qi = np.unique(rows["query_pos"].to_numpy(), return_inverse=True)
+    keys, ki = np.unique(rows["key_pos"].to_numpy(), return_inverse=True)
+    z = np.full((len(queries), len(keys)), np.nan)
     z[qi, ki] = rows["weight"].to_numpy(dtype=float)
-    text = np.full(n, "", dtype=object)
-    modality = np.full(n, "", dtype=object)
-    text[qi], modality[qi] = as_text(rows["query_text"]), as_text(rows["query_modality"])
-    text[ki], modality[ki] = as_text(rows["key_text"]), as_text(rows["key_modality"])
+    q_text, q_mod = np.full(len(queries), "", dtype=object), np.full(len(queries), "", dtype=object)
+    k_text, k_mod = np.full(len(keys), "", dtype=object), np.full(len(keys), "", dtype=object)
+    q_text[qi], q_mod[qi] = as_text(rows["query_text"]), as_text(rows["query_modality"])
+    k_text[ki], k_mod[ki] = as_text(rows["key_text"]), as_text(rows["key_modality"])
+    shape = (len(queries), len(keys))
     custom = np.stack(
         [
-            np.broadcast_to(modality[:, None], (n, n)),
-            np.broadcast_to(text[:, None], (n, n)),
-            np.broadcast_to(modality[None, :], (n, n)),
-            np.broadcast_to(text[None, :], (n, n)),
+            np.broadcast_to(q_mod[:, None], shape),
+            np.broadcast_to(q_text[:, None], shape),
+            np.broadcast_to(k_mod[None, :], shape),
+            np.broadcast_to(k_text[None, :], shape),
         ],
         axis=-1,
     )
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=positions,
-            y=positions,
+            x=keys,
+            y=queries,
             customdata=custom,
             colorscale="Greys",
             zmin=0,
@@ -57,24 +63,21 @@ def attention_heatmap(attention: pd.DataFrame, *, layer=None, head=None, title=N
             name="attention",
         )
     )
-    # modality blocks: runs of one modality along the sequence
-    change = np.flatnonzero(modality[1:] != modality[:-1]) + 1 if n else np.zeros(0, dtype=int)
-    starts = np.concatenate([[0], change]).astype(int) if n else np.zeros(0, dtype=int)
-    ends = np.concatenate([change, [n]]).astype(int) if n else np.zeros(0, dtype=int)
+    # modality blocks: runs of one modality along each axis
     shapes = []
-    for qs, qe in zip(starts, ends, strict=True):
-        for ks, ke in zip(starts, ends, strict=True):
-            if ks > qe - 1:  # causal: no key block after the query block
+    for qs, qe in _runs(q_mod):
+        for ks, ke in _runs(k_mod):
+            if keys[ks] > queries[qe - 1]:  # causal: no key block after the query block
                 continue
             shapes.append(
                 {
                     "type": "rect",
-                    "x0": positions[ks] - 0.5,
-                    "x1": positions[ke - 1] + 0.5,
-                    "y0": positions[qs] - 0.5,
-                    "y1": positions[qe - 1] + 0.5,
-                    "line": {"color": modality_color(modality[ks]), "width": 1.5},
-                    "name": f"{modality[qs]}/{modality[ks]}",
+                    "x0": keys[ks] - 0.5,
+                    "x1": keys[ke - 1] + 0.5,
+                    "y0": queries[qs] - 0.5,
+                    "y1": queries[qe - 1] + 0.5,
+                    "line": {"color": modality_color(k_mod[ks]), "width": 1.5},
+                    "name": f"{q_mod[qs]}/{k_mod[ks]}",
                 }
             )
     fig.update_layout(shapes=shapes)

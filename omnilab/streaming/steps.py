@@ -79,7 +79,10 @@ class Decoder:
         return self.input_ids[0, self.prompt_length :]
 
     def prefill(self) -> torch.Tensor:
-        outputs = hf_private.prefill(self.model, self.input_ids, self.config, self.kwargs)
+        from ..lab import last_logits_only  # only the last row is read: no [L, vocab] logits
+
+        with last_logits_only(self.model):
+            outputs = hf_private.prefill(self.model, self.input_ids, self.config, self.kwargs)
         return self._select(outputs)
 
     def prepare(self, **updates) -> dict:

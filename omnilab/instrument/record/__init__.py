@@ -3,7 +3,7 @@
 # ruff: noqa: F401  (re-exports: the public names of this package)
 
 from .activations import ActivationsRecorder, SiteRequest, estimate_bytes, resolve_requests
-from .attention import AttentionRecorder
+from .attention import AttentionRecorder, AttentionSettings, attention_settings
 from .base import Columns, Recorder, Recording, Turn, concat_columns
 from .codes import CodesRecorder
 from .routing import RoutingRecorder, routing_tables
