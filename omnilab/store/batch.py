@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 8
 WINDOW_BATCHES = 4  # samples prepared and sorted together: this many batches' worth
-BATCHED_CAPTURES = frozenset({"routing", "logits", "positions", "codes"})  # split by row (codes: none at prefill)
+BATCHED_CAPTURES = frozenset(
+    {"routing", "logits", "positions", "codes"}
+)  # split by row (codes: none at prefill)
 FORWARD_COPIES = 12  # hidden-size float32 vectors a token holds at the peak of a layer (rough)
 
 
@@ -104,9 +106,7 @@ def plan_batches(prepared: list[Prepared], max_batch: int, fits) -> list[list[Pr
     padded lengths accepted by `fits(lengths)` (a sample that fits nowhere runs alone)."""
     batches = []
     for flag in (False, True):
-        group = sorted(
-            (p for p in prepared if p.sample.use_audio_in_video == flag), key=lambda p: -p.length
-        )
+        group = sorted((p for p in prepared if p.sample.use_audio_in_video == flag), key=lambda p: -p.length)
         batch: list[Prepared] = []
         for item in group:
             if batch and (len(batch) >= max_batch or not fits([p.length for p in batch] + [item.length])):
@@ -153,18 +153,17 @@ def batch_inputs(inputs: list[dict], pad_id: int) -> dict:
     audio = [x for x in inputs if x.get("input_features") is not None]
     if audio:
         frames = max(int(x["input_features"].shape[-1]) for x in audio)
-        pad = [frames - int(x["input_features"].shape[-1]) for x in audio]
-        out["input_features"] = torch.cat(
-            [torch.nn.functional.pad(x["input_features"], (0, p)) for x, p in zip(audio, pad)]
-        )
-        out["feature_attention_mask"] = torch.cat(
-            [torch.nn.functional.pad(x["feature_attention_mask"], (0, p)) for x, p in zip(audio, pad)]
-        )
+        for key in ("input_features", "feature_attention_mask"):  # zeros past each item's own frames
+            out[key] = torch.cat([_pad_to(x[key], frames) for x in audio])
     known = {"input_ids", "attention_mask", "input_features", "feature_attention_mask"}
     for key in dict.fromkeys(k for x in inputs for k in x.keys() if k not in known):
         parts = [x[key] for x in inputs if x.get(key) is not None]
         out[key] = torch.cat(parts)
     return out
+
+
+def _pad_to(tensor: torch.Tensor, frames: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, frames - int(tensor.shape[-1])))
 
 
 def _run(lab, batch: list[Prepared], run: dict) -> list[SampleResult]:
@@ -175,10 +174,17 @@ def _run(lab, batch: list[Prepared], run: dict) -> list[SampleResult]:
         return _forward(lab, batch, run["capture"])
     except torch.OutOfMemoryError:
         half = len(batch) // 2
-        log.warning("a batch of %d samples ran out of memory; running it as %d + %d", len(batch), half, len(batch) - half)
+        log.warning(
+            "a batch of %d samples ran out of memory; running it as %d + %d",
+            len(batch),
+            half,
+            len(batch) - half,
+        )
         return _run(lab, batch[:half], run) + _run(lab, batch[half:], run)
     except Exception as exc:  # one sample at fault should not cost the others: run each alone
-        log.warning("a batch of %d samples failed (%s: %s); running each alone", len(batch), type(exc).__name__, exc)
+        log.warning(
+            "a batch of %d samples failed (%s: %s); running each alone", len(batch), type(exc).__name__, exc
+        )
         return [_alone(lab, p, run) for p in batch]
 
 
@@ -215,4 +221,6 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
         with torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
     share = (time.perf_counter() - start) / len(batch)  # each sample's part of the batch's time
-    return [finished(p.sample, p.length, p.seconds + share, trace) for p, trace in zip(batch, traces)]
+    return [
+        finished(p.sample, p.length, p.seconds + share, trace) for p, trace in zip(batch, traces, strict=True)
+    ]

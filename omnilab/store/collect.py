@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ..errors import ConversationError, OmnilabError, TraceError
@@ -107,8 +106,12 @@ def collect(
         raise OmnilabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if not isinstance(workers, int) or workers < 1:
         raise OmnilabError(f"workers must be a positive whole number; got {workers!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise OmnilabError(f"batch_size must be a positive whole number (or None: from memory); got {batch_size!r}")
+    if batch_size is not None and (
+        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+    ):
+        raise OmnilabError(
+            f"batch_size must be a positive whole number (or None: from memory); got {batch_size!r}"
+        )
     if shard_samples < 1:
         raise OmnilabError(f"shard_samples must be at least 1; got {shard_samples!r}")
     root = Path(out)
@@ -251,7 +254,9 @@ def failed(sample: Sample, exc: Exception, seconds: float) -> SampleResult:
         "conversation": _json(sample.conversation),
         "extra": _json(sample.extra),
     }
-    return SampleResult(sample.sample_id, False, 0, seconds, {"errors": _rows("errors", sample.sample_id, row)})
+    return SampleResult(
+        sample.sample_id, False, 0, seconds, {"errors": _rows("errors", sample.sample_id, row)}
+    )
 
 
 def finished(sample: Sample, prompt: int, seconds: float, trace, *, text="", generated=0) -> SampleResult:
