@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +58,14 @@ class Prepared:
     seconds: float
 
 
+def batched(capture, generate: int) -> bool:
+    """Whether a run of `capture` and `generate` goes through batches (else one `run_sample` each)."""
+    return not generate and set(capture) <= BATCHED_CAPTURES
+
+
 def task_size(batch_size: int | None, capture, generate: int) -> int:
     """How many samples one run of `run_batches` (a Ray task) should take: one batch's worth."""
-    if generate or not set(capture) <= BATCHED_CAPTURES:
-        return 1
-    return batch_size or DEFAULT_MAX_BATCH
+    return (batch_size or DEFAULT_MAX_BATCH) if batched(capture, generate) else 1
 
 
 def run_batches(
@@ -77,7 +81,7 @@ def run_batches(
 ) -> Iterator[list[SampleResult]]:
     """Run `samples` a batch at a time; yields each batch's results (one per sample, errors included)."""
     run = {"capture": capture, "generate": generate, "max_tokens": max_tokens, "options": options}
-    if task_size(batch_size, capture, generate) == 1:
+    if not batched(capture, generate):
         for sample in samples:
             yield [run_sample(lab, sample, **run)]
         return
@@ -209,7 +213,7 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     if capture:
         capture = capture_spec(tuple(capture))
         recording = Recording(lab.model, recorders_for(lab.model, capture))
-        with recording, torch.inference_mode():
+        with recording, _last_logits_only(lab), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
         # What a batch-1 trace of a prefill carries (see run_sample): no reply, no prompt items.
         meta = trace_meta(lab, capture=capture, text="", items=[], use_audio_in_video=False)
@@ -218,9 +222,21 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
             tables = recording.tables(Turn(tokenizer, prompt_length=p.length, batch_row=row))
             traces[row] = Trace.build(audio=None, sample_rate=SAMPLE_RATE, meta=dict(meta), **tables)
     else:
-        with torch.inference_mode():
+        with _last_logits_only(lab), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
     share = (time.perf_counter() - start) / len(batch)  # each sample's part of the batch's time
     return [
         finished(p.sample, p.length, p.seconds + share, trace) for p, trace in zip(batch, traces, strict=True)
     ]
+
+
+@contextmanager
+def _last_logits_only(lab):
+    """The thinker's lm_head on the last position only, as upstream's `logits_to_keep=1` (which the
+    thinker's forward lacks): collection keeps no logits, and a 152k-word head at every (padded)
+    position would cost most of a small model's forward."""
+    handle = lab.thinker.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
+    try:
+        yield
+    finally:
+        handle.remove()
