@@ -166,6 +166,8 @@ def test_plan_sorts_by_length_keeps_audio_in_video_apart_and_splits_what_would_n
     items = [prepared(0, 10), prepared(1, 300), prepared(2, 50, True), prepared(3, 40), prepared(4, 900)]
     plan = batching.plan_batches(items, 8, lambda lengths: True)
     assert [[p.length for p in b] for b in plan] == [[900, 300, 40, 10], [50]]
+    plan = batching.plan_batches(items, 1, lambda lengths: True)
+    assert [[p.length for p in b] for b in plan] == [[10], [300], [50], [40], [900]]  # batch 1: as listed
     plan = batching.plan_batches(items, 2, lambda lengths: True)
     assert [[p.length for p in b] for b in plan] == [[900, 300], [40, 10], [50]]
     plan = batching.plan_batches(items, 8, lambda lengths: max(lengths) * len(lengths) < 600)

@@ -107,7 +107,10 @@ def run_batches(
 
 def plan_batches(prepared: list[Prepared], max_batch: int, fits) -> list[list[Prepared]]:
     """Batches of at most `max_batch` samples of one use_audio_in_video, longest first, each batch's
-    padded lengths accepted by `fits(lengths)` (a sample that fits nowhere runs alone)."""
+    padded lengths accepted by `fits(lengths)` (a sample that fits nowhere runs alone). At batch 1
+    the manifest's order is kept (nothing to gain by sorting; stores keep their order)."""
+    if max_batch == 1:
+        return [[p] for p in prepared]
     batches = []
     for flag in (False, True):
         group = sorted((p for p in prepared if p.sample.use_audio_in_video == flag), key=lambda p: -p.length)
