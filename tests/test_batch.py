@@ -299,3 +299,11 @@ def test_batch_size_must_be_a_positive_whole_number(tmp_path):
     for bad in (0, -2, 1.5, True):
         with pytest.raises(OmnilabError, match="batch_size"):
             collect(manifest, tmp_path / "store", batch_size=bad, progress=False)
+
+
+def test_cli_collect_takes_batch_size(tmp_path, capsys):
+    from omnilab.cli import main
+
+    manifest = manifest_of(tmp_path / "m.jsonl", ["text-greeting", "text-long", "text-system"])
+    assert main(["collect", str(manifest), "--out", str(tmp_path / "store"), "--batch-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 3

@@ -5,8 +5,9 @@ buffer and the exactly-once bookkeeping, and the resume rules read best beside b
 
     summary = collect("data/manifest.jsonl", "runs/demo", model="tiny")
 
-Each sample runs alone (prepare, then one traced forward of the thinker over the prompt, or a
-traced `generate` when `generate` > 0) and becomes rows keyed by its id. Finished samples are
+Samples run in padded batches (`batch`: each prepared alone, then one traced forward of the
+thinker over a batch of prompts, each row de-padded to its sample) or, when `generate` > 0, one by
+one (a traced `generate`); each becomes rows keyed by its id. Finished samples are
 buffered and written as one shard every `shard_samples` samples, `shard_rows` rows or
 `shard_seconds` seconds, whichever comes first; a shard is committed whole or not at all (see
 `layout`). Small batches rather than one shard per sample: a store of many thousand samples stays
@@ -14,12 +15,13 @@ hundreds of files of megabytes (what DuckDB scans well), while a kill costs at m
 
 A collect that starts over a store skips every sample already in a committed shard, so a run
 killed at any moment and started again finishes the rest, each sample exactly once; at most the
-samples of the shard being buffered are run again. A sample that fails (missing or corrupt media, too long) is
+samples of the shard being buffered are run again (a batch reaches the buffer only once all its
+samples have finished, each sample's rows whole). A sample that fails (missing or corrupt media, too long) is
 written to `errors` with its reason and the run goes on; it is not retried.
 
 Engines: "local" runs one model in this process; "ray" runs `workers` Ray actors, one model each
 (a whole GPU each where the cluster has GPUs, a fraction of a CPU each where it does not), while
-this process writes the shards. Both run the same `run_sample`, so they write the same rows.
+this process writes the shards, a batch per Ray task. Both run the same `run_batches`.
 A Ray run killed with SIGKILL resumes like a local one; the local Ray instance it started then leaves
 Ray's dashboard and runtime-env agents running (Ray's own leak, ~100 MB each): kill the run's process
 group, or `ray stop --force`.
@@ -92,8 +94,8 @@ def collect(
     the sample's use_audio_in_video, `generate` and the capture (speech when "codes") override theirs.
     max_tokens: longest prompt (+ generate) accepted; longer samples fail as "too long"
     (default: the model's context). batch_size: samples per forward (see `batch`; None: as many as
-    the memory estimate lets fit in `memory_budget` bytes, at most DEFAULT_MAX_BATCH). Returns a summary: samples in the manifest, done, errors,
-    skipped (already in the store), shards written, tokens, seconds (write_seconds of them spent
+    the memory estimate fits in `memory_budget` bytes, at most 8). Returns a summary: samples in the
+    manifest, done, errors, skipped (already in the store), shards written, tokens, seconds (write_seconds of them spent
     writing shards), samples/s and tokens/s of the samples run.
     """
     started = time.perf_counter()
@@ -106,11 +108,9 @@ def collect(
         raise OmnilabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if not isinstance(workers, int) or workers < 1:
         raise OmnilabError(f"workers must be a positive whole number; got {workers!r}")
-    if batch_size is not None and (
-        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-    ):
+    if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
         raise OmnilabError(
-            f"batch_size must be a positive whole number (or None: from memory); got {batch_size!r}"
+            f"batch_size must be a positive whole number or None (from memory); got {batch_size!r}"
         )
     if shard_samples < 1:
         raise OmnilabError(f"shard_samples must be at least 1; got {shard_samples!r}")
@@ -157,14 +157,8 @@ def collect(
                     layout.write_meta(root, meta)
                 else:
                     _check_same(root, meta, described)
-                run = {
-                    "capture": capture,
-                    "generate": generate,
-                    "max_tokens": max_tokens,
-                    "options": options,
-                    "batch_size": batch_size,
-                    "memory_budget": memory_budget,
-                }
+                run = {"capture": capture, "generate": generate, "max_tokens": max_tokens, "options": options}
+                run.update(batch_size=batch_size, memory_budget=memory_budget)
                 _write(
                     root,
                     runner.results(todo, run),
