@@ -42,9 +42,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 8
 WINDOW_BATCHES = 4  # samples prepared and sorted together: this many batches' worth
-BATCHED_CAPTURES = frozenset(
-    {"routing", "logits", "positions", "codes"}
-)  # split by row (codes: none at prefill)
+# Captures whose recorders split a batched forward by row (codes: the talker does not run at prefill).
+BATCHED_CAPTURES = frozenset({"routing", "logits", "positions", "codes"})
 FORWARD_COPIES = 12  # hidden-size float32 vectors a token holds at the peak of a layer (rough)
 
 
