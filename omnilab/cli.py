@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("local", "ray"), default="local")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--ray-address", default=None)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="samples per forward (default: from a memory estimate)"
+    )
     p.set_defaults(run=_collect)
 
     p = sub.add_parser("query", help="SQL over a trace store (DuckDB, read-only)")
@@ -212,6 +215,7 @@ def _collect(args) -> int:
         engine=args.engine,
         workers=args.workers,
         ray_address=args.ray_address,
+        batch_size=args.batch_size,
     )
     print(json.dumps(summary, default=str, indent=2))
     return 0

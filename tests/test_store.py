@@ -173,9 +173,10 @@ def committed(out: Path) -> int:
 # -- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def bundled(tmp_path_factory, tiny):
-    """The bundled manifest collected once with the session's tiny model (small shards: several of them)."""
+    """The bundled manifest collected once with the session's tiny model (small shards: several of them),
+    one sample a forward: the exact reference (batched rows are checked against it in test_batch)."""
     out = tmp_path_factory.mktemp("stores") / "bundled"
-    summary = collect(MANIFEST, out, model=tiny, shard_samples=8, progress=False)
+    summary = collect(MANIFEST, out, model=tiny, shard_samples=8, batch_size=1, progress=False)
     return out, summary
 
 
@@ -526,7 +527,7 @@ def test_datasets_folder_collects_the_same_rows_as_the_jsonl_manifest(tmp_path, 
     assert [s.resolved() for s in samples] == [row["conversation"] for row in rows]
     assert [s.use_audio_in_video for s in samples] == [row["use_audio_in_video"] for row in rows]
     out = tmp_path / "store"
-    summary = collect(folder, out, model=tiny, progress=False)
+    summary = collect(folder, out, model=tiny, batch_size=1, progress=False)  # as `bundled`: exact rows
     assert summary["done"] == len(ids) and summary["errors"] == 0
     bundled_out, _ = bundled
     for table in ("tokens", "routing", "router_stats"):
@@ -814,7 +815,9 @@ def test_ray_engine_writes_the_same_store_as_the_local_engine(tmp_path, bundled,
     ids = ["text-greeting", "audio-question", "image-two", "video-with-audio", "all-media", "multiturn-media"]
     manifest = write_manifest(tmp_path / "m.jsonl", bundled_rows(ids))
     out = tmp_path / "ray"
-    summary = collect(manifest, out, model="tiny", engine="ray", workers=2, shard_samples=4, progress=False)
+    summary = collect(
+        manifest, out, model="tiny", engine="ray", workers=2, shard_samples=4, batch_size=1, progress=False
+    )
     assert local_ray.is_initialized()  # an instance collect did not start is left running
     assert summary["done"] == len(ids) and summary["errors"] == 0
     assert (

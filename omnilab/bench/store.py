@@ -7,10 +7,13 @@
    whole store, and 6 layers at a time (as a store 8x larger than a read chunk is analysed); what
    its routing rows cost in memory, compact (`read_source`: categoricals, float16) against DuckDB's
    plain DataFrame of the same rows.
-2. Collection over the bundled manifest on the tiny preset (prefill only): samples/s with tracing
-   (routing, positions, codes) and without (capture=()), both writing a store, alternating every two
-   samples (resumed collects), three times over; the ratio of throughputs (target >= 0.9) and the
-   share of the traced run spent writing shards.
+2. Collection over the bundled manifest on the tiny preset (prefill only, batches of 8): samples/s
+   with tracing (routing, positions, codes) and without (capture=()), both writing a store,
+   alternating every batch's worth of samples (resumed collects), three times over; the ratio of
+   throughputs (target >= 0.9) and the share of the traced run spent writing shards.
+3. Batched collection on the small preset (traced, prefill only): samples/s at batch 8 against
+   batch 1, alternating every 8 samples the same way (target >= 3x). Both include preparing each
+   sample (the processor), which batching does not speed up.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ SAMPLE_TOKENS = 1_024
 SHARD_SAMPLES = 16
 LOAD_TARGET_S = 1.0
 RATIO_TARGET = 0.9
+BATCH = 8
+BATCH_TARGET = 3.0
 
 
 def run(model: str | None = None, rows: int = ROWS, repeats: int = 3, collect_repeats: int = 3) -> dict:
@@ -38,6 +43,7 @@ def run(model: str | None = None, rows: int = ROWS, repeats: int = 3, collect_re
     with tempfile.TemporaryDirectory() as tmp:
         figures.update(_scale(Path(tmp) / "synthetic", rows, repeats))
         figures.update(_throughput(model or "tiny", Path(tmp), repeats=collect_repeats))
+        figures.update(_batching(model or "small", Path(tmp) / "batching", repeats=1))
     return figures
 
 
@@ -191,50 +197,95 @@ def _synthetic_shard(sample_range: range) -> dict[str, pa.Table]:
     return {"routing": routing, "tokens": tokens}
 
 
-def _throughput(model: str, tmp: Path, repeats: int, chunk: int = 2) -> dict:
-    """Collect the manifest without and with tracing, alternating every `chunk` samples.
-
-    Each chunk is one resumed collect into each of two stores, so both runs meet the same load on
-    a shared machine (whole runs one after the other differed by 2-3x here from load alone).
-    """
+def _alternate(lab, tmp: Path, runs: dict, repeats: int, chunk: int = BATCH) -> tuple[dict, dict]:
+    """Collect the bundled manifest once per named run (collect options), alternating every `chunk`
+    samples: each chunk is one resumed collect into each run's store, so all runs meet the same
+    load on a shared machine (whole runs one after the other differed by 2-3x here from load
+    alone). Returns wall seconds and summed summaries by run name."""
     import json
 
-    from .. import load
     from ..store import collect, read_manifest
 
     manifest = DATA / "manifest.jsonl"
-    lab = load(model)
     samples = read_manifest(manifest)
-    n = len(samples)
-    options = {"model": lab, "progress": False}
-    collect(manifest, tmp / "warm-up", capture=(), **options)  # first forwards of each tower are slow
-    wall = {"bare": 0.0, "traced": 0.0}
-    tokens = writing = 0.0
+    wall = dict.fromkeys(runs, 0.0)
+    totals = {name: {"tokens": 0, "write_seconds": 0.0} for name in runs}
     for i in range(repeats):
-        for start in range(0, n, chunk):
+        for start in range(0, len(samples), chunk):
             part = tmp / f"part-{i}-{start}.jsonl"
             lines = [
                 {"id": s.sample_id, "conversation": s.resolved(), "use_audio_in_video": s.use_audio_in_video}
                 for s in samples[: start + chunk]
             ]
             part.write_text("".join(json.dumps(line) + "\n" for line in lines))
-            for name, capture in (("bare", ()), ("traced", ("routing", "positions", "codes"))):
+            for name, options in runs.items():
                 begin = time.perf_counter()
-                summary = collect(part, tmp / f"{name}-{i}", capture=capture, **options)
+                summary = collect(part, tmp / f"{name}-{i}", model=lab, progress=False, **options)
                 wall[name] += time.perf_counter() - begin
                 assert summary["done"] == len(lines) - start
-                if name == "traced":
-                    tokens += summary["tokens"]
-                    writing += summary["write_seconds"]
+                totals[name]["tokens"] += summary["tokens"]
+                totals[name]["write_seconds"] += summary["write_seconds"]
+    return wall, totals
+
+
+def _throughput(model: str, tmp: Path, repeats: int) -> dict:
+    """Collect the manifest without and with tracing (batches of BATCH), alternating every batch."""
+    from .. import load
+    from ..store import collect
+
+    lab = load(model)
+    n = len(_samples())
+    collect(
+        DATA / "manifest.jsonl", tmp / "warm-up", model=lab, capture=(), progress=False
+    )  # first forwards are slow
+    runs = {
+        "bare": {"capture": (), "batch_size": BATCH},
+        "traced": {"capture": ("routing", "positions", "codes"), "batch_size": BATCH},
+    }
+    wall, totals = _alternate(lab, tmp, runs, repeats)
     ratio = wall["bare"] / wall["traced"]
     return {
         "collect_model": lab.model_id,
         "collect_samples": n * repeats,
         "collect_traced_samples_per_s": n * repeats / wall["traced"],
         "collect_bare_samples_per_s": n * repeats / wall["bare"],
-        "collect_traced_tokens_per_s": tokens / wall["traced"],
-        "collect_traced_write_share": writing / wall["traced"],
+        "collect_traced_tokens_per_s": totals["traced"]["tokens"] / wall["traced"],
+        "collect_traced_write_share": totals["traced"]["write_seconds"] / wall["traced"],
         "collect_traced_over_bare": ratio,
         "collect_ratio_target": RATIO_TARGET,
         "collect_ratio_pass": ratio >= RATIO_TARGET,
     }
+
+
+def _batching(model: str, tmp: Path, repeats: int) -> dict:
+    """Traced collection of the manifest at batch BATCH against batch 1, alternating every batch."""
+    from .. import load
+    from ..store import collect
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    lab = load(model)
+    n = len(_samples())
+    collect(DATA / "manifest.jsonl", tmp / "warm-up", model=lab, progress=False)  # first forwards are slow
+    capture = ("routing", "positions", "codes")
+    runs = {
+        "batch1": {"capture": capture, "batch_size": 1},
+        "batched": {"capture": capture, "batch_size": BATCH},
+    }
+    wall, _ = _alternate(lab, tmp, runs, repeats)
+    ratio = wall["batch1"] / wall["batched"]
+    return {
+        "batch_model": lab.model_id,
+        "batch_size": BATCH,
+        "batch_samples": n * repeats,
+        "batch1_samples_per_s": n * repeats / wall["batch1"],
+        "batched_samples_per_s": n * repeats / wall["batched"],
+        "batched_over_batch1": ratio,
+        "batched_target": BATCH_TARGET,
+        "batched_pass": ratio >= BATCH_TARGET,
+    }
+
+
+def _samples():
+    from ..store import read_manifest
+
+    return read_manifest(DATA / "manifest.jsonl")

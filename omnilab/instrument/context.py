@@ -23,6 +23,8 @@ class Forward:
     start: int  # position of the first new row in the component's sequence
     length: int  # number of new rows
     input_ids: torch.Tensor | None  # [length] (thinker ids, or the talker's codebook-0 ids), or None
+    batch: int = 1  # rows of a batched forward (batched collection); router rows are [batch * length]
+    batch_input_ids: torch.Tensor | None = None  # [batch, length]: every row's thinker ids, when batch > 1
 
 
 @dataclass
@@ -74,6 +76,10 @@ class ForwardTracker:
                 or (input_ids is not None and phase == "decode")
                 else None
             )
-            self.current[component] = Forward(component, phase, self.steps[component], start, length, ids)
+            batch = int((input_ids if input_ids is not None else embeds).shape[0])
+            rows = input_ids.detach() if batch > 1 and ids is not None else None
+            self.current[component] = Forward(
+                component, phase, self.steps[component], start, length, ids, batch, rows
+            )
 
         return hook

@@ -5,8 +5,9 @@ buffer and the exactly-once bookkeeping, and the resume rules read best beside b
 
     summary = collect("data/manifest.jsonl", "runs/demo", model="tiny")
 
-Each sample runs alone (prepare, then one traced forward of the thinker over the prompt, or a
-traced `generate` when `generate` > 0) and becomes rows keyed by its id. Finished samples are
+Samples run in padded batches (`batch`: each prepared alone, then one traced forward of the
+thinker over a batch of prompts, each row de-padded to its sample) or, when `generate` > 0, one by
+one (a traced `generate`); each becomes rows keyed by its id. Finished samples are
 buffered and written as one shard every `shard_samples` samples, `shard_rows` rows or
 `shard_seconds` seconds, whichever comes first; a shard is committed whole or not at all (see
 `layout`). Small batches rather than one shard per sample: a store of many thousand samples stays
@@ -14,12 +15,13 @@ hundreds of files of megabytes (what DuckDB scans well), while a kill costs at m
 
 A collect that starts over a store skips every sample already in a committed shard, so a run
 killed at any moment and started again finishes the rest, each sample exactly once; at most the
-samples of the shard being buffered are run again. A sample that fails (missing or corrupt media, too long) is
+samples of the shard being buffered are run again (a batch reaches the buffer only once all its
+samples have finished, each sample's rows whole). A sample that fails (missing or corrupt media, too long) is
 written to `errors` with its reason and the run goes on; it is not retried.
 
 Engines: "local" runs one model in this process; "ray" runs `workers` Ray actors, one model each
 (a whole GPU each where the cluster has GPUs, a fraction of a CPU each where it does not), while
-this process writes the shards. Both run the same `run_sample`, so they write the same rows.
+this process writes the shards, a batch per Ray task. Both run the same `run_batches`.
 A Ray run killed with SIGKILL resumes like a local one; the local Ray instance it started then leaves
 Ray's dashboard and runtime-env agents running (Ray's own leak, ~100 MB each): kill the run's process
 group, or `ray stop --force`.
@@ -38,13 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ..errors import ConversationError, OmnilabError, TraceError
+from ..instrument.budget import MEMORY_BUDGET_BYTES
 from ..options import GenerationOptions, options_from
 from ..trace import TABLES as TRACE_TABLES
-from ..trace import to_arrow
+from ..trace import to_arrow, token_modality
 from . import layout
 from .activations import check_sites, sample_activations, shard_activations
 from .manifest import Sample, read_manifest
@@ -86,6 +88,8 @@ def collect(
     max_tokens: int | None = None,
     progress: bool = True,
     options: GenerationOptions | None = None,
+    batch_size: int | None = None,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
 ) -> dict:
     """Run the instruments over `manifest` into the store at `out`; skip samples already there.
 
@@ -95,8 +99,9 @@ def collect(
     the thinker only. options: the GenerationOptions of each generated turn (sampling, speaker, ...);
     the sample's use_audio_in_video, `generate` and the capture (speech when "codes") override theirs.
     max_tokens: longest prompt (+ generate) accepted; longer samples fail as "too long"
-    (default: the model's context). Returns a summary: samples in the manifest, done, errors,
-    skipped (already in the store), shards written, tokens, seconds (write_seconds of them spent
+    (default: the model's context). batch_size: samples per forward (see `batch`; None: as many as
+    the memory estimate fits in `memory_budget` bytes, at most 8). Returns a summary: samples in the
+    manifest, done, errors, skipped (already in the store), shards written, tokens, seconds (write_seconds of them spent
     writing shards), samples/s and tokens/s of the samples run.
     """
     started = time.perf_counter()
@@ -109,6 +114,10 @@ def collect(
         raise OmnilabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if not isinstance(workers, int) or workers < 1:
         raise OmnilabError(f"workers must be a positive whole number; got {workers!r}")
+    if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+        raise OmnilabError(
+            f"batch_size must be a positive whole number or None (from memory); got {batch_size!r}"
+        )
     if shard_samples < 1:
         raise OmnilabError(f"shard_samples must be at least 1; got {shard_samples!r}")
     root = Path(out)
@@ -156,6 +165,7 @@ def collect(
                 else:
                     _check_same(root, meta, described)
                 run = {"capture": capture, "generate": generate, "max_tokens": max_tokens, "options": options}
+                run.update(batch_size=batch_size, memory_budget=memory_budget)
                 _write(
                     root,
                     runner.results(todo, run),
@@ -193,16 +203,8 @@ def run_sample(
     import torch
 
     start = time.perf_counter()
-    conversation = sample.resolved()
     try:
-        inputs = lab.prepare(conversation, use_audio_in_video=sample.use_audio_in_video)
-        prompt = int(inputs["input_ids"].shape[1])
-        limit = max_tokens or _context(lab)
-        if limit and prompt + generate > limit:
-            raise ConversationError(
-                f"sample {sample.sample_id!r} is too long: {prompt} prompt tokens"
-                f"{f' + {generate} new' if generate else ''}; the limit is {limit}; shorten its media or text"
-            )
+        inputs = prepare_sample(lab, sample, generate=generate, max_tokens=max_tokens)
         text, generated, trace = "", 0, None
         if generate:
             turn = options_from(
@@ -213,7 +215,7 @@ def run_sample(
                     "return_audio": bool("codes" in capture and lab.has_talker),
                 },
             )
-            reply = lab.generate(conversation, turn, trace=tuple(capture) or False)
+            reply = lab.generate(sample.resolved(), turn, trace=tuple(capture) or False)
             text, generated, trace = reply.text, len(reply.token_ids), reply.trace
         elif capture:
             with lab.trace(capture=tuple(capture)) as tracer, torch.inference_mode():
@@ -223,21 +225,43 @@ def run_sample(
             with torch.inference_mode():
                 lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
     except Exception as exc:  # a bad sample must not stop the run: record why and go on
-        log.warning("sample %r failed: %s: %s", sample.sample_id, type(exc).__name__, exc)
-        log.debug("sample %r failed", sample.sample_id, exc_info=True)
-        seconds = time.perf_counter() - start
-        row = {
-            "line": sample.line,
-            "error": type(exc).__name__,
-            "reason": str(exc),
-            "seconds": seconds,
-            "conversation": _json(sample.conversation),
-            "extra": _json(sample.extra),
-        }
-        return SampleResult(
-            sample.sample_id, False, 0, seconds, {"errors": _rows("errors", sample.sample_id, row)}
+        return failed(sample, exc, time.perf_counter() - start)
+    prompt = int(inputs["input_ids"].shape[1])
+    return finished(sample, prompt, time.perf_counter() - start, trace, text=text, generated=generated)
+
+
+def prepare_sample(lab, sample: Sample, *, generate: int = 0, max_tokens: int | None = None):
+    """The sample's model inputs (`lab.prepare`), refused as too long past `max_tokens` (or the context)."""
+    inputs = lab.prepare(sample.resolved(), use_audio_in_video=sample.use_audio_in_video)
+    prompt = int(inputs["input_ids"].shape[1])
+    limit = max_tokens or _context(lab)
+    if limit and prompt + generate > limit:
+        raise ConversationError(
+            f"sample {sample.sample_id!r} is too long: {prompt} prompt tokens"
+            f"{f' + {generate} new' if generate else ''}; the limit is {limit}; shorten its media or text"
         )
-    seconds = time.perf_counter() - start
+    return inputs
+
+
+def failed(sample: Sample, exc: Exception, seconds: float) -> SampleResult:
+    """The `errors` row of a sample that failed with `exc`."""
+    log.warning("sample %r failed: %s: %s", sample.sample_id, type(exc).__name__, exc)
+    log.debug("sample %r failed", sample.sample_id, exc_info=True)
+    row = {
+        "line": sample.line,
+        "error": type(exc).__name__,
+        "reason": str(exc),
+        "seconds": seconds,
+        "conversation": _json(sample.conversation),
+        "extra": _json(sample.extra),
+    }
+    return SampleResult(
+        sample.sample_id, False, 0, seconds, {"errors": _rows("errors", sample.sample_id, row)}
+    )
+
+
+def finished(sample: Sample, prompt: int, seconds: float, trace, *, text="", generated=0) -> SampleResult:
+    """The `samples` row and the trace's tables of a sample that ran (`trace` None: run untraced)."""
     counts = sample.media_counts()
     row = {
         "line": sample.line,
@@ -265,48 +289,23 @@ def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
     """The non-empty tables of `trace` as Arrow tables in the store's schema (`sample_id` in front).
 
     Read from the trace's column arrays, never through pandas: this runs once per sample and table,
-    so its cost is part of what tracing costs a collection.
+    so its cost is part of what tracing costs a collection. router_stats takes each token's modality
+    from `tokens` as the trace's routing table does.
     """
     out = {}
-    modality_of = None
     for name in TRACE_TABLES:
         n = trace.rows(name)
         if n == 0:
             continue
         columns = trace.columns(name)
+        if name in layout.WITH_MODALITY and "modality" not in columns:
+            modality = token_modality(trace.columns("tokens"), columns["component"], columns["pos"])
+            columns = {**columns, "modality": modality}
         schema = layout.schema(name)
-        arrays = []
-        for column in schema:
-            if column.name == "sample_id":
-                arrays.append(pa.repeat(pa.scalar(sample_id, pa.string()), n))
-            elif column.name == "modality" and name in layout.WITH_MODALITY:
-                if modality_of is None:
-                    modality_of = _modality_lookup(trace.columns("tokens"))
-                arrays.append(pa.array(modality_of(columns), column.type))
-            else:
-                arrays.append(to_arrow(columns[column.name], column.type))
+        arrays = [pa.repeat(pa.scalar(sample_id, pa.string()), n)]
+        arrays += [to_arrow(columns[column.name], column.type) for column in list(schema)[1:]]
         out[name] = pa.Table.from_arrays(arrays, schema=schema)
     return out
-
-
-def _modality_lookup(tokens: dict[str, np.ndarray]):
-    """A function giving each row's token modality, looked up by (component, pos) (None where absent)."""
-    lookup = {}
-    for component in pd.unique(tokens["component"]):
-        mask = tokens["component"] == component
-        pos = tokens["pos"][mask]
-        table = np.full(int(pos.max()) + 2, None, dtype=object)  # the last slot: positions past the end
-        table[pos] = tokens["modality"][mask]
-        lookup[component] = table
-
-    def modality_of(rows: dict[str, np.ndarray]) -> np.ndarray:
-        out = np.full(len(rows["pos"]), None, dtype=object)
-        for component, table in lookup.items():
-            mask = rows["component"] == component
-            out[mask] = table[np.minimum(rows["pos"][mask], len(table) - 1)]
-        return out
-
-    return modality_of
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -395,8 +394,10 @@ class _LocalEngine:
         return describe(self.lab)
 
     def results(self, samples: list[Sample], options: dict) -> Iterator[SampleResult]:
-        for sample in samples:
-            yield run_sample(self.lab, sample, **options)
+        from .batch import run_batches
+
+        for batch in run_batches(self.lab, samples, **options):
+            yield from batch
 
     def close(self) -> None:
         pass
@@ -417,8 +418,10 @@ class RayWorker:
     def describe(self) -> dict:
         return describe(self.lab)
 
-    def run(self, sample: Sample, options: dict) -> SampleResult:
-        return run_sample(self.lab, sample, **options)
+    def run(self, samples: list[Sample], options: dict) -> list[SampleResult]:
+        from .batch import run_batches
+
+        return [result for batch in run_batches(self.lab, samples, **options) for result in batch]
 
 
 class _RayEngine:
@@ -474,16 +477,19 @@ class _RayEngine:
         return described[0]
 
     def results(self, samples: list[Sample], options: dict) -> Iterator[SampleResult]:
+        from .batch import task_size
+
         ray = self.ray
-        queue = iter(samples)
+        size = task_size(options["batch_size"], options["capture"], options["generate"])
+        queue = iter([samples[i : i + size] for i in range(0, len(samples), size)])  # a batch a task
         pending: dict = {}  # object ref -> actor
         per_actor = 2  # one running, one waiting: no actor idles while this process writes
 
         def submit(actor) -> bool:
-            sample = next(queue, None)
-            if sample is None:
+            chunk = next(queue, None)
+            if chunk is None:
                 return False
-            pending[actor.run.remote(sample, options)] = actor
+            pending[actor.run.remote(chunk, options)] = actor
             return True
 
         for actor in self.actors:
@@ -492,9 +498,9 @@ class _RayEngine:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(ready[0])
-            result = ray.get(ready[0])
+            results = ray.get(ready[0])
             submit(actor)
-            yield result
+            yield from results  # a task's batch, whole, into the shard buffer
 
     def close(self) -> None:
         for actor in getattr(self, "actors", []):

@@ -30,7 +30,9 @@ class Turn:
     """What tables need to know of the turn besides the forwards.
 
     tokenizer: the processor's tokenizer (token text); prompt_length: the thinker's prompt length;
-    token_ids: the generated thinker ids (the last is never fed back, yet belongs in the tokens table).
+    token_ids: the generated thinker ids (the last is never fed back, yet belongs in the tokens table);
+    batch_row: this turn's tables are row `batch_row` of a batched forward (right padded: each
+    recorder keeps that row's first `prompt_length` prefill positions); 0 for a forward of one row.
     """
 
     tokenizer: object

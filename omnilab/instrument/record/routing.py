@@ -8,7 +8,7 @@ and the weights it gave them (after `norm_topk_prob`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,23 @@ class RoutedForward:
     entropy: np.ndarray
     mass: np.ndarray
     logits: np.ndarray | None  # [L, n, E] float16, when asked for
+    batch: int = 1  # rows of a batched forward: n is batch x positions, row-major
+
+    def row(self, row: int, length: int | None) -> RoutedForward:
+        """Row `row` of a batched forward, its first `length` positions (right padding cut off)."""
+        if self.batch == 1:
+            return self
+        size = self.indices.shape[1] // self.batch
+        cut = slice(row * size, row * size + (size if length is None else length))
+        return replace(
+            self,
+            indices=self.indices[:, cut],
+            weights=self.weights[:, cut],
+            entropy=self.entropy[:, cut],
+            mass=self.mass[:, cut],
+            logits=None if self.logits is None else self.logits[:, cut],
+            batch=1,
+        )
 
 
 class RoutingRecorder(Recorder):
@@ -82,11 +99,12 @@ class RoutingRecorder(Recorder):
                 entropy.cpu().numpy().astype(np.float32),
                 mass.cpu().numpy().astype(np.float32),
                 logits.to("cpu", torch.float16).numpy() if self.logits else None,
+                forward.batch,
             )
         )
 
     def tables(self, recording: Recording, turn: Turn) -> dict[str, Columns]:
-        return routing_tables(self.forwards)
+        return routing_tables([f.row(turn.batch_row, turn.prompt_length) for f in self.forwards])
 
     def last_frame(self) -> pd.DataFrame:
         """The routing rows of the newest forward, as a DataFrame (empty if it routed nothing)."""

@@ -83,34 +83,42 @@ class TokensRecorder(Recorder):
         pos = position_ids.detach()
         if pos.dim() == 2:  # [B, L]: plain 1-D positions
             pos = pos.unsqueeze(0).expand(3, -1, -1)
-        self.positions[forward.component][forward.start] = pos[:3, 0].to("cpu", torch.int64).numpy()
+        rows = pos[:3, 0] if forward.batch == 1 else pos[:3]  # [3, L], or [3, B, L] when batched
+        self.positions[forward.component][forward.start] = rows.to("cpu", torch.int64).numpy()
 
     def end_forward(self, forward: Forward) -> None:
-        ids = forward.input_ids
+        ids = forward.input_ids if forward.batch == 1 else forward.batch_input_ids  # [L] or [B, L]
         if forward.component == "talker" and forward.phase == "prefill":
             ids = self._tracker.talker_input_ids
         ids = None if ids is None else ids.detach().cpu().numpy().astype(np.int64)
         self.ids[forward.component][forward.start] = (forward.phase, forward.step, ids, forward.length)
         self.last[forward.component] = forward.start
 
-    def rows(self, component: str, starts=None) -> Columns | None:
-        """Raw token columns (component, phase, step, pos, token_id, t, h, w) of `component`'s forwards."""
+    def rows(self, component: str, starts=None, *, row: int = 0, length: int | None = None) -> Columns | None:
+        """Raw token columns (component, phase, step, pos, token_id, t, h, w) of `component`'s forwards.
+
+        A batched forward gives row `row`'s first `length` positions (all of them when None).
+        """
         recorded = self.ids.get(component, {})
         parts = []
         for start in sorted(recorded) if starts is None else starts:
-            phase, step, ids, length = recorded[start]
-            if ids is None:
-                ids = np.full(length, -1, dtype=np.int64)
+            phase, step, ids, n = recorded[start]
             positions = self.positions[component].get(start)
-            if positions is None or positions.shape[-1] != length:
-                positions = np.tile(np.arange(start, start + length), (3, 1))
+            if (ids is not None and ids.ndim == 2) or (positions is not None and positions.ndim == 3):
+                n = n if length is None else length  # batched, right padded: row `row`'s first n
+                ids = ids[row, :n] if ids is not None else None
+                positions = positions[:, row, :n] if positions is not None else None
+            if ids is None:
+                ids = np.full(n, -1, dtype=np.int64)
+            if positions is None or positions.shape[-1] != n:
+                positions = np.tile(np.arange(start, start + n), (3, 1))
             parts.append(
                 {
-                    "component": np.full(length, component, dtype=object),
-                    "phase": np.full(length, phase, dtype=object),
-                    "step": np.full(length, step, dtype=np.int32),
-                    "pos": np.arange(start, start + length, dtype=np.int32),
-                    "token_id": ids[:length],
+                    "component": np.full(n, component, dtype=object),
+                    "phase": np.full(n, phase, dtype=object),
+                    "step": np.full(n, step, dtype=np.int32),
+                    "pos": np.arange(start, start + n, dtype=np.int32),
+                    "token_id": ids[:n],
                     "t": positions[0],
                     "h": positions[1],
                     "w": positions[2],
@@ -127,7 +135,7 @@ class TokensRecorder(Recorder):
         special, pps = special_tokens(model), position_id_per_seconds(model)
         parts = []
         for component in ("thinker", "talker"):
-            columns = self.rows(component)
+            columns = self.rows(component, row=turn.batch_row, length=turn.prompt_length)
             if columns is None:
                 continue
             if component == "thinker":
