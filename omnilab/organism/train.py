@@ -50,8 +50,8 @@ class Sample:
 class TrainConfig:
     """What a training run does; equal configs give bit-identical runs on the CPU."""
 
-    steps: int = 800
-    batch_size: int = 8  # of every task, each step
+    steps: int = 320
+    batch_size: int = 4  # of every task, each step
     lr: float = 3e-3
     warmup: int = 60
     aux_weight: float = 0.001
