@@ -144,8 +144,8 @@ def card_markdown(report: dict, history: list[dict]) -> str:
             "",
             "## Training (omnilab/organism/train.py, `omnilab train organism`, `make organism`)",
             "",
-            f"Thinker: {report['steps']} steps, batch {config['batch_size']} of one task per step (schedule "
-            f"{', '.join(train.SCHEDULE)}), AdamW lr {config['lr']} with {config['warmup']} warm-up steps and cosine decay, "
+            f"Thinker: {report['steps']} steps, each a batch of {config['batch_size']} of every task (gradients "
+            f"summed), AdamW lr {config['lr']} with {config['warmup']} warm-up steps and cosine decay, "
             "loss on the answer tokens and <|im_end|> only (the head runs only there), router balancing loss at "
             f"{config['aux_weight']}. Only the world's vocabulary rows of the embedding and head train.",
             f"Talker: its codec head fitted ({report['talker_frames']} recorded frames, loss {report['talker_loss'][0]} -> "
