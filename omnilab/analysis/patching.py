@@ -41,13 +41,6 @@ from .lens import token_modalities
 __all__ = ["patching_sweep", "sweep_memory_per_row"]
 
 log = logging.getLogger(__name__)
-_LM_INPUTS = (
-    "inputs_embeds",
-    "attention_mask",
-    "position_ids",
-    "visual_pos_masks",
-    "deepstack_visual_embeds",
-)
 
 
 @dataclass(frozen=True)
