@@ -49,7 +49,11 @@ def make(
     losses = talker.train_codec_head(lab, hidden, target, steps=talker_steps)
     samples = train.world_samples(lab, config.examples, config.data_seed, out_dir, progress=progress)
     path = out_dir / weights.FILE
-    meta = {"config": config.__dict__, "steps": len(history), "thinker_seconds": round(thinker_seconds, 1)}
+    meta = {
+        "config": config.__dict__,
+        "steps": len({r["step"] for r in history}),
+        "thinker_seconds": round(thinker_seconds, 1),
+    }
     written = weights.pack(lab.model, path, vocabulary=train.vocabulary(samples), meta=meta)
     shipped = OmniLab(_loaded_from(path))
     table = evaluate(shipped, n=held_out, seed=HELD_OUT_SEED, progress=progress)
