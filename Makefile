@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/omnilab demo --model tiny
+	$(BIN)/omnilab demo --model organism
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests notebooks --nbmake --nbmake-timeout=900

@@ -13,6 +13,7 @@ import html
 import inspect
 import logging
 import os
+import tempfile
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -275,6 +276,19 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                     with gr.Column():
                         video_in = gr.Video(label="Video", sources=["upload"], elem_id="video-in")
                         video_audio = gr.Checkbox(label="use the video's audio", value=False)
+                if lab.model_id == "organism":  # the questions it can answer, one click away
+                    from omnilab.organism.examples import examples
+
+                    rows = examples(tempfile.mkdtemp(prefix="omnilab-organism-examples-"))
+                    gr.Examples(
+                        [
+                            [r["text"], r["image"], r["audio"], r["video"], r["use_audio_in_video"]]
+                            for r in rows
+                        ],
+                        inputs=[text, image_in, audio_in, video_in, video_audio],
+                        example_labels=[f"{r['task']}: {r['text']}" for r in rows],
+                        label="Examples (held out: the organism never trained on them)",
+                    )
             with gr.Column(scale=1):
                 with gr.Accordion("Settings", open=True):
                     system = gr.Textbox(

@@ -35,7 +35,11 @@ def banner(lab: OmniLab) -> str:
     name = html.escape(lab.model_id)
     talker = "thinker + talker (speaks)" if lab.has_talker else "thinker only (text)"
     text = f"### omnilab · Qwen3-Omni workbench\n**Model:** `{name}` — {talker}"
-    if lab.random_weights:
+    if lab.model_id == "organism":
+        from omnilab.organism.examples import BANNER
+
+        text += "\n\n" + BANNER
+    elif lab.random_weights:
         text += (
             f"\n\n⚠️ This is a {html.escape(RANDOM_WEIGHTS_NOTE)}. Its speech is near-silent "
             "(peak about 1e-6); the players here amplify it so you can hear it (downloads stay raw)."
