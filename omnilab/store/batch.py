@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +204,7 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     """One traced forward of the thinker over `batch`; each row's trace cut to its own prompt."""
     from ..instrument.record import Recording, Turn
     from ..instrument.tracer import capture_spec, recorders_for, trace_meta
+    from ..lab import last_logits_only
     from ..reply import SAMPLE_RATE
     from ..trace import Trace
 
@@ -215,7 +215,7 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     if capture:
         capture = capture_spec(tuple(capture))
         recording = Recording(lab.model, recorders_for(lab.model, capture))
-        with recording, _last_logits_only(lab), torch.inference_mode():
+        with recording, last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
         # What a batch-1 trace of a prefill carries (see run_sample): no reply, no prompt items.
         meta = trace_meta(lab, capture=capture, text="", items=[], use_audio_in_video=False)
@@ -224,21 +224,9 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
             tables = recording.tables(Turn(tokenizer, prompt_length=p.length, batch_row=row))
             traces[row] = Trace.build(audio=None, sample_rate=SAMPLE_RATE, meta=dict(meta), **tables)
     else:
-        with _last_logits_only(lab), torch.inference_mode():
+        with last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
     share = (time.perf_counter() - start) / len(batch)  # each sample's part of the batch's time
     return [
         finished(p.sample, p.length, p.seconds + share, trace) for p, trace in zip(batch, traces, strict=True)
     ]
-
-
-@contextmanager
-def _last_logits_only(lab):
-    """The thinker's lm_head on the last position only, as upstream's `logits_to_keep=1` (which the
-    thinker's forward lacks): collection keeps no logits, and a 152k-word head at every (padded)
-    position would cost most of a small model's forward."""
-    handle = lab.thinker.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
-    try:
-        yield
-    finally:
-        handle.remove()
