@@ -19,10 +19,16 @@ from omnilab.store.activations import sites
 
 @pytest.fixture(scope="module")
 def store(tiny, data_dir, tmp_path_factory):
-    """The bundled manifest collected with every thinker layer's residual stream."""
+    """The bundled manifest collected with every thinker layer's residual stream, at batch 1 (the exact
+    reference: batched values are within float16 rounding of these, tests/test_batch.py)."""
     root = tmp_path_factory.mktemp("acts") / "store"
     summary = collect(
-        data_dir / "manifest.jsonl", root, model=tiny, capture=("positions", "resid.*"), progress=False
+        data_dir / "manifest.jsonl",
+        root,
+        model=tiny,
+        capture=("positions", "resid.*"),
+        batch_size=1,
+        progress=False,
     )
     assert summary["errors"] == 0
     return root

@@ -21,12 +21,15 @@ row i's first len_i positions (`Turn(batch_row=i, prompt_length=len_i)`).
 A batch whose forward fails is split: out of memory, in halves (down to one sample); any other
 error, into its samples run alone, so only the sample at fault lands in `errors`. Samples that
 generate (`generate` > 0) run one by one: upstream `generate` with the talker is batch 1. So do
-captures whose recorders do not split a batch by row (attention, timings).
+captures whose recorders do not split a batch by row (attention, timings) and sites outside the
+thinker's text model (towers, the talker, `:input`); the residual, attention and MLP sites of the
+thinker (`resid.*`, `attn.*`, `mlp.*`) are batched and de-padded like routing.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,9 +59,19 @@ class Prepared:
     seconds: float
 
 
+# Site patterns whose rows a batch splits: the thinker's text-model sites, keyed by prompt position
+# (tower rows map to placeholders, which a padded batch does not keep apart; the talker never runs).
+BATCHED_SITES = re.compile(r"^(resid|attn|mlp)\.|^thinker\.model\.language_model\.layers\.")
+
+
 def batched(capture, generate: int) -> bool:
     """Whether a run of `capture` and `generate` goes through batches (else one `run_sample` each)."""
-    return not generate and set(capture) <= BATCHED_CAPTURES
+    from ..instrument.tracer import CAPTURES
+
+    names = set(capture)
+    patterns = {n for n in names if n not in CAPTURES}
+    sites_ok = all(BATCHED_SITES.match(p) and not p.endswith(":input") for p in patterns)
+    return not generate and (names - patterns) <= BATCHED_CAPTURES and sites_ok
 
 
 def task_size(batch_size: int | None, capture, generate: int) -> int:
@@ -202,8 +215,8 @@ def _alone(lab, prepared: Prepared, run: dict) -> SampleResult:
 
 def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     """One traced forward of the thinker over `batch`; each row's trace cut to its own prompt."""
-    from ..instrument.record import Recording, Turn
-    from ..instrument.tracer import capture_spec, recorders_for, trace_meta
+    from ..instrument.record import ActivationsRecorder, Recording, Turn, resolve_requests
+    from ..instrument.tracer import capture_spec, recorders_for, split_capture, trace_meta
     from ..lab import last_logits_only
     from ..reply import SAMPLE_RATE
     from ..trace import Trace
@@ -213,16 +226,24 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     flag = batch[0].sample.use_audio_in_video
     traces = [None] * len(batch)
     if capture:
-        capture = capture_spec(tuple(capture))
-        recording = Recording(lab.model, recorders_for(lab.model, capture))
+        capture, patterns = split_capture(tuple(capture))
+        capture = capture_spec(capture)
+        recorders = recorders_for(lab.model, capture)
+        if patterns:
+            recorders.append(ActivationsRecorder(resolve_requests(lab.model, patterns)))
+        recording = Recording(lab.model, recorders)
         with recording, last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
         # What a batch-1 trace of a prefill carries (see run_sample): no reply, no prompt items.
         meta = trace_meta(lab, capture=capture, text="", items=[], use_audio_in_video=False)
         tokenizer = lab.processor.tokenizer
         for row, p in enumerate(batch):
-            tables = recording.tables(Turn(tokenizer, prompt_length=p.length, batch_row=row))
-            traces[row] = Trace.build(audio=None, sample_rate=SAMPLE_RATE, meta=dict(meta), **tables)
+            turn = Turn(tokenizer, prompt_length=p.length, batch_row=row)
+            tables = recording.tables(turn)
+            acts = _activations(recording, turn, tables.get("tokens"))
+            traces[row] = Trace.build(
+                audio=None, sample_rate=SAMPLE_RATE, meta=dict(meta), activations=acts, **tables
+            )
     else:
         with last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
@@ -230,3 +251,17 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     return [
         finished(p.sample, p.length, p.seconds + share, trace) for p, trace in zip(batch, traces, strict=True)
     ]
+
+
+def _activations(recording, turn, tokens) -> dict:
+    """site key -> Activations of one row of a batched forward, joined to that row's tokens."""
+    recorder = recording.recorder("activations")
+    if recorder is None or tokens is None:
+        return {}
+    from ..activations import Activations, activation_rows
+
+    names = {r.key: r.site.name for r in recorder.requests}
+    return {
+        key: Activations(key, names[key], activation_rows(keys, tokens), values)
+        for key, (keys, values) in recorder.recorded(turn).items()
+    }
