@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--examples", type=int, default=defaults.examples, help="training examples drawn")
     p.add_argument(
+        "--aux-weight", type=float, default=defaults.aux_weight, help="weight of the router balancing loss"
+    )
+    p.add_argument(
         "--install", action="store_true", help="copy the weights into the package (load('organism'))"
     )
     p.add_argument("--no-progress", action="store_true")
@@ -38,7 +41,9 @@ def _train(args) -> int:
     from . import pipeline
     from .train import TrainConfig
 
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, examples=args.examples)
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, examples=args.examples, aux_weight=args.aux_weight
+    )
     report = pipeline.make(args.out, config, install=args.install, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return 0

@@ -99,7 +99,7 @@ def evaluate(
         "speech": 1 / len(world.SPOKEN),
         "image": 1 / 12,
         "motion": 1 / 4,
-        "beep": 1 / 4,
+        "beep": 1 / 2,  # the answer is one of the two colours on screen
     }
     with tempfile.TemporaryDirectory() as folder:
         examples = world.draw(n * len(tasks), seed=seed, folder=folder, tasks=tuple(tasks))
@@ -141,7 +141,7 @@ def card_markdown(report: dict, history: list[dict]) -> str:
             "| speech | espeak-ng audio: 7 voices x 7 variants, speed 120-220, pitch 20-80 | Which word is spoken? | a digit or colour word (14) |",
             "| image | 64-px picture, one shape of 40-53 px near the centre | What is in the picture? | red circle (4 colours x 3 shapes) |",
             "| motion | 2 s video at 2 fps, a white square moving | Which way does the square move? | left, right, up, down |",
-            "| beep | 4 s video, one colour a second, audio track with a 0.4 s beep (use_audio_in_video) | Which colour was on screen when the beep sounded? | the colour of that second |",
+            "| beep | 1 s video at 2 fps: two frames of two colours, audio track with a 0.25 s beep in one half (use_audio_in_video) | Which colour was on screen when the beep sounded? | the colour of that half |",
             "",
             f"Training: {config['examples']} examples drawn from seed {config['data_seed']}; held-out: a fresh draw from seed "
             f"{HELD_OUT_SEED}.",
@@ -155,7 +155,7 @@ def card_markdown(report: dict, history: list[dict]) -> str:
             f"Talker: its codec head fitted ({report['talker_frames']} recorded frames, loss {report['talker_loss'][0]} -> "
             f"{report['talker_loss'][1]}) to emit its end-of-speech code once the reply's text is read.",
             "",
-            f"Measured: {report['thinker_seconds'] / 60:.1f} min of thinker steps on a 2-core CPU shared with other jobs "
+            f"Measured: {report['thinker_seconds'] / 60:.1f} min of thinker steps on a 2-core CPU "
             "(seconds per step by task below); the whole run including data, talker and evaluation took "
             f"{report['wall_seconds'] / 60:.1f} min of wall time.",
             "",

@@ -45,7 +45,7 @@ QUESTIONS = {
 IMAGE_SIZE = 64
 SAMPLE_RATE = 16000
 MOTION_FPS, MOTION_FRAMES = 2, 4
-BEEP_SECONDS, BEEP_FPS = 4, 2
+BEEP_SECONDS, BEEP_FPS, BEEP_LENGTH = 1, 2, 0.25
 
 
 @dataclass(frozen=True)
@@ -199,30 +199,32 @@ def _motion(rng: np.random.Generator, path: Path) -> Example:
 
 
 def beep_track(
-    second: float, *, seconds: int = BEEP_SECONDS, rng: np.random.Generator | None = None
+    onset: float, *, seconds: float = BEEP_SECONDS, rng: np.random.Generator | None = None
 ) -> np.ndarray:
-    """`seconds` of quiet noise with a 0.4 s, 1 kHz beep starting at `second` (float32, 16 kHz)."""
+    """`seconds` of quiet noise with a 0.25 s, 1 kHz beep starting at `onset` (float32, 16 kHz)."""
     rng = rng or np.random.default_rng(0)
-    audio = rng.normal(0, 0.002, seconds * SAMPLE_RATE).astype(np.float32)
-    t = np.arange(int(0.4 * SAMPLE_RATE)) / SAMPLE_RATE
-    begin = int(second * SAMPLE_RATE)
+    audio = rng.normal(0, 0.002, int(seconds * SAMPLE_RATE)).astype(np.float32)
+    t = np.arange(int(BEEP_LENGTH * SAMPLE_RATE)) / SAMPLE_RATE
+    begin = int(onset * SAMPLE_RATE)
     audio[begin : begin + t.size] += (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
     return audio
 
 
 def _beep(rng: np.random.Generator, path: Path) -> Example:
-    order = [str(c) for c in rng.permutation(list(COLOURS))]  # one colour per second, all different
-    second = int(rng.integers(0, BEEP_SECONDS))
-    frames = np.zeros((BEEP_SECONDS * BEEP_FPS, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for k in range(len(frames)):
-        frames[k] = COLOURS[order[k // BEEP_FPS]]
-    onset = second + float(rng.uniform(0.1, 0.5))
+    # Two frames (0-0.5 s and 0.5-1 s) make one temporal patch: one run of video tokens, followed by
+    # the second's audio tokens in time order. Which half the beep falls in is told by nothing but
+    # the audio's time against the frames' time, so the token order does not carry the answer.
+    first, second = (str(c) for c in rng.choice(list(COLOURS), size=2, replace=False))
+    half = int(rng.integers(0, 2))
+    frames = np.zeros((BEEP_FPS * BEEP_SECONDS, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    frames[0], frames[1] = COLOURS[first], COLOURS[second]
+    onset = 0.5 * half + float(rng.uniform(0.05, 0.2))
     write_video(path, frames, BEEP_FPS, beep_track(onset, rng=rng))
     item = {"type": "video", "video": str(path)}
     return Example(
         "beep",
         _user(item, {"type": "text", "text": QUESTIONS["beep"]}),
-        order[second],
+        (first, second)[half],
         use_audio_in_video=True,
-        facts={"colours": order, "second": second, "onset": onset},
+        facts={"colours": [first, second], "half": half, "onset": onset},
     )
