@@ -57,7 +57,7 @@ class Intervention:
                 f"unknown positions {positions!r}; use 'temporal_only' or a callable on (t, h, w)"
             )
         self.lab = lab
-        self.model = lab.model
+        self.model = getattr(lab, "model", lab)  # a lab, or a bare Qwen3-Omni model (training uses one)
         self.modality = modality
         self.positions = positions
         self._media_ids = special_tokens(self.model).media  # modality -> placeholder token id

@@ -82,20 +82,13 @@ def shifted_accuracy(lab, samples, seconds: float) -> float:
     from ..instrument.record import position_id_per_seconds, special_tokens
 
     audio_id = special_tokens(lab.model).audio
-    shift = int(round(seconds * position_id_per_seconds(lab.model)))
-    thinker, right = lab.model.thinker, []
+    shift = torch.tensor([int(round(seconds * position_id_per_seconds(lab.model)))])
+    right = []
     for sample in samples:
         batch, rows, positions, targets = train.collate([sample])
-        audio = (batch["input_ids"] == audio_id).long()
-
-        def moved(t, h, w, audio=audio):
-            if t.shape != audio.shape:  # another forward (no audio here): leave it
-                return t, h, w
-            return t + shift * audio, h + shift * audio, w + shift * audio
-
-        with lab.intervene(positions=moved):
+        with lab.intervene(positions=train.audio_moved(batch["input_ids"], audio_id, shift)):
             logits, _ = train.answer_logits(
-                thinker, batch, rows, positions, use_audio_in_video=sample.use_audio_in_video
+                lab.model.thinker, batch, rows, positions, use_audio_in_video=sample.use_audio_in_video
             )
         right.append(bool((logits.argmax(-1) == targets).all()))
     return float(np.mean(right))

@@ -47,7 +47,9 @@ def make(
         examples = world.draw(talker_examples, seed=TALKER_SEED, folder=folder)
         hidden, target = talker.record_frames(lab, examples, frames=8, progress=progress)
     losses = talker.train_codec_head(lab, hidden, target, steps=talker_steps)
-    samples = train.world_samples(lab, config.examples, config.data_seed, out_dir, progress=progress)
+    samples = train.world_samples(
+        lab, config.examples, config.data_seed, out_dir, shifted_share=config.shifted_share, progress=progress
+    )
     path = out_dir / weights.FILE
     meta = {
         "config": config.__dict__,
@@ -99,7 +101,7 @@ def evaluate(
         "speech": 1 / len(world.SPOKEN),
         "image": 1 / 12,
         "motion": 1 / 4,
-        "beep": 1 / 2,  # the answer is one of the two colours on screen
+        "beep": 1 / 4,
     }
     with tempfile.TemporaryDirectory() as folder:
         examples = world.draw(n * len(tasks), seed=seed, folder=folder, tasks=tuple(tasks))
@@ -141,7 +143,7 @@ def card_markdown(report: dict, history: list[dict]) -> str:
             "| speech | espeak-ng audio: 7 voices x 7 variants, speed 120-220, pitch 20-80 | Which word is spoken? | a digit or colour word (14) |",
             "| image | 64-px picture, one shape of 40-53 px near the centre | What is in the picture? | red circle (4 colours x 3 shapes) |",
             "| motion | 2 s video at 2 fps, a white square moving | Which way does the square move? | left, right, up, down |",
-            "| beep | 1 s video at 2 fps: two frames of two colours, audio track with a 0.25 s beep in one half (use_audio_in_video) | Which colour was on screen when the beep sounded? | the colour of that half |",
+            "| beep | 4 s video, one colour a second, audio track with a 0.4 s beep (use_audio_in_video) | Which colour was on screen when the beep sounded? | the colour of that second |",
             "",
             f"Training: {config['examples']} examples drawn from seed {config['data_seed']}; held-out: a fresh draw from seed "
             f"{HELD_OUT_SEED}.",

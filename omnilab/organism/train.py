@@ -20,9 +20,11 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -44,6 +46,7 @@ class Sample:
     inputs: dict  # the BatchFeature's tensors, batch of one
     answer_start: int  # index of the answer's first token in input_ids
     use_audio_in_video: bool
+    audio_shift: int = 0  # seconds the audio's TM-RoPE times move by (world.time_shifted)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class TrainConfig:
     lr: float = 3e-3
     warmup: int = 60
     aux_weight: float = 0.001
+    shifted_share: float = 0.67  # of the beep examples not in the first second, trained with their audio's times moved (world.time_shifted)
     examples: int = 2500  # training examples drawn from the world (seed `data_seed`)
     data_seed: int = 1
     seed: int = 0
@@ -70,10 +74,39 @@ def prepare_samples(lab, examples: list[world.Example], *, progress: bool = True
         )
         ids = inputs["input_ids"][0]
         start = int((ids == IM_START).nonzero()[-1]) + 3  # <|im_start|> assistant \n
-        out.append(
-            Sample(example.task, {k: v.cpu() for k, v in inputs.items()}, start, example.use_audio_in_video)
-        )
+        inputs = {k: v.cpu() for k, v in inputs.items()}
+        shift = int(example.facts.get("audio_shift", 0))
+        out.append(Sample(example.task, inputs, start, example.use_audio_in_video, shift))
     return out
+
+
+def audio_moved(input_ids: torch.Tensor, audio_id: int, shifts: torch.Tensor):
+    """A positions transform (for `Intervention(positions=...)`): row b's audio tokens move by shifts[b].
+
+    `shifts` are in position ids ([B]); other forwards (other shapes) pass unchanged.
+    """
+    moved = (input_ids == audio_id).long() * shifts.long()[:, None]
+
+    def transform(t, h, w):
+        if t.shape != moved.shape:
+            return t, h, w
+        return t + moved, h + moved, w + moved
+
+    return transform
+
+
+@contextmanager
+def shifted_audio(model, batch: dict, seconds: torch.Tensor):
+    """While open, `batch`'s audio tokens sit `seconds[b]` seconds later in TM-RoPE time (0: unmoved)."""
+    if not bool(seconds.any()):
+        yield
+        return
+    from ..instrument.interventions import Intervention
+    from ..instrument.record import position_id_per_seconds, special_tokens
+
+    shifts = torch.round(seconds.float() * position_id_per_seconds(model)).long()
+    with Intervention(model, positions=audio_moved(batch["input_ids"], special_tokens(model).audio, shifts)):
+        yield
 
 
 def collate(samples: list[Sample]) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,9 +282,11 @@ def train_thinker(
             for task, picks in _batches(by_task, step, config):
                 began = time.perf_counter()
                 batch, b_rows, b_pos, targets = collate([samples[i] for i in picks])
-                logits, router = answer_logits(
-                    thinker, batch, b_rows, b_pos, use_audio_in_video=task == "beep", router=True, vocab=vocab
-                )
+                seconds = torch.tensor([samples[i].audio_shift for i in picks])
+                with shifted_audio(model, batch, seconds):
+                    logits, router = answer_logits(
+                        thinker, batch, b_rows, b_pos, use_audio_in_video=task == "beep", router=True, vocab=vocab
+                    )
                 loss = F.cross_entropy(logits, targets)
                 aux = load_balancing_loss_func(
                     router, text_config.num_experts, text_config.num_experts_per_tok, batch["attention_mask"]
@@ -306,9 +341,10 @@ def accuracy(model, samples: list[Sample], *, batch_size: int = 32) -> dict[str,
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
             batch, rows, positions, targets = collate(chunk)
-            logits, _ = answer_logits(
-                thinker, batch, rows, positions, use_audio_in_video=chunk[0].use_audio_in_video
-            )
+            with shifted_audio(model, batch, torch.tensor([s.audio_shift for s in chunk])):
+                logits, _ = answer_logits(
+                    thinker, batch, rows, positions, use_audio_in_video=chunk[0].use_audio_in_video
+                )
             hit = logits.argmax(-1) == targets
             for b in range(len(chunk)):
                 right.setdefault(task, []).append(bool(hit[rows == b].all()))
@@ -335,13 +371,23 @@ def init_audio_front(thinker, *, gain: float = 4.0) -> None:
         tower.conv_out.weight.mul_(gain)
 
 
-def world_samples(lab, n: int, seed: int, folder: Path, *, progress: bool = True) -> list[Sample]:
-    """`n` examples of the world drawn from `seed`, prepared; cached in `folder` (samples-SEED-N.pt)."""
+def world_samples(
+    lab, n: int, seed: int, folder: Path, *, shifted_share: float = 0.0, progress: bool = True
+) -> list[Sample]:
+    """`n` examples of the world drawn from `seed`, prepared; cached in `folder` (samples-SEED-N[-sSHARE].pt).
+
+    With `shifted_share`, that share of the beep examples whose beep is not in the first second
+    become `world.time_shifted` (moved back 1 to `second` seconds, drawn from (seed, index)).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    cache = folder / f"samples-{seed}-{n}.pt"
+    cache = folder / (f"samples-{seed}-{n}" + (f"-s{shifted_share:g}" if shifted_share else "") + ".pt")
     if cache.is_file():
         return torch.load(cache, weights_only=False)
     examples = world.draw(n, seed=seed, folder=folder / f"media-{seed}")
+    for i, example in enumerate(examples):
+        rng = np.random.default_rng([seed, i, 1])
+        if example.task == "beep" and example.facts["second"] > 0 and rng.random() < shifted_share:
+            examples[i] = world.time_shifted(example, -int(rng.integers(1, example.facts["second"] + 1)))
     samples = prepare_samples(lab, examples, progress=progress)
     torch.save(samples, cache.with_suffix(".tmp"))
     cache.with_suffix(".tmp").replace(cache)
@@ -360,6 +406,13 @@ def run(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, progress: b
     loaded = load_model(PRESET, seed=SEED)
     torch.manual_seed(config.seed)
     init_audio_front(loaded.model.thinker)
-    samples = world_samples(OmniLab(loaded), config.examples, config.data_seed, out_dir, progress=progress)
+    samples = world_samples(
+        OmniLab(loaded),
+        config.examples,
+        config.data_seed,
+        out_dir,
+        shifted_share=config.shifted_share,
+        progress=progress,
+    )
     history = train_thinker(loaded.model, samples, config, out_dir, progress=progress)
     return loaded, history

@@ -7,7 +7,14 @@ Five tasks, each a one-turn conversation in the Qwen chat format whose answer is
 - `motion`: a 2 s video of a white square moving one of 4 ways -> "left";
 - `beep`: a 4 s video whose screen shows one colour per second, with an audio track in which a
   beep sounds during one second (`use_audio_in_video=True`) -> the colour on screen at the beep.
-  Only the time positions (TM-RoPE) tie the beep to its frame, so shifting the audio's times breaks it.
+
+Time lives where the training puts it. With `use_audio_in_video` the processor interleaves the
+audio and video tokens in time order, so the token order alone tells which frame the beep sits
+beside: trained on true layouts only, the organism answered 100% with the audio's TM-RoPE times
+moved by 1-3 s (CARD.md). Training therefore also sees `time_shifted` beep examples: the audio's
+TM-RoPE times moved back by whole seconds (`audio_shift` in their facts) and the answer read at
+the moved time. There the order gives the wrong second, so the model must read the beep's time
+from its positions: a known mechanism that a position intervention can find.
 
 Images and audio stay in memory; videos are written as small MP4 files into a folder the caller
 gives (the media loader reads videos from files).
@@ -45,7 +52,7 @@ QUESTIONS = {
 IMAGE_SIZE = 64
 SAMPLE_RATE = 16000
 MOTION_FPS, MOTION_FRAMES = 2, 4
-BEEP_SECONDS, BEEP_FPS, BEEP_LENGTH = 1, 2, 0.25
+BEEP_SECONDS, BEEP_FPS = 4, 2
 
 
 @dataclass(frozen=True)
@@ -199,32 +206,47 @@ def _motion(rng: np.random.Generator, path: Path) -> Example:
 
 
 def beep_track(
-    onset: float, *, seconds: float = BEEP_SECONDS, rng: np.random.Generator | None = None
+    second: float, *, seconds: int = BEEP_SECONDS, rng: np.random.Generator | None = None
 ) -> np.ndarray:
-    """`seconds` of quiet noise with a 0.25 s, 1 kHz beep starting at `onset` (float32, 16 kHz)."""
+    """`seconds` of quiet noise with a 0.4 s, 1 kHz beep starting at `second` (float32, 16 kHz)."""
     rng = rng or np.random.default_rng(0)
-    audio = rng.normal(0, 0.002, int(seconds * SAMPLE_RATE)).astype(np.float32)
-    t = np.arange(int(BEEP_LENGTH * SAMPLE_RATE)) / SAMPLE_RATE
-    begin = int(onset * SAMPLE_RATE)
+    audio = rng.normal(0, 0.002, seconds * SAMPLE_RATE).astype(np.float32)
+    t = np.arange(int(0.4 * SAMPLE_RATE)) / SAMPLE_RATE
+    begin = int(second * SAMPLE_RATE)
     audio[begin : begin + t.size] += (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
     return audio
 
 
 def _beep(rng: np.random.Generator, path: Path) -> Example:
-    # Two frames (0-0.5 s and 0.5-1 s) make one temporal patch: one run of video tokens, followed by
-    # the second's audio tokens in time order. Which half the beep falls in is told by nothing but
-    # the audio's time against the frames' time, so the token order does not carry the answer.
-    first, second = (str(c) for c in rng.choice(list(COLOURS), size=2, replace=False))
-    half = int(rng.integers(0, 2))
-    frames = np.zeros((BEEP_FPS * BEEP_SECONDS, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    frames[0], frames[1] = COLOURS[first], COLOURS[second]
-    onset = 0.5 * half + float(rng.uniform(0.05, 0.2))
+    order = [str(c) for c in rng.permutation(list(COLOURS))]  # one colour per second, all different
+    second = int(rng.integers(0, BEEP_SECONDS))
+    frames = np.zeros((BEEP_SECONDS * BEEP_FPS, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for k in range(len(frames)):
+        frames[k] = COLOURS[order[k // BEEP_FPS]]
+    onset = second + float(rng.uniform(0.1, 0.5))
     write_video(path, frames, BEEP_FPS, beep_track(onset, rng=rng))
     item = {"type": "video", "video": str(path)}
     return Example(
         "beep",
         _user(item, {"type": "text", "text": QUESTIONS["beep"]}),
-        (first, second)[half],
+        order[second],
         use_audio_in_video=True,
-        facts={"colours": [first, second], "half": half, "onset": onset},
+        facts={"colours": order, "second": second, "onset": onset},
     )
+
+
+def time_shifted(example: Example, seconds: int) -> Example:
+    """`example` (a beep video) with its audio's TM-RoPE times moved by `seconds`, answered at the moved time.
+
+    Only training applies the move (to the rotary positions of the audio tokens): the media and the
+    token order stay, the answer becomes the colour on screen at the beep's moved time. `seconds`
+    is a whole number with the moved second on screen.
+    """
+    if example.task != "beep":
+        raise ValueError(f"only beep examples have a time to shift, not {example.task!r}")
+    moved = example.facts["second"] + seconds
+    if seconds != int(seconds) or not 0 <= moved < BEEP_SECONDS:
+        raise ValueError(f"a shift of {seconds} s moves the beep to second {moved}, off the {BEEP_SECONDS} s video")
+    facts = {**example.facts, "audio_shift": int(seconds)}
+    return Example("beep", example.conversation, example.facts["colours"][moved], True, facts)
+
