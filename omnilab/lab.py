@@ -143,6 +143,12 @@ class OmniLab:
 
     def _prepare(self, conversation, use_audio_in_video: bool, add_generation_prompt: bool = True):
         gathered = conv.gather(conversation, use_audio_in_video=use_audio_in_video, video_fps=VIDEO_FPS)
+        rates = sorted({video.fps for video in gathered.videos})
+        if len(rates) > 1:  # the processor takes one rate for all videos: sample them all at the lowest
+            gathered = conv.gather(conversation, use_audio_in_video=use_audio_in_video, video_fps=rates[0])
+        # a video slower than VIDEO_FPS is sampled at its own rate; the processor must know it, or its
+        # TM-RoPE times (temporal_patch_size / fps seconds a grid) come out too short
+        fps = min(rates, default=VIDEO_FPS)
         text = self.processor.apply_chat_template(
             gathered.messages, add_generation_prompt=add_generation_prompt, tokenize=False
         )
@@ -155,7 +161,7 @@ class OmniLab:
             # the reference preprocessing Qwen trained with and transformers' coming default (a long or
             # densely sampled video costs what it costs there; short videos' token counts are unchanged).
             # Passing it also settles the processor's notice that it is unset.
-            videos_kwargs = {"fps": VIDEO_FPS, "do_sample_frames": False, "cap_pixels_per_frame": True}
+            videos_kwargs = {"fps": fps, "do_sample_frames": False, "cap_pixels_per_frame": True}
             if self._video_size is not None:
                 videos_kwargs["size"] = self._video_size
             kwargs["videos_kwargs"] = videos_kwargs

@@ -194,6 +194,22 @@ def test_seconds_follow_position_id_per_seconds(traced, tiny):
     assert np.allclose(audio["seconds"].diff().dropna(), 1 / pps)
 
 
+def test_a_video_slower_than_two_fps_keeps_its_true_seconds(tiny, tmp_path):
+    # a 1-fps video is sampled at 1 fps; the processor must be told so, or each grid of 2 frames
+    # would be placed 1 s after the last instead of 2 s (it was: the lab always said 2 fps)
+    from omnilab.organism import world
+
+    frames = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    path = world.write_video(tmp_path / "slow.mp4", frames, fps=1)
+    conversation = [{"role": "user", "content": [{"type": "video", "video": str(path)}]}]
+    with tiny.trace(capture=("positions",)) as tr, torch.no_grad():
+        tiny.forward(conversation)
+    video = tr.trace.tokens.query("modality == 'video'")
+    assert np.allclose(np.diff(sorted(video["seconds"].unique())), 2.0)
+    both = conversation[0]["content"] + [{"type": "video", "video": str(tmp_path / "slow.mp4")}]
+    assert tiny.prepare([{"role": "user", "content": both}])["video_second_per_grid"].tolist() == [2.0, 2.0]
+
+
 def test_codes_equal_what_code2wav_decodes(tiny, all_media_conversation):
     decoded = []
     original = tiny.model.code2wav.chunked_decode
