@@ -53,7 +53,7 @@ class Sample:
 class TrainConfig:
     """What a training run does; equal configs give bit-identical runs on the CPU."""
 
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 4  # of every task, each step
     lr: float = 3e-3
     warmup: int = 60
