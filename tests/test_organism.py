@@ -145,3 +145,37 @@ def test_a_flipped_byte_in_the_weights_gets_a_clear_error(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ModelLoadError, match="checksum"):
         weights.unpack(bad)
+
+
+def test_a_time_shifted_beep_is_answered_at_the_moved_second(tmp_path):
+    beeps = world.draw(8, seed=5, folder=tmp_path, tasks=("beep",))
+    late = next(b for b in beeps if b.facts["second"] >= 1)
+    moved = world.time_shifted(late, -1)
+    assert moved.answer == late.facts["colours"][late.facts["second"] - 1] != late.answer
+    assert moved.facts["audio_shift"] == -1 and moved.conversation is late.conversation
+    with pytest.raises(ValueError, match="off the 4 s video"):
+        world.time_shifted(late, -late.facts["second"] - 1)
+    with pytest.raises(ValueError, match="only beep"):
+        world.time_shifted(world.draw(1, seed=5, folder=tmp_path / "t")[0], -1)
+
+
+def test_training_moves_only_the_audio_of_time_shifted_rows(organism, tmp_path):
+    beeps = world.draw(8, seed=5, folder=tmp_path, tasks=("beep",))
+    late = next(b for b in beeps if b.facts["second"] >= 1)
+    samples = train.prepare_samples(organism, [late, world.time_shifted(late, -1)], progress=False)
+    assert [s.audio_shift for s in samples] == [0, -1]
+    batch, rows, positions, _ = train.collate(samples[:1])
+    thinker = organism.model.thinker
+
+    def logits(seconds):
+        with train.shifted_audio(organism.model, batch, torch.tensor([seconds])):
+            return train.answer_logits(thinker, batch, rows, positions, use_audio_in_video=True)[0]
+
+    plain = train.answer_logits(thinker, batch, rows, positions, use_audio_in_video=True)[0]
+    assert torch.equal(logits(0), plain)  # no shift, no hook
+    assert not torch.allclose(logits(-1), plain, atol=1e-3)
+    pps = organism.model.config.thinker_config.position_id_per_seconds
+    audio = (batch["input_ids"] == organism.model.config.thinker_config.audio_token_id).long()
+    with organism.intervene(positions=lambda t, h, w: (t - pps * audio, h - pps * audio, w - pps * audio)):
+        by_hand = train.answer_logits(thinker, batch, rows, positions, use_audio_in_video=True)[0]
+    torch.testing.assert_close(logits(-1), by_hand, rtol=0, atol=0)
