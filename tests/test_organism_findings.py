@@ -1,10 +1,11 @@
 """Findings on the organism's shipped weights: what an analysis finds where the ground truth is known.
 
 Measured on the shipped weights (numbers in omnilab/organism/CARD.md); each threshold sits below the
-measured value with room for CPU float noise. Two findings came out against what was expected, and
-the tests say what the weights do: shifting the audio's TM-RoPE times does not break the beep task
-(with use_audio_in_video the audio and video tokens are interleaved in time order, so the order
-carries the time), and ablating the one expert `modality_experts` names for audio costs nothing.
+measured value with room for CPU float noise. The time task reads its time from TM-RoPE (training
+made it so: see world.time_shifted), and a position intervention finds it. Two findings came out
+against what the issue expected, and the tests say what the weights do: layer 0 routes by modality
+less than at init, and ablating the experts `modality_experts` names for audio costs speech no
+more than ablating as many random experts.
 """
 
 from __future__ import annotations
@@ -23,18 +24,17 @@ def examples(tmp_path_factory):
     return world.draw(20, seed=SEED, folder=tmp_path_factory.mktemp("world"))
 
 
-def test_training_makes_the_first_layer_route_by_modality(examples):
+def test_training_makes_layers_1_to_3_route_by_modality_and_layer_0_less(examples):
     trained = findings.top1_nmi(findings.routing_source(omnilab.load("organism"), examples))
     init = omnilab.load("tiny")
     torch.manual_seed(0)
     train.init_audio_front(init.model.thinker)
     seeded = findings.top1_nmi(findings.routing_source(init, examples))
-    # measured (1,000 steps): NMI 0.46, 0.31, 0.28, 0.43 trained against 0.37, 0.21, 0.29, 0.27 at
-    # the seeded init: layers 0, 1 and 3 route more by modality, layer 2 no more than at init (after
-    # 320 steps it was 0.70, 0.36, 0.50, 0.47: longer training spread modalities over experts again)
+    # measured (2,000 steps, balancing loss 0.001): NMI 0.31, 0.42, 0.41, 0.38 trained against
+    # 0.37, 0.21, 0.29, 0.27 at the seeded init: layers 1-3 gained 0.11-0.21, layer 0 lost 0.06
     gain = trained["nmi"].to_numpy() - seeded["nmi"].to_numpy()
-    assert gain.mean() >= 0.05, (trained["nmi"].tolist(), seeded["nmi"].tolist())
-    assert (gain > 0.05).sum() >= 3, gain.tolist()
+    assert (gain[1:] >= 0.05).all(), (trained["nmi"].tolist(), seeded["nmi"].tolist())
+    assert gain[0] < 0.05, gain.tolist()
 
 
 def test_the_findings_helpers_name_experts_and_shift_only_the_audio(examples, tmp_path):
@@ -62,10 +62,11 @@ def _mass(lab, conversation, modality: str) -> tuple[float, float]:
 
 def test_attribution_of_a_colour_question_goes_to_the_image_and_of_a_word_to_the_audio():
     # Absolute integrated-gradients mass (signed shares are ill-conditioned: the signed total can be
-    # near zero). Measured: image share 0.57, 0.80, 0.53, 0.69 for red/green/blue/yellow circles with
-    # 4 of ~25 prompt tokens; audio share 0.49, 0.52, 0.72 for spoken "one/four/seven", whose audio
-    # is ~40% of the prompt's tokens. Most of the mass on average (>= 0.5), and every prompt above
-    # the modality's share of the tokens: 2x for the image, 1.2x for the audio (measured 1.23-1.71).
+    # near zero). Measured: image share 0.44, 0.49, 0.56, 0.40 for red/green/blue/yellow circles, whose
+    # 4 image tokens are 0.20 of the prompt (2.0-2.8x their share, but not most of the mass); audio
+    # share 0.72, 0.84, 0.86 for spoken "one/four/seven", whose audio is 0.40-0.42 of the prompt
+    # (1.8-2.1x). So: the audio takes most of the mass (mean >= 0.6); the image at least 0.35 on
+    # average; every prompt at least 1.6x (image) or 1.5x (audio) its modality's share of the tokens.
     lab = omnilab.load("organism")
     question = {"type": "text", "text": world.QUESTIONS["image"]}
     image = [
@@ -90,33 +91,43 @@ def test_attribution_of_a_colour_question_goes_to_the_image_and_of_a_word_to_the
         )
         for w in ("one", "four", "seven")
     ]
-    for shares, factor in ((image, 2.0), (audio, 1.2)):
-        assert sum(mass for mass, _ in shares) / len(shares) >= 0.5, shares
+    for shares, least, factor in ((image, 0.35, 1.6), (audio, 0.6, 1.5)):
+        assert sum(mass for mass, _ in shares) / len(shares) >= least, shares
         assert all(mass >= factor * fraction for mass, fraction in shares), shares
 
 
-def test_the_beep_task_reads_time_from_the_interleaved_order_not_from_shifted_positions(tmp_path):
-    # Measured on 8 and 40 held-out beep videos: 100% unshifted, and 100% with every audio token's
-    # TM-RoPE time moved by 1 s or 2 s. The tokens stay in place, interleaved by time (2 s chunks),
-    # so the model needs no position to align the beep with the frame: a finding about the design.
+def test_the_beep_task_reads_the_beeps_time_from_tm_rope(tmp_path):
+    # Measured on 40 held-out beep videos (seed 31): 97.5% right as recorded; with every audio
+    # token's TM-RoPE times moved 1 s earlier 25% right (chance: 4 colours, 25%), 2 s earlier 22.5%;
+    # and the answer moves with the time: asked at the moved second, 97% (1 s, 31 videos) and 100%
+    # (2 s, 20 videos) right. Moved 1 s later it stays 77.5% right: the beep's token cannot attend to
+    # a later frame (causal), so the model falls back on the token order, which it also knows.
     lab = omnilab.load("organism")
-    beeps = train.prepare_samples(
-        lab, world.draw(16, seed=SEED, folder=tmp_path, tasks=("beep",)), progress=False
-    )
-    assert findings.shifted_accuracy(lab, beeps, 0.0) >= 0.95
-    assert findings.shifted_accuracy(lab, beeps, 2.0) >= 0.95
+    beeps = world.draw(24, seed=SEED, folder=tmp_path, tasks=("beep",))
+    samples = train.prepare_samples(lab, beeps, progress=False)
+    assert findings.shifted_accuracy(lab, samples, 0.0) >= 0.95
+    assert findings.shifted_accuracy(lab, samples, -1.0) <= 0.4  # chance is 0.25
+    earlier = [world.time_shifted(b, -1) for b in beeps if b.facts["second"] >= 1]
+    follows = findings.shifted_accuracy(lab, train.prepare_samples(lab, earlier, progress=False), -1.0)
+    assert follows >= 0.85, follows
 
 
-def test_the_expert_named_for_audio_carries_no_speech_on_its_own(tmp_path):
-    # Measured: over 10 prompts of every task modality_experts names layer 1's expert 8 for audio
-    # (over 20, none); ablating it for every token leaves speech at 100%, as do 5 random single
-    # experts: audio is spread over experts, no one of them is needed.
+def test_ablating_the_experts_named_for_audio_costs_speech_no_more_than_random_ones(tmp_path):
+    # Measured over 20 prompts of every task: modality_experts names no audio expert at its defaults
+    # (share 0.8, lift 1.5); at share 0.6, lift 1.2 it names 8 (1-3 a layer). Ablating those for
+    # every token leaves speech at 100% of 40; as many random experts (5 draws) leave 97.5% each.
+    # Speech is spread over experts: no named set is needed, and the named ones matter least.
     lab = omnilab.load("organism")
     named = findings.audio_experts(
-        findings.routing_source(lab, world.draw(10, seed=SEED, folder=tmp_path / "all"))
+        findings.routing_source(lab, world.draw(20, seed=SEED, folder=tmp_path / "all")),
+        min_share=0.6,
+        min_lift=1.2,
     )
-    assert 0 < sum(len(v) for v in named.values()) <= 2, named
+    assert 4 <= sum(len(v) for v in named.values()) <= 12, named
     speech = train.prepare_samples(
-        lab, world.draw(16, seed=SEED, folder=tmp_path / "speech", tasks=("speech",)), progress=False
+        lab, world.draw(24, seed=SEED, folder=tmp_path / "speech", tasks=("speech",)), progress=False
     )
-    assert findings.ablated_accuracy(lab, speech, named) >= 0.95
+    ablated = findings.ablated_accuracy(lab, speech, named)
+    random = [findings.ablated_accuracy(lab, speech, findings.random_experts(named, 16, seed=k)) for k in range(3)]
+    assert ablated >= 0.95
+    assert ablated >= sum(random) / len(random) - 0.05, (ablated, random)

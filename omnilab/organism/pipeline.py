@@ -153,7 +153,10 @@ def card_markdown(report: dict, history: list[dict]) -> str:
             f"Thinker: {report['steps']} steps, each a batch of {config['batch_size']} of every task (gradients "
             f"summed), AdamW lr {config['lr']} with {config['warmup']} warm-up steps and cosine decay, "
             "loss on the answer tokens and <|im_end|> only (the head runs only there), router balancing loss at "
-            f"{config['aux_weight']}. Only the world's vocabulary rows of the embedding and head train.",
+            f"{config['aux_weight']}. Only the world's vocabulary rows of the embedding and head train. "
+            f"Of the beep examples whose beep is not in the first second, a share of {config.get('shifted_share', 0)} "
+            "were trained time-shifted (`world.time_shifted`): the audio's TM-RoPE times moved back 1 s or more "
+            "and the answer read at the moved second, so the order of the tokens does not give the answer away.",
             f"Talker: its codec head fitted ({report['talker_frames']} recorded frames, loss {report['talker_loss'][0]} -> "
             f"{report['talker_loss'][1]}) to emit its end-of-speech code once the reply's text is read.",
             "",
