@@ -22,7 +22,8 @@ BANNER = (
     "apple* (20 words), *Which word is spoken?* (a spoken digit or colour), *What is in the picture?* "
     "(red/green/blue/yellow circle/square/triangle), *Which way does the square move?* (a video), and "
     '*Which colour was on screen when the beep sounded?* (a video with its audio: tick "use the '
-    "video's audio\"). Held-out accuracy 98-100% on each. Anything else gets a guess from those "
+    "video's audio\"; it reads the beep's time from its TM-RoPE positions). Held-out accuracy 99-100% "
+    "on each. Anything else gets a guess from those "
     "answers, and its speech is noise of the right length. Try an example below."
 )
 
