@@ -46,7 +46,7 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# Train the organism (the tiny preset on omnilab.organism's world, ~30 min on 2 cores; resumable)
+# Train the organism (the tiny preset on omnilab.organism's world, ~11 min on 2 free cores; resumable)
 # and install its weights into the package, where omnilab.load("organism") reads them.
 .PHONY: organism
 organism: $(STAMP)

@@ -182,6 +182,8 @@ def card_markdown(report: dict, history: list[dict]) -> str:
             "- Long answers or conversation: every answer is one or two words; multi-turn was never trained.",
             "- Speech: the talker only learned when to stop; its speech is noise of the right length.",
             "- Several shapes, counts, positions, or colours and shapes outside the 4 x 3 of the world.",
+            "- Time moved later: with the audio's positions moved later it keeps answering from the token order "
+            "(the beep's token cannot attend to a later frame); only moves earlier were trained.",
         ]
     )
 
