@@ -285,7 +285,13 @@ def train_thinker(
                 seconds = torch.tensor([samples[i].audio_shift for i in picks])
                 with shifted_audio(model, batch, seconds):
                     logits, router = answer_logits(
-                        thinker, batch, b_rows, b_pos, use_audio_in_video=task == "beep", router=True, vocab=vocab
+                        thinker,
+                        batch,
+                        b_rows,
+                        b_pos,
+                        use_audio_in_video=task == "beep",
+                        router=True,
+                        vocab=vocab,
                     )
                 loss = F.cross_entropy(logits, targets)
                 aux = load_balancing_loss_func(

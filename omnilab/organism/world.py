@@ -246,7 +246,8 @@ def time_shifted(example: Example, seconds: int) -> Example:
         raise ValueError(f"only beep examples have a time to shift, not {example.task!r}")
     moved = example.facts["second"] + seconds
     if seconds != int(seconds) or not 0 <= moved < BEEP_SECONDS:
-        raise ValueError(f"a shift of {seconds} s moves the beep to second {moved}, off the {BEEP_SECONDS} s video")
+        raise ValueError(
+            f"a shift of {seconds} s moves the beep to second {moved}, off the {BEEP_SECONDS} s video"
+        )
     facts = {**example.facts, "audio_shift": int(seconds)}
     return Example("beep", example.conversation, example.facts["colours"][moved], True, facts)
-
