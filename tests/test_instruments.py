@@ -354,6 +354,39 @@ def test_ablation_keeps_a_modality_away_from_experts_and_changes_the_output(
     assert not torch.equal(bare, ablated)
 
 
+def test_a_modality_ablation_applies_to_every_row_of_a_batch_and_refuses_an_unseen_forward(
+    tiny, all_media_conversation
+):
+    # a batched forward's router rows are [batch * length]: the ablation must find every row's
+    # tokens (it used to match none and silently ablate nothing); a forward of a submodule that no
+    # hook saw has no token ids to go by, and says so
+    inputs = tiny.prepare(all_media_conversation)
+    twice = {k: torch.cat([v, v]) if k in ("input_ids", "attention_mask") else v for k, v in inputs.items()}
+    for key in (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "video_second_per_grid",
+    ):
+        if key in inputs:
+            twice[key] = torch.cat([inputs[key], inputs[key]])
+    for key in ("input_features", "feature_attention_mask"):
+        twice[key] = torch.cat([inputs[key], inputs[key]])
+    spec = {"thinker": {layer: list(range(8)) for layer in range(4)}}
+    with torch.no_grad():
+        bare = tiny.model.thinker(**twice).logits
+        with tiny.intervene(ablate=spec, modality="audio"):
+            one = tiny.model.thinker(**inputs).logits
+            both = tiny.model.thinker(**twice).logits
+    assert not torch.allclose(both[0], bare[0], atol=1e-4)  # the ablation reached the batch
+    torch.testing.assert_close(both[0], one[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[1], one[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(omnilab.InterventionError, match="forward was not seen"):
+        with tiny.intervene(ablate=spec, modality="audio"), torch.no_grad():
+            tiny.model.thinker.model(**inputs)
+
+
 def test_force_puts_the_expert_in_every_tokens_top_k(tiny):
     with tiny.intervene(force={"talker": {0: [5]}}), tiny.trace(capture=("routing",)) as tr:
         tiny.generate("Hi", **GEN)

@@ -165,13 +165,19 @@ class Intervention:
         if self.modality is None:
             return None
         forward = self._tracker.current.get(component)
-        ids = None
-        if forward is not None:
-            ids = forward.input_ids
-            if component == "talker" and forward.phase == "prefill":
-                ids = self._tracker.talker_input_ids
-            if component == "talker" and forward.phase == "decode":
-                return torch.full((n,), self.modality == "speech", dtype=torch.bool)
+        if forward is None:  # the router ran inside a submodule called directly: no token ids to go by
+            raise InterventionError(
+                f"modality={self.modality!r} needs each row's token, but this {component} forward was "
+                f"not seen: run it through the lab (generate, forward, stream) or call model.{component}(...), "
+                "not one of its submodules"
+            )
+        ids = forward.input_ids
+        if forward.batch > 1 and forward.batch_input_ids is not None:  # router rows are [batch * length]
+            ids = forward.batch_input_ids
+        if component == "talker" and forward.phase == "prefill":
+            ids = self._tracker.talker_input_ids
+        if component == "talker" and forward.phase == "decode":
+            return torch.full((n,), self.modality == "speech", dtype=torch.bool)
         if ids is None or ids.numel() != n:
             return torch.zeros(n, dtype=torch.bool)
         ids = ids.reshape(-1).cpu()
