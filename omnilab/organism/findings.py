@@ -64,12 +64,26 @@ def random_experts(like: dict[int, list[int]], num_experts: int, seed: int) -> d
     return out
 
 
-def ablated_accuracy(lab, samples, experts: dict[int, list[int]]) -> float:
-    """Accuracy on `samples` (one task) with the thinker's `experts` ({layer: [expert]}) ablated for every token."""
+@torch.no_grad()
+def ablated_accuracy(lab, samples, experts: dict[int, list[int]], *, modality: str | None = None) -> float:
+    """Accuracy on `samples` (one task) with the thinker's `experts` ({layer: [expert]}) ablated.
+
+    For every token, or with `modality` only for that modality's tokens ("text": every token that
+    is not a media placeholder). A modality needs each row's token ids, so those runs go one sample
+    at a time through the whole thinker (where the intervention sees them).
+    """
     spec = {"thinker": {layer: list(e) for layer, e in experts.items()}}
-    with lab.intervene(ablate=spec):
-        scores = train.accuracy(lab.model, samples)
-    return float(np.mean(list(scores.values())))
+    if modality is None:
+        with lab.intervene(ablate=spec):
+            scores = train.accuracy(lab.model, samples)
+        return float(np.mean(list(scores.values())))
+    right = []
+    for sample in samples:
+        batch, rows, positions, targets = train.collate([sample])
+        with lab.intervene(ablate=spec, modality=modality):
+            logits = lab.model.thinker(**batch, use_audio_in_video=sample.use_audio_in_video).logits
+        right.append(bool((logits[rows, positions].argmax(-1) == targets).all()))
+    return float(np.mean(right))
 
 
 @torch.no_grad()
