@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
+from omnilab.instrument.record.activations import default_dtype
+from omnilab.instrument.sites import resolve_sites
 from omnilab.store import batch as batching
 from omnilab.store import collect, layout, query, read_manifest, read_table
 
@@ -194,6 +196,16 @@ def test_a_batch_over_the_memory_budget_is_split_not_crashed(mixed, tiny, tmp_pa
     for size, length in spy.tried:  # every forward within the budget
         assert batching.batch_bytes(tiny, [length] * size, capture) <= budget
     assert_same_rows(tmp_path / "store", alone)
+
+
+def test_the_batch_estimate_counts_the_site_activations_asked_for(tiny):
+    # every padded position of every resid site, at the hidden width, in the recording dtype
+    plain = batching.batch_bytes(tiny, [100, 60], ("positions",))
+    sites = batching.batch_bytes(tiny, [100, 60], ("positions", "resid.*"))
+    config = tiny.model.config.thinker_config.text_config
+    layers = len(resolve_sites(tiny.model, "resid.*"))
+    element = torch.empty(0, dtype=default_dtype(tiny.model)).element_size()
+    assert sites - plain == layers * config.hidden_size * element * 100 * 2
 
 
 def test_a_batch_out_of_memory_is_halved_until_it_runs(mixed, tiny, tmp_path):

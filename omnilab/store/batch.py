@@ -138,10 +138,21 @@ def plan_batches(prepared: list[Prepared], max_batch: int, fits) -> list[list[Pr
 
 def batch_bytes(lab, lengths: list[int], capture) -> int:
     """Estimated peak bytes of one padded batch of prompts of `lengths`: each row's captures at the
-    padded length (`estimate_capture_bytes`), plus the forward's own activations (FORWARD_COPIES
-    hidden vectors and the top-k experts' intermediate of every padded position, float32)."""
+    padded length (`estimate_capture_bytes`), the site activations asked for (every padded position
+    of every site, at its width, in the recording dtype), plus the forward's own activations
+    (FORWARD_COPIES hidden vectors and the top-k experts' intermediate of every padded position,
+    float32)."""
+    from ..instrument.record.activations import default_dtype, resolve_requests
+    from ..instrument.sites import site_width
+    from ..instrument.tracer import CAPTURES
+
     padded = max(lengths)
     captures = estimate_capture_bytes(lab, padded, tuple(capture)).total * len(lengths)
+    patterns = [name for name in capture if name not in CAPTURES]
+    if patterns:
+        element = torch.empty(0, dtype=default_dtype(lab.model)).element_size()
+        widths = sum(site_width(lab.model, r.site) or 0 for r in resolve_requests(lab.model, patterns))
+        captures += widths * element * padded * len(lengths)
     config = lab.thinker.config.text_config
     per_token = FORWARD_COPIES * config.hidden_size
     per_token += 3 * config.num_experts_per_tok * getattr(config, "moe_intermediate_size", config.hidden_size)
