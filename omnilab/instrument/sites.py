@@ -36,7 +36,12 @@ _PATTERNS = [
     ("router", r"^talker\.model\.layers\.(\d+)\.mlp\.gate$", "top-k experts and weights, router logits"),
     ("rotary", r"^thinker\.model\.language_model\.rotary_emb$", "the (t, h, w) position ids the model uses"),
     ("rotary", r"^talker\.model\.rotary_emb$", "the (t, h, w) position ids the model uses"),
-    ("residual", r"^thinker\.model\.language_model\.layers\.(\d+)$", "the residual stream after the layer"),
+    (
+        "residual",
+        r"^thinker\.model\.language_model\.layers\.(\d+)$",
+        "the residual stream after the layer, as output_hidden_states has it: in the first layers, before "
+        "deepstack adds the vision tower's features at image and video positions",
+    ),
     ("residual", r"^talker\.model\.layers\.(\d+)$", "the residual stream after the layer"),
     ("residual", r"^talker\.code_predictor\.model\.layers\.(\d+)$", "the residual stream after the layer"),
     ("mlp", r"^thinker\.model\.language_model\.layers\.(\d+)\.mlp$", "the MoE block's output"),
