@@ -357,22 +357,13 @@ def test_ablation_keeps_a_modality_away_from_experts_and_changes_the_output(
 def test_a_modality_ablation_applies_to_every_row_of_a_batch_and_refuses_an_unseen_forward(
     tiny, all_media_conversation
 ):
+    from omnilab.store.batch import batch_inputs
+
     # a batched forward's router rows are [batch * length]: the ablation must find every row's
     # tokens (it used to match none and silently ablate nothing); a forward of a submodule that no
     # hook saw has no token ids to go by, and says so
     inputs = tiny.prepare(all_media_conversation)
-    twice = {k: torch.cat([v, v]) if k in ("input_ids", "attention_mask") else v for k, v in inputs.items()}
-    for key in (
-        "pixel_values",
-        "image_grid_thw",
-        "pixel_values_videos",
-        "video_grid_thw",
-        "video_second_per_grid",
-    ):
-        if key in inputs:
-            twice[key] = torch.cat([inputs[key], inputs[key]])
-    for key in ("input_features", "feature_attention_mask"):
-        twice[key] = torch.cat([inputs[key], inputs[key]])
+    twice = batch_inputs([inputs, inputs], pad_id=151643)  # the store's padded batch of two
     spec = {"thinker": {layer: list(range(8)) for layer in range(4)}}
     with torch.no_grad():
         bare = tiny.model.thinker(**twice).logits

@@ -90,17 +90,14 @@ def ablated_accuracy(lab, samples, experts: dict[int, list[int]], *, modality: s
 def shifted_accuracy(lab, samples, seconds: float) -> float:
     """Accuracy on `samples` with every audio token's TM-RoPE positions moved by `seconds` (0: none).
 
-    Only the rotary positions change (`lab.intervene(positions=...)`): the tokens, their order and
-    the audio itself stay, so what breaks is what the model reads from the audio's time.
+    Only the rotary positions change (`train.shifted_audio`: the Intervention `lab.intervene(positions=)`
+    makes): the tokens, their order and the audio itself stay, so what breaks is what the model reads
+    from the audio's time.
     """
-    from ..instrument.record import position_id_per_seconds, special_tokens
-
-    audio_id = special_tokens(lab.model).audio
-    shift = torch.tensor([int(round(seconds * position_id_per_seconds(lab.model)))])
     right = []
     for sample in samples:
         batch, rows, positions, targets = train.collate([sample])
-        with lab.intervene(positions=train.audio_moved(batch["input_ids"], audio_id, shift)):
+        with train.shifted_audio(lab.model, batch, torch.tensor([float(seconds)])):
             logits, _ = train.answer_logits(
                 lab.model.thinker, batch, rows, positions, use_audio_in_video=sample.use_audio_in_video
             )
