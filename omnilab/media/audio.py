@@ -306,4 +306,6 @@ def _read_with_av(path: Path, subject: str) -> tuple[np.ndarray, int]:
                 f"{subject} cannot be decoded ({ffmpeg_reason(error)}); it is cut short or corrupt; "
                 "re-export it (e.g. as WAV)"
             ) from error
-    return samples, collector.rate or stream.rate
+        # Read while the container is open: PyAV 18 refuses a closed container's stream attributes.
+        rate = collector.rate or stream.rate
+    return samples, rate

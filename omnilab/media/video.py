@@ -66,7 +66,9 @@ def load_video(
             if not container.streams.audio:
                 raise MediaError(f"{subject} has no audio track; turn off use_audio_in_video")
             streams.append(container.streams.audio[0])
+        # Every stream attribute is read while the container is open: PyAV 18 refuses them after.
         duration = stream_seconds(video_stream, container)
+        promised = stream_seconds(video_stream, None)
         if duration is not None and duration > limits.MAX_VIDEO_SECONDS:
             raise too_long(subject, duration, limits.MAX_VIDEO_SECONDS, " (from its metadata)")
         native = float(video_stream.average_rate or video_stream.guessed_rate or 0)
@@ -84,7 +86,6 @@ def load_video(
             ) from error
     if not frames:
         raise MediaError(f"{subject} has no frames; it is empty or corrupt; re-export it")
-    promised = stream_seconds(video_stream, None)
     if promised is not None and promised - last_time > max(0.5, 0.05 * promised) + 1 / (native or rate):
         # A cut download keeps its metadata but loses the tail: the demuxer just stops early.
         raise MediaError(
