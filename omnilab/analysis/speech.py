@@ -6,6 +6,8 @@ from the code predictor; code2wav turns frames into 24 kHz audio (1,920 samples 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -39,7 +41,8 @@ USAGE_COLUMNS = [
 ]
 GRID_COLUMNS = ["frame", "codebook", "code", "seconds", "text"]
 SPOKEN_COLUMNS = ["frame", "start", "end", "pos", "token_id", "text"]
-MEL_COLUMNS = ["frame", "seconds", "mel", "hz", "db"]
+MEL_COLUMNS = ["frame", "seconds", "mel", "hz", "db", "dbfs"]
+DBFS_FLOOR = -120.0  # dBFS below this are drawn as this (digital near-silence)
 WAVE_COLUMNS = ["seconds", "low", "high"]
 
 
@@ -165,10 +168,12 @@ def mel_spectrogram(
 ) -> pd.DataFrame:
     """The reply's log-mel spectrogram: one row per (time frame, mel band).
 
-    Power mel spectrogram (librosa, `n_fft`, hop `hop_seconds`, `n_mels` bands up to Nyquist) in dB
-    relative to its maximum, floored at -top_db; hz is each band's centre frequency, seconds each
-    frame's centre. Empty when the trace has no audio. Source: librosa.feature.melspectrogram
-    (McFee et al., 2015); the mel scale of Stevens et al. (1937).
+    Power mel spectrogram (librosa, `n_fft`, hop `hop_seconds`, `n_mels` bands up to Nyquist): db is
+    relative to its own maximum, floored at -top_db; dbfs is absolute, relative to the loudest mel
+    cell of a full-scale (amplitude 1) 1 kHz sine at the same settings, floored at DBFS_FLOOR, so
+    near-silence reads as near-silence and two clips compare on one scale. hz is each band's centre
+    frequency, seconds each frame's centre. Empty when the trace has no audio. Source:
+    librosa.feature.melspectrogram (McFee et al., 2015); the mel scale of Stevens et al. (1937).
     """
     audio, rate = _audio(trace)
     if audio is None or len(audio) == 0:
@@ -186,6 +191,14 @@ def mel_spectrogram(
         y=audio, sr=rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels, fmax=rate / 2
     )
     db = librosa.power_to_db(power, ref=np.max, top_db=top_db)
+    reference = _full_scale_power(rate, n_fft, hop, n_mels)
+    with np.errstate(divide="ignore"):
+        dbfs = (
+            10 * np.log10(np.maximum(power, 1e-30) * peak**2 / reference)
+            if peak > 0
+            else np.full_like(power, -np.inf)
+        )
+    dbfs = np.maximum(dbfs, DBFS_FLOOR)
     hz = librosa.mel_frequencies(n_mels=n_mels, fmin=0.0, fmax=rate / 2)
     frames = db.shape[1]
     mel_index, frame_index = np.meshgrid(np.arange(n_mels), np.arange(frames), indexing="ij")
@@ -196,8 +209,22 @@ def mel_spectrogram(
             "mel": mel_index.ravel(),
             "hz": hz[mel_index.ravel()],
             "db": db.ravel().astype(np.float32),
+            "dbfs": dbfs.ravel().astype(np.float32),
         }
     ).sort_values(["frame", "mel"], ignore_index=True)
+
+
+@functools.cache
+def _full_scale_power(rate: int, n_fft: int, hop: int, n_mels: int) -> float:
+    """The loudest mel power of a full-scale 1 kHz sine (0 dBFS) at these settings."""
+    import librosa
+
+    seconds = max(4 * n_fft / rate, 0.25)
+    tone = np.sin(2 * np.pi * 1000.0 * np.arange(int(seconds * rate)) / rate).astype(np.float32)
+    power = librosa.feature.melspectrogram(
+        y=tone, sr=rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels, fmax=rate / 2
+    )
+    return float(power.max())
 
 
 def waveform_envelope(trace, *, points: int = 2000) -> pd.DataFrame:

@@ -7,9 +7,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..trace import MODALITIES
-from ._style import TEMPLATE, as_text, modality_color
+from ._style import TEMPLATE, as_text, modality_color, symmetric_bound
 
-__all__ = ["attribution_modality", "attribution_patches", "attribution_tokens", "attribution_windows"]
+__all__ = [
+    "attribution_modality",
+    "attribution_overlay",
+    "attribution_patches",
+    "attribution_tokens",
+    "attribution_windows",
+]
 
 
 def _frame(data, columns: set[str], what: str, source: str) -> pd.DataFrame:
@@ -193,4 +199,47 @@ def attribution_patches(by_patch: pd.DataFrame, *, title=None) -> go.Figure:
         yaxis_title="h (patch row)",
         yaxis_autorange="reversed",
     )
+    return fig
+
+
+def attribution_overlay(by_patch: pd.DataFrame, image, *, opacity: float = 0.55, title=None) -> go.Figure:
+    """The image with its patches' attribution laid over it: the picture underneath (a layout image),
+    one cell per patch on a diverging scale that is clear at 0 (no effect) and reaches `opacity` at
+    ±max|attribution| (red: raises the answer, blue: lowers it).
+
+    Inputs: `analysis.attribution_by_patch(attr, item=...)` (h, w, attribution) and the image the
+    model saw (a PIL image, an array [H, W, 3] or a path). The patch grid is stretched over the whole
+    image. Trace 0 is the "attribution" heatmap; `layout.images[0]` is the picture.
+    """
+    from PIL import Image
+
+    frame = _frame(by_patch, {"h", "w", "attribution"}, "attribution_overlay", "attribution_by_patch")
+    if not isinstance(image, Image.Image):
+        image = Image.open(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else (
+            Image.fromarray(np.asarray(image, dtype=np.uint8))
+        )  # fmt: skip
+    image = image.convert("RGB")
+    width, height = image.size
+    h = frame["h"].to_numpy(dtype=int)
+    w = frame["w"].to_numpy(dtype=int)
+    z = np.full((h.max() + 1 if len(h) else 0, w.max() + 1 if len(w) else 0), np.nan)
+    z[h, w] = frame["attribution"].to_numpy(dtype=float)
+    bound = symmetric_bound(z)
+    dy, dx = height / max(z.shape[0], 1), width / max(z.shape[1], 1)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, x0=dx / 2, dx=dx, y0=dy / 2, dy=dy, zmin=-bound, zmax=bound,
+            colorscale=[[0.0, f"rgba(33,102,172,{opacity})"], [0.5, "rgba(247,247,247,0)"],
+                        [1.0, f"rgba(178,24,43,{opacity})"]],
+            colorbar={"title": "attribution"},
+            hovertemplate="patch at x %{x:.0f}, y %{y:.0f} px<br>attribution %{z:.4g}<extra></extra>",
+            name="attribution",
+        )
+    )  # fmt: skip
+    fig.add_layout_image(
+        source=image, xref="x", yref="y", x=0, y=0, sizex=width, sizey=height, sizing="stretch", layer="below"
+    )
+    fig.update_xaxes(range=[0, width], showgrid=False, title_text="x (pixels)", constrain="domain")
+    fig.update_yaxes(range=[height, 0], showgrid=False, title_text="y (pixels)", scaleanchor="x")
+    fig.update_layout(template=TEMPLATE, title=title or "Attribution of the image's patches, on the image")
     return fig

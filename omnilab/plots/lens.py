@@ -6,15 +6,39 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._style import TEMPLATE, as_text, modality_color
+from ._style import TEMPLATE, as_text, integer_ticks, modality_color
 
 __all__ = ["logit_lens_heatmap", "probe_lines", "talker_lens_heatmap"]
 
 
-def logit_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
+def printable(piece: str, size: int = 10) -> str:
+    """A token piece that any font draws: whitespace shown as · and ⏎, characters outside Latin,
+    Greek, Cyrillic and common symbols written as U+XXXX (they draw as missing-glyph boxes), cut to
+    `size` characters."""
+    out = []
+    for ch in str(piece):
+        if ch == " ":
+            out.append("·")
+        elif ch in "\n\r":
+            out.append("⏎")
+        elif ch == "\t":
+            out.append("⇥")
+        elif ch.isprintable() and (ord(ch) < 0x0530 or 0x2000 <= ord(ch) < 0x2400):
+            out.append(ch)
+        else:
+            out.append(f"U+{ord(ch):04X}")
+    text = "".join(out)
+    return text if len(text) <= size else text[: size - 1] + "…"
+
+
+def logit_lens_heatmap(lens: pd.DataFrame, *, tokens=None, title=None) -> go.Figure:
     """Layers × positions of `analysis.logit_lens`: each cell the top token's probability, its piece
     written in the cell; with a target, the cell's colour is the target's rank (log scale, 0 = top)
     instead. Hover shows the layer, pos, modality, top token and (with a target) its rank and prob.
+
+    `tokens` ({pos: piece}, or a sequence indexed by pos: the prompt's own tokens) labels the x axis
+    with the input token at each position ("piece·pos") instead of the bare pos. Pieces are drawn
+    through `printable`, so none renders as a missing-glyph box. Layer ticks are whole numbers.
     """
     top = lens[lens["rank"] == 0]
     layers = np.unique(top["layer"].to_numpy())
@@ -29,7 +53,7 @@ def logit_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
         return out
 
     prob = grid(top["prob"].to_numpy(dtype=float))
-    piece = grid(as_text(top["token"]), "", object)
+    piece = grid(np.array([printable(p, 8) for p in as_text(top["token"])], dtype=object), "", object)
     modality = grid(as_text(top["modality"]), "", object)
     if has_target:
         z = np.log10(1 + grid(top["target_rank"].to_numpy(dtype=float)))
@@ -58,9 +82,18 @@ def logit_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
     fig.update_layout(
         template=TEMPLATE,
         title=title or "Logit lens: each layer read through the final norm and lm_head",
-        xaxis_title="pos",
+        xaxis_title="input token · pos" if tokens is not None else "pos",
         yaxis_title="layer",
     )
+    integer_ticks(fig, "yaxis")
+    if tokens is not None:
+        lookup = tokens if isinstance(tokens, dict) else dict(enumerate(tokens))
+        fig.update_xaxes(
+            tickmode="array",
+            tickvals=[int(p) for p in positions],
+            ticktext=[f"{printable(lookup.get(int(p), ''), 8)}·{int(p)}" for p in positions],
+            tickangle=-60,
+        )
     return fig
 
 
@@ -99,12 +132,14 @@ def talker_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
         xaxis_title="frame",
         yaxis_title="talker layer",
     )
+    integer_ticks(fig, "yaxis")
     return fig
 
 
-def probe_lines(scores: pd.DataFrame, *, title=None) -> go.Figure:
+def probe_lines(scores: pd.DataFrame, *, control: pd.DataFrame | None = None, title=None) -> go.Figure:
     """Held-out score per layer of `analysis.linear_probe` (one line per `label` column value when
-    present), with each probe's baseline dashed."""
+    present), with each probe's baseline dashed; `control` (the same probe fit on shuffled labels, its
+    null: what a probe this wide finds in noise) is drawn grey and dotted, named "shuffled labels"."""
     fig = go.Figure()
     groups = scores.groupby("label", sort=False) if "label" in scores.columns else [("probe", scores)]
     for i, (name, rows) in enumerate(groups):
@@ -119,6 +154,12 @@ def probe_lines(scores: pd.DataFrame, *, title=None) -> go.Figure:
             go.Scatter(x=rows["layer"], y=rows["baseline"], mode="lines", name=f"{name} baseline",
                        line={"color": color, "dash": "dash"}, showlegend=False)
         )  # fmt: skip
+    if control is not None:
+        rows = control.sort_values("layer")
+        fig.add_trace(
+            go.Scatter(x=rows["layer"], y=rows["test_score"], mode="lines+markers", name="shuffled labels",
+                       line={"color": "#9D9D9D", "dash": "dot"}, marker={"symbol": "x"})
+        )  # fmt: skip
     metric = scores["metric"].iloc[0] if len(scores) else "score"
     fig.update_layout(
         template=TEMPLATE,
@@ -126,4 +167,5 @@ def probe_lines(scores: pd.DataFrame, *, title=None) -> go.Figure:
         xaxis_title="layer",
         yaxis_title=metric,
     )
+    integer_ticks(fig, "xaxis")
     return fig

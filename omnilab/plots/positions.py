@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from ..trace import MODALITIES
 from ._style import TEMPLATE, as_text, modality_color
 
-__all__ = ["positions_3d", "seconds_timeline"]
+__all__ = ["positions_3d", "positions_by_index", "seconds_timeline"]
+
+# Text tokens sit on the line t = h = w; plotly's default camera looks down that diagonal and draws
+# them as one dot. This eye is nearly perpendicular to it.
+CAMERA_EYE = {"x": 1.7, "y": -1.5, "z": 0.35}
 
 
 def _by_modality(layout: pd.DataFrame):
@@ -64,8 +69,77 @@ def positions_3d(layout: pd.DataFrame, *, highlight=None, title=None) -> go.Figu
     fig.update_layout(
         template=TEMPLATE,
         title=title or "TM-RoPE positions (t, h, w)",
-        scene={"xaxis_title": "t", "yaxis_title": "h", "zaxis_title": "w"},
+        scene={
+            "xaxis_title": "t",
+            "yaxis_title": "h",
+            "zaxis_title": "w",
+            "aspectmode": "cube",
+            "camera": {"eye": CAMERA_EYE, "up": {"x": 0, "y": 0, "z": 1}},
+        },
         legend_title_text="modality",
+    )
+    return fig
+
+
+def positions_by_index(layout: pd.DataFrame, *, title=None) -> go.Figure:
+    """Qwen's own picture of TM-RoPE: the three position ids (t, h, w) of every token against its
+    index in the sequence, one panel each, coloured by modality; the t panel carries a second axis in
+    seconds (t / position_id_per_seconds), so interleaved audio and video line up by time. Every image
+    patch is its own point (an image's h and w climb within one t).
+
+    Input: `analysis.position_layout(trace)`. Traces: per panel one per modality (named
+    "t · audio", ...), then an invisible "seconds" trace that carries the second axis.
+    """
+    fig = make_subplots(
+        rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.04,
+        specs=[[{"secondary_y": True}], [{}], [{}]],
+    )  # fmt: skip
+    for row, axis in enumerate(("t", "h", "w"), start=1):
+        for modality, rows in _by_modality(layout):
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["pos"],
+                    y=rows[axis],
+                    mode="markers",
+                    marker={"size": 4, "color": modality_color(modality)},
+                    name=f"{axis} · {modality}",
+                    legendgroup=modality,
+                    showlegend=row == 1,
+                    customdata=np.concatenate([_hover(rows), rows[["position_seconds"]].to_numpy()], axis=1),
+                    hovertemplate="pos %{x} · %{customdata[0]}<br>" + axis + " %{y} (%{customdata[4]:.2f} s)"
+                    "<br>item %{customdata[2]} frame %{customdata[3]}<extra>" + modality + "</extra>",
+                ),
+                row=row,
+                col=1,
+                **({"secondary_y": False} if row == 1 else {}),
+            )
+        fig.update_yaxes(
+            title_text=f"{axis} (position id)", row=row, col=1, **({"secondary_y": False} if row == 1 else {})
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=layout["pos"], y=layout["position_seconds"], mode="markers", marker={"opacity": 0},
+            name="seconds", showlegend=False, hoverinfo="skip",
+        ),
+        row=1, col=1, secondary_y=True,
+    )  # fmt: skip
+    fig.update_yaxes(title_text="seconds", row=1, col=1, secondary_y=True, showgrid=False)
+    t = layout["t"].to_numpy(dtype=float)
+    seconds = layout["position_seconds"].to_numpy(dtype=float)
+    timed = (t > 0) & np.isfinite(seconds) & (seconds > 0)
+    if timed.any():  # both axes over one range, so a tick on the right reads the t beside it in seconds
+        per_second = float(np.median(t[timed] / seconds[timed]))
+        pad = 0.04 * max(t.max() - t.min(), 1.0)
+        low, high = float(t.min() - pad), float(t.max() + pad)
+        fig.update_yaxes(range=[low, high], row=1, col=1, secondary_y=False)
+        fig.update_yaxes(range=[low / per_second, high / per_second], row=1, col=1, secondary_y=True)
+    fig.update_xaxes(title_text="token index (pos)", row=3, col=1)
+    for name in ("legend",):
+        fig.update_layout({name: {"title": {"text": "modality"}}})
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or "TM-RoPE position ids by token index (t carries time: seconds on the right)",
+        height=620,
     )
     return fig
 

@@ -8,12 +8,21 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..trace import MODALITIES
-from ._style import TEMPLATE, as_text, modality_colorscale, pick
+from ._style import (
+    TEMPLATE,
+    as_text,
+    centred_colorscale,
+    integer_ticks,
+    modality_color,
+    modality_colorscale,
+    pick,
+)
 
 __all__ = [
     "agreement_lines",
     "coactivation_heatmap",
     "expert_load_bars",
+    "expert_load_heatmap",
     "paths_sankey",
     "routing_heatmap",
     "specialization_heatmap",
@@ -144,6 +153,7 @@ def token_route(paths: pd.DataFrame, *, pos, title=None) -> go.Figure:
         yaxis_title="expert",
         meta={"pos": _plain(pos)},
     )
+    integer_ticks(fig, "xaxis")
     return fig
 
 
@@ -184,47 +194,157 @@ def expert_load_bars(load: pd.DataFrame, *, layer=None, component=None, title=No
     return fig
 
 
+LIFT_LIMIT = 4  # log2 lift is drawn within ±4 (1/16x .. 16x); hover shows the exact value
+
+
 def specialization_heatmap(
     specialization: pd.DataFrame, *, layer=None, component=None, value: str = "share", title=None
 ) -> go.Figure:
-    """Modality × expert at one layer: `value` ("share": the expert's modality mix, or "lift": share /
-    expected) per cell; hover shows count, share, expected share and lift.
+    """Modality × expert at one layer (or layer="all": one row of panels per layer, one colour scale):
+    `value` per cell ("share": the expert's modality mix, "coverage", or "lift": share / expected);
+    hover shows count, share, expected share and lift.
 
-    Input: `analysis.modality_specialization(trace)`.
+    Lift is drawn as log2(lift) on a diverging scale whose white is lift 1 (no preference): red cells
+    are experts a modality uses more than its share of the layer, blue ones less (the colorbar reads
+    in lift). Input: `analysis.modality_specialization(trace)`.
     """
     if value not in ("share", "lift", "coverage"):
         raise ValueError(f"value={value!r}; use 'share', 'lift' or 'coverage'")
     if component is not None:
         specialization, _ = pick(specialization, "component", component, "modality_specialization")
-    rows, layer = pick(specialization, "layer", layer, "modality_specialization")
-    modalities = [m for m in MODALITIES if m in set(as_text(rows["modality"]))]
-    experts = np.arange(int(rows["expert"].max()) + 1) if len(rows) else np.zeros(0, dtype=int)
-    shape = (len(modalities), len(experts))
-    grids = {c: np.full(shape, np.nan) for c in (value, "count", "share", "expected", "lift")}
-    mi = np.array([modalities.index(m) for m in as_text(rows["modality"])], dtype=np.int64)
-    ei = rows["expert"].to_numpy().astype(np.int64)
-    for column, grid in grids.items():
-        grid[mi, ei] = rows[column].to_numpy(dtype=float)
-    fig = go.Figure(
-        go.Heatmap(
-            z=grids[value],
-            x=experts,
-            y=modalities,
-            customdata=np.stack([grids["count"], grids["share"], grids["expected"], grids["lift"]], axis=-1),
-            colorscale="Viridis",
-            colorbar={"title": value},
-            hovertemplate="%{y} · expert %{x}<br>count %{customdata[0]}<br>share %{customdata[1]:.3f}<br>"
-            "expected %{customdata[2]:.3f}<br>lift %{customdata[3]:.2f}<extra></extra>",
-            name=value,
+    if isinstance(layer, str) and layer == "all":
+        layers = sorted(pd.unique(specialization["layer"]).tolist())
+    else:
+        layers = [pick(specialization, "layer", layer, "modality_specialization")[1]]
+    every = specialization[specialization["layer"].isin(layers)]
+    modalities = [m for m in MODALITIES if m in set(as_text(every["modality"]))]
+    experts = np.arange(int(every["expert"].max()) + 1) if len(every) else np.zeros(0, dtype=int)
+    fig = make_subplots(
+        rows=len(layers), cols=1, shared_xaxes=True, vertical_spacing=0.02 if len(layers) > 1 else 0,
+        subplot_titles=[f"layer {int(layer)}" for layer in layers] if len(layers) > 1 else None,
+    )  # fmt: skip
+    for row, one in enumerate(layers, start=1):
+        rows = every[every["layer"] == one]
+        shape = (len(modalities), len(experts))
+        grids = {c: np.full(shape, np.nan) for c in ("count", "share", "expected", "lift", "coverage")}
+        mi = np.array([modalities.index(m) for m in as_text(rows["modality"])], dtype=np.int64)
+        ei = rows["expert"].to_numpy().astype(np.int64)
+        for column, grid in grids.items():
+            if column in rows:
+                grid[mi, ei] = rows[column].to_numpy(dtype=float)
+        z = grids[value]
+        if value == "lift":
+            with np.errstate(divide="ignore"):
+                z = np.clip(np.log2(z), -LIFT_LIMIT, LIFT_LIMIT)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=experts,
+                y=modalities,
+                customdata=np.stack(
+                    [grids["count"], grids["share"], grids["expected"], grids["lift"]], axis=-1
+                ),
+                coloraxis="coloraxis",
+                hovertemplate=f"layer {int(one)} · " + "%{y} · expert %{x}<br>count %{customdata[0]}<br>"
+                "share %{customdata[1]:.3f}<br>expected %{customdata[2]:.3f}<br>lift %{customdata[3]:.2f}"
+                "<extra></extra>",
+                name=value,
+            ),
+            row=row,
+            col=1,
         )
-    )
-    component = rows["component"].iloc[0] if len(rows) else ""
+    if value == "lift":
+        ticks = list(range(-LIFT_LIMIT, LIFT_LIMIT + 1))
+        coloraxis = {
+            "colorscale": centred_colorscale(-LIFT_LIMIT, 0, LIFT_LIMIT),
+            "cmin": -LIFT_LIMIT,
+            "cmax": LIFT_LIMIT,
+            "colorbar": {
+                "title": "lift",
+                "tickvals": ticks,
+                "ticktext": [f"{2.0**t:g}" for t in ticks],
+            },
+        }
+    else:
+        coloraxis = {"colorscale": "Viridis", "cmin": 0, "colorbar": {"title": value}}
+    component = every["component"].iloc[0] if len(every) else ""
+    where = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Modality specialization ({value}), {component} layer {layer}",
-        xaxis_title="expert",
-        yaxis_title="modality",
-        meta={"layer": _plain(layer)},
+        title=title or f"Modality specialization ({value}), {component} {where}",
+        coloraxis=coloraxis,
+        height=max(300, 60 + 40 * len(modalities) * len(layers) + 30 * len(layers)),
+        meta={"layer": _plain(layers[0]) if len(layers) == 1 else [_plain(v) for v in layers]},
+    )
+    fig.update_xaxes(title_text="expert", row=len(layers), col=1)
+    fig.update_yaxes(title_text="modality")
+    return fig
+
+
+def expert_load_heatmap(
+    specialization: pd.DataFrame, *, component=None, modalities=None, title=None
+) -> go.Figure:
+    """Layer × expert load, one panel per modality: each cell the share of that modality's assignments
+    at that layer taken by the expert (`coverage`). One diverging scale for all panels, white at the
+    uniform share 1/E (the null of a router that ignores the token): red is more than its even share.
+
+    Input: `analysis.modality_specialization(trace)` (coverage per component, layer, expert, modality).
+    """
+    rows = specialization
+    if component is not None:
+        rows, component = pick(rows, "component", component, "modality_specialization")
+    else:
+        rows, component = pick(rows, "component", None, "modality_specialization")
+    present = [m for m in MODALITIES if m in set(as_text(rows["modality"]))]
+    chosen = [m for m in (modalities or present) if m in present]
+    if not chosen:
+        raise ValueError(
+            f"expert_load_heatmap: none of modalities {modalities} has rows; present: {', '.join(present)}"
+        )
+    layers = np.array(sorted(pd.unique(rows["layer"]).tolist()))
+    experts = int(rows["expert"].max()) + 1
+    uniform = 1.0 / experts
+    grids = {}
+    for modality in chosen:
+        part = rows[as_text(rows["modality"]) == modality]
+        grid = np.zeros((len(layers), experts))
+        grid[np.searchsorted(layers, part["layer"].to_numpy()), part["expert"].to_numpy().astype(int)] = part[
+            "coverage"
+        ].to_numpy(dtype=float)
+        grids[modality] = grid
+    top = max(float(max(g.max() for g in grids.values())), 2 * uniform)
+    fig = make_subplots(
+        rows=1, cols=len(chosen), shared_yaxes=True, subplot_titles=chosen, horizontal_spacing=0.03
+    )
+    for col, modality in enumerate(chosen, start=1):
+        fig.add_trace(
+            go.Heatmap(
+                z=grids[modality],
+                x=np.arange(experts),
+                y=layers,
+                coloraxis="coloraxis",
+                name=modality,
+                hovertemplate=f"{modality} · layer " + "%{y} · expert %{x}<br>%{z:.3f} of its assignments "
+                f"(uniform {uniform:.3f})<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="expert", row=1, col=col)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_yaxes(**{"tickformat": "d", "dtick": 1, "tick0": 0})
+    # white at 1/E: the scale runs 0 .. 2/E symmetric around it, or further up when a cell exceeds that
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or f"Expert load per modality, {component} (white: uniform 1/E = {uniform:.3f})",
+        coloraxis={
+            "colorscale": centred_colorscale(0.0, uniform, top),
+            "cmin": 0,
+            "cmax": top,
+            "colorbar": {"title": "share of the<br>modality's<br>assignments"},
+        },
+        meta={"uniform": uniform, "component": str(component)},
+        height=max(260, 120 + 28 * len(layers)),
     )
     return fig
 
@@ -273,52 +393,134 @@ def coactivation_heatmap(coactivation: pd.DataFrame, *, layer=None, component=No
 def paths_sankey(
     transitions: pd.DataFrame, *, component=None, layers=None, top: int | None = 12, title=None
 ) -> go.Figure:
-    """Cross-layer expert paths as a Sankey: a node per (layer, expert), a link per transition with its
-    token count. Input: `analysis.layer_transitions(trace)`; `layers` selects a range of layers and
-    `top` keeps the most frequent links out of each layer (None: all).
+    """Cross-layer expert paths as a Sankey: a node per (layer, expert) in its layer's column, a link
+    per transition with its token count.
+
+    Input: `analysis.layer_transitions(trace)` (grey links), or `analysis.token_paths(trace, ranks=1)`
+    (first choices; each link split and coloured by the tokens' modality, with a legend). `layers`
+    selects a range of layers; `top` keeps the most frequent links out of each layer (None: all).
+    Nodes sit at x = their layer's column and y = their place in it, ordered by expert, each as tall
+    as its tokens (plotly ignores a node x given without its y).
     """
     rows = transitions
     if component is not None:
         rows, _ = pick(rows, "component", component, "layer_transitions")
+    by_modality = {"pos", "modality", "expert", "layer"} <= set(rows.columns) and "next_layer" not in rows
+    if by_modality:
+        rows = _first_choice_links(rows)
     if layers is not None:
         rows = rows[rows["layer"].isin(list(layers)) & rows["next_layer"].isin(list(layers))]
     if top is not None and len(rows):
-        rows = rows.sort_values("count", ascending=False).groupby("layer", observed=True).head(top)
+        pair = ["layer", "expert", "next_expert"]
+        totals = rows.groupby(pair, observed=True)["count"].sum().reset_index()
+        kept = totals.sort_values("count", ascending=False).groupby("layer", observed=True).head(top)
+        rows = rows.merge(kept[pair], on=pair)
     rows = rows.sort_values(["layer", "expert", "next_expert"])
-    sources = list(zip(rows["layer"].to_numpy(), rows["expert"].to_numpy(), strict=True))
-    targets = list(zip(rows["next_layer"].to_numpy(), rows["next_expert"].to_numpy(), strict=True))
+    sources = list(zip(rows["layer"].to_numpy().tolist(), rows["expert"].to_numpy().tolist(), strict=True))
+    targets = list(
+        zip(rows["next_layer"].to_numpy().tolist(), rows["next_expert"].to_numpy().tolist(), strict=True)
+    )
     nodes = sorted(set(sources) | set(targets))
     index = {node: i for i, node in enumerate(nodes)}
-    depth = max((n[0] for n in nodes), default=0) - min((n[0] for n in nodes), default=0)
-    low = min((n[0] for n in nodes), default=0)
+    x, y = _sankey_positions(nodes, sources, targets, rows["count"].to_numpy(dtype=float))
+    if by_modality:
+        names = as_text(rows["modality"])
+        colors = [_alpha(modality_color(m), 0.55) for m in names]
+    else:
+        colors = ["rgba(120,120,120,0.35)"] * len(rows)
     fig = go.Figure(
         go.Sankey(
-            arrangement="snap",
+            arrangement="fixed",
             node={
                 "label": [f"L{layer} E{expert}" for layer, expert in nodes],
-                "x": [0.01 + 0.98 * (layer - low) / max(depth, 1) for layer, _ in nodes],
+                "x": x,
+                "y": y,
                 "pad": 4,
                 "thickness": 10,
+                "color": "#666",
                 "hovertemplate": "%{label}<br>%{value} tokens<extra></extra>",
             },
             link={
                 "source": [index[s] for s in sources],
                 "target": [index[t] for t in targets],
                 "value": rows["count"].to_numpy(),
-                "customdata": rows["share"].to_numpy(),
-                "hovertemplate": "%{source.label} → %{target.label}<br>%{value} tokens "
-                "(%{customdata:.1%} of the source)<extra></extra>",
+                "color": colors,
+                "customdata": as_text(rows["modality"]) if by_modality else rows["share"].to_numpy(),
+                "hovertemplate": "%{source.label} → %{target.label}<br>%{value} tokens"
+                + (" (%{customdata})" if by_modality else " (%{customdata:.1%} of the source)")
+                + "<extra></extra>",
             },
         )
     )
-    fig.update_layout(template=TEMPLATE, title=title or "Expert paths across layers")
+    if by_modality:  # a legend for the link colours (Sankey traces have none)
+        for modality in [m for m in MODALITIES if m in set(as_text(rows["modality"]))]:
+            fig.add_trace(
+                go.Scatter(
+                    x=[None], y=[None], mode="markers", name=modality,
+                    marker={"size": 10, "symbol": "square", "color": modality_color(modality)},
+                )
+            )  # fmt: skip
+        fig.update_layout(xaxis_visible=False, yaxis_visible=False, legend_title_text="tokens")
+    fig.update_layout(template=TEMPLATE, title=title or "Expert paths across layers (first choices)")
     return fig
 
 
-def agreement_lines(agreement: pd.DataFrame, *, title=None) -> go.Figure:
+def _first_choice_links(paths: pd.DataFrame) -> pd.DataFrame:
+    """token_paths (rank 0) → one row per (layer, expert, next expert, modality) with its token count."""
+    first = paths[paths["rank"] == 0] if "rank" in paths else paths
+    first = first[["pos", "layer", "expert", "modality"]].sort_values(["pos", "layer"])
+    nxt = first.assign(layer=first["layer"] - 1).rename(columns={"expert": "next_expert"})
+    pairs = first.merge(nxt[["pos", "layer", "next_expert"]], on=["pos", "layer"])
+    pairs["next_layer"] = pairs["layer"] + 1
+    pairs["modality"] = as_text(pairs["modality"])
+    return (
+        pairs.groupby(["layer", "next_layer", "expert", "next_expert", "modality"], observed=True)
+        .size()
+        .rename("count")
+        .reset_index()
+    )
+
+
+def _sankey_positions(nodes, sources, targets, counts) -> tuple[list[float], list[float]]:
+    """Node centres: x by layer column, y stacked by expert within the column, each node as tall as its
+    flow (the larger of in and out), so nodes of one layer never overlap."""
+    flow_in, flow_out = {}, {}
+    for s, t, c in zip(sources, targets, counts, strict=True):
+        flow_out[s] = flow_out.get(s, 0.0) + c
+        flow_in[t] = flow_in.get(t, 0.0) + c
+    low = min((n[0] for n in nodes), default=0)
+    depth = max(max((n[0] for n in nodes), default=0) - low, 1)
+    x, y = [], []
+    columns = {}
+    for node in nodes:
+        columns.setdefault(node[0], []).append(node)
+    centre = {}
+    for column in columns.values():
+        sizes = np.array([max(flow_in.get(n, 0.0), flow_out.get(n, 0.0)) for n in column])
+        share = sizes / max(sizes.sum(), 1e-9)
+        gap = 0.02 if len(column) > 1 else 0.0
+        usable = 0.98 - gap * (len(column) - 1)
+        top = 0.01
+        for node, part in zip(column, share, strict=True):
+            centre[node] = top + usable * part / 2
+            top += usable * part + gap
+    for node in nodes:
+        x.append(0.01 + 0.98 * (node[0] - low) / depth)
+        y.append(float(min(max(centre[node], 0.001), 0.999)))
+    return x, y
+
+
+def _alpha(color: str, alpha: float) -> str:
+    color = color.lstrip("#")
+    r, g, b = (int(color[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def agreement_lines(agreement: pd.DataFrame, *, ablated_layer=None, title=None) -> go.Figure:
     """Routing agreement per layer between two runs (one line per measure, the random baseline dashed).
 
-    Input: `analysis.routing_agreement(a, b)` (by="layer").
+    Input: `analysis.routing_agreement(a, b)` (by="layer"). `ablated_layer` draws a vertical band
+    at the layer that was intervened on (layout shape named "ablated").
     """
     fig = go.Figure()
     for component, rows in agreement.groupby("component", observed=True, sort=True):
@@ -350,6 +552,13 @@ def agreement_lines(agreement: pd.DataFrame, *, title=None) -> go.Figure:
         yaxis_title="|S_a ∩ S_b| / k",
         yaxis_range=[0, 1.02],
     )
+    integer_ticks(fig, "xaxis")
+    if ablated_layer is not None:
+        fig.add_vrect(
+            x0=float(ablated_layer) - 0.3, x1=float(ablated_layer) + 0.3, fillcolor="#E45756", opacity=0.15,
+            line_width=0, name="ablated", annotation_text=f"ablated layer {int(ablated_layer)}",
+            annotation_position="top left",
+        )  # fmt: skip
     return fig
 
 
