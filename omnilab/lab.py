@@ -357,10 +357,21 @@ class OmniLab:
         ablate= / force= / replay= (routing), positions= (a TM-RoPE transform), set= / add= ({site:
         tensor}: patch or steer a site's output; at= prompt positions, modality= a modality's tokens);
         see omnilab.instrument.interventions and omnilab.instrument.patch. Contexts nest.
+        edit= ({site: fn(values, rows)}: a function of the site's values) and heads (attn.L.z) and
+        experts (expert.L.E) as sites: omnilab.instrument.edits and omnilab.instrument.units.
         """
         from .instrument.interventions import Intervention
 
         return Intervention(self, **spec)
+
+    def gradients(self, conversation, metric, *, sites="resid.*", answer=None, use_audio_in_video=False):
+        """A metric's gradient at thinker sites from one forward (graph kept) and one backward: a
+        Gradients (metric, activations, grads; see omnilab.instrument.grad)."""
+        from .instrument.grad import gradients
+
+        return gradients(
+            self, conversation, metric, sites=sites, answer=answer, use_audio_in_video=use_audio_in_video
+        )
 
     def sites(self):
         """The registry of named hook sites of this model (a DataFrame)."""

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import InterventionError
 from .context import ForwardTracker
+from .edits import Edits
 from .patch import apply_patch, build_patches, check_positions, resolve_prompt_positions
 from .record.tokens import special_tokens
 from .sites import find_sites, rotary
@@ -44,12 +45,15 @@ class Intervention:
         replay=None,
         set: dict | None = None,  # noqa: A002  (the word a researcher types: lab.intervene(set=...))
         add: dict | None = None,
+        edit: dict | None = None,
         at=None,
     ):
-        if at is not None and set is None and add is None:
-            raise InterventionError("at= chooses where set=/add= apply; give set= or add= with it")
-        if not any(x is not None for x in (ablate, force, positions, replay, set, add)):
-            raise InterventionError("nothing to do: give ablate=, force=, positions=, replay=, set= or add=")
+        if at is not None and set is None and add is None and edit is None:
+            raise InterventionError("at= chooses where set=/add=/edit= apply; give set=, add= or edit= with it")
+        if not any(x is not None for x in (ablate, force, positions, replay, set, add, edit)):
+            raise InterventionError(
+                "nothing to do: give ablate=, force=, positions=, replay=, set=, add= or edit="
+            )
         if modality is not None and modality not in MODALITIES:
             raise InterventionError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
         if isinstance(positions, str) and positions != "temporal_only":
@@ -68,9 +72,11 @@ class Intervention:
         self.force = self._check(force or {}, "force")
         self.replay = self._replay_table(replay) if replay is not None else {}
         self.at = check_positions(at)
-        self.patches = build_patches(self.model, set, add, self.at)
-        self._prompt: dict[str, int] = {}  # component -> its prompt length, noted at its prefill
         self._tracker = ForwardTracker(self.model)
+        # edit= (functions), and set=/add= at head and expert sites (attn.L.z, expert.L.E): edits.py
+        self.edits = Edits(self, set=set, add=add, edit=edit)
+        self.patches = build_patches(self.model, self.edits.set_rest, self.edits.add_rest, self.at)
+        self._prompt: dict[str, int] = {}  # component -> its prompt length, noted at its prefill
         self._handles: list = []
 
     def _check(self, spec: dict, what: str) -> dict:
@@ -137,6 +143,7 @@ class Intervention:
                 self._handles.append(
                     self._routers[key].register_forward_hook(self._router_hook(*key), prepend=True)
                 )
+            self._handles += self.edits.install()  # before the patches: at one site set/add run first
             for patch in self.patches:
                 self._handles.append(
                     patch.site.module.register_forward_hook(self._patch_hook(patch), prepend=True)

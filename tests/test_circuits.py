@@ -1,0 +1,302 @@
+"""The circuit toolkit on the tiny model: edit= functions, gradients, heads and experts as sites,
+attribution patching and head scores.
+
+Equalities are bit-exact where the same operations see the same inputs; each hand-written hook
+below is the reference the library's site must equal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import omnilab
+from omnilab.instrument.grad import logit_difference
+from omnilab.instrument.units import capture, expert_ablation, expert_output, head_ablation, unit_means
+
+A = "Hello there, how are you today?"
+B = "Name three big rivers of Europe now."  # the same token count as A
+WIDTH, HEADS, HEAD_DIM = 64, 4, 16  # the tiny thinker's
+
+
+def _layer(lab, layer):
+    return lab.thinker.model.language_model.layers[layer]
+
+
+# -- edits as functions ---------------------------------------------------------------------------
+def test_an_identity_edit_is_bit_identical_to_no_edit(tiny):
+    base = tiny.forward(A)
+    run = {"max_new_tokens": 3, "return_audio": False}
+    reply = tiny.generate(A, **run)
+    with tiny.intervene(edit={"resid.3": lambda v, rows: v, "attn.1": lambda v, rows: v.clone()}):
+        assert torch.equal(tiny.forward(A), base)
+        assert tiny.generate(A, **run).token_ids == reply.token_ids
+
+
+def test_an_edit_that_adds_a_vector_equals_add_bit_for_bit(tiny):
+    vec = torch.linspace(-2, 2, WIDTH)
+    with tiny.intervene(add={"resid.2": vec}):
+        added = tiny.forward(A)
+    with tiny.intervene(edit={"resid.2": lambda v, rows: v + vec}):
+        edited = tiny.forward(A)
+    assert torch.equal(added, edited)
+    assert not torch.equal(added, tiny.forward(A))
+
+
+def test_an_edit_sees_its_rows_and_only_those_at_and_modality_choose(tiny, all_media_conversation):
+    seen = []
+
+    def look(values, rows):
+        seen.append((values.shape, rows.copy()))
+        return values
+
+    length = tiny.prepare(A)["input_ids"].shape[1]
+    with tiny.intervene(edit={"resid.1": look}, at=[2, -1]):
+        tiny.generate(A, max_new_tokens=3, return_audio=False)
+    assert len(seen) == 1  # at= names prompt positions: decode steps are left alone
+    shape, rows = seen[0]
+    assert shape == (2, WIDTH) and rows["pos"].tolist() == [2, length - 1]
+    assert list(rows.columns[:6]) == ["component", "phase", "step", "pos", "modality", "batch"]
+
+    seen.clear()
+    with tiny.intervene(edit={"resid.0": look}):
+        tiny.generate(A, max_new_tokens=3, return_audio=False)
+    assert [r["phase"].iloc[0] for _, r in seen] == ["prefill", "decode", "decode"]
+    assert [int(r["pos"].iloc[0]) for _, r in seen[1:]] == [length, length + 1]
+
+    seen.clear()
+    ids = tiny.prepare(all_media_conversation)["input_ids"][0]
+    with tiny.intervene(edit={"resid.0": look}, modality="image"):
+        tiny.forward(all_media_conversation)
+    ((shape, rows),) = seen
+    assert shape[0] == int((ids == tiny.thinker.config.image_token_id).sum())
+    assert set(rows["modality"]) == {"image"}
+
+
+def test_an_edit_runs_after_set_at_the_same_site_and_its_result_is_what_follows(tiny):
+    v = torch.linspace(0, 1, WIDTH)
+    got = []
+
+    def double(values, rows):
+        got.append(values.clone())
+        return values * 2
+
+    seen = []
+    handle = _layer(tiny, 1).register_forward_hook(
+        lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)
+    )
+    try:
+        with tiny.intervene(set={"resid.1": v}, edit={"resid.1": double}):
+            tiny.forward(A)
+    finally:
+        handle.remove()
+    assert torch.equal(got[0], v.expand_as(got[0]))  # the edit saw the set values
+    assert torch.equal(seen[0][0], (2 * v).expand_as(seen[0][0]))  # and the model went on with its result
+
+
+def test_edits_reach_the_talker_and_code_predictor_in_generate_and_stream(tiny):
+    calls = {"talker.resid.0": [], "code_predictor.resid.0": []}
+
+    def note(key):
+        def fn(values, rows):
+            calls[key].append(rows[["component", "phase", "step"]].iloc[0].tolist())
+            return values
+
+        return fn
+
+    run = {"max_new_tokens": 3, "max_speech_frames": 2}
+    base = tiny.generate(A, **run)
+    with tiny.intervene(edit={k: note(k) for k in calls}):
+        same = tiny.generate(A, **run)
+    assert np.array_equal(same.codes, base.codes)
+    assert (
+        calls["talker.resid.0"][0] == ["talker", "prefill", 0] and calls["talker.resid.0"][1][1] == "decode"
+    )
+    assert {c[0] for c in calls["code_predictor.resid.0"]} == {"code_predictor"}
+    with tiny.intervene(edit={"talker.resid.0": lambda v, rows: v + 50.0}):
+        steered = tiny.generate(A, **run)
+    assert not np.array_equal(steered.codes, base.codes)
+    n = len(calls["talker.resid.0"])
+    with tiny.intervene(edit={k: note(k) for k in calls}):
+        events = list(tiny.stream(A, **run))
+    assert events[-1].kind == "done"
+    assert len(calls["talker.resid.0"]) > n  # the stream's talker steps ran the edit too
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [
+        (lambda v, rows: v[:1], r"edit\['resid.1'\] returned shape \(1, 64\).*same shape"),
+        (lambda v, rows: v.double(), r"returned dtype torch.float64.*\.to\(values.dtype\)"),
+        (lambda v, rows: v.to("meta"), r"on meta.*\.to\(values.device\)"),
+        (lambda v, rows: None, r"returned NoneType, not a tensor"),
+    ],
+)
+def test_a_wrong_edit_result_is_refused_by_name(tiny, fn, match):
+    with tiny.intervene(edit={"resid.1": fn}):
+        with pytest.raises(omnilab.InterventionError, match=match):
+            tiny.forward(A)
+
+
+def test_bad_edit_specs_are_refused(tiny):
+    with pytest.raises(omnilab.InterventionError, match="give a function fn"):
+        tiny.intervene(edit={"resid.1": 3.0})
+    with pytest.raises(omnilab.InterventionError, match="router site.*ablate=/force="):
+        tiny.intervene(edit={"router.1": lambda v, rows: v})
+    with pytest.raises(omnilab.InterventionError, match="head 9 is out of range"):
+        tiny.intervene(edit={"attn.1.z.9": lambda v, rows: v})
+
+
+# -- gradients --------------------------------------------------------------------------------------
+def test_the_gradient_at_resid_equals_autograd_through_a_hand_written_hook(tiny):
+    metric = logit_difference(tiny, " the", " a")
+    result = tiny.gradients(A, metric, sites=["resid.2", "attn.1.z"])
+    kept = {}
+    handle = _layer(tiny, 2).register_forward_hook(
+        lambda m, a, o: kept.__setitem__("x", o[0] if isinstance(o, tuple) else o)
+    )
+    try:
+        with torch.enable_grad():
+            value = metric(tiny.thinker(**tiny.prepare(A)).logits[0])
+            (grad,) = torch.autograd.grad(value, [kept["x"]])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(result.grads["resid.2"].values, grad[0].float(), atol=1e-6, rtol=0)
+    assert abs(result.metric - float(value.detach())) < 1e-6
+    assert grad.abs().max() > 0
+    assert result.grads["attn.1.z"].values.shape == (len(result.input_ids), HEADS, HEAD_DIM)
+    assert result.grads["resid.2"].rows["pos"].tolist() == list(range(len(result.input_ids)))
+
+
+def test_the_answer_loss_is_the_answers_cross_entropy(tiny):
+    result = tiny.gradients(A, "answer_loss", answer=" I am fine", sites="resid.0")
+    answer = tiny.processor.tokenizer.encode(" I am fine", add_special_tokens=False)
+    ids = torch.cat([tiny.prepare(A)["input_ids"][0], torch.tensor(answer)])
+    assert torch.equal(result.input_ids, ids)
+    with torch.inference_mode():
+        logits = tiny.thinker(input_ids=ids[None]).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[-len(answer) - 1 : -1], torch.tensor(answer))
+    assert abs(result.metric - float(expected)) < 1e-5
+    with pytest.raises(omnilab.InterventionError, match="needs answer="):
+        tiny.gradients(A, "answer_loss")
+
+
+# -- heads ------------------------------------------------------------------------------------------
+def test_head_zeroing_equals_a_hand_written_hook_before_o_proj_bit_for_bit(tiny):
+    def zero_head(module, args):
+        x = args[0].clone()
+        x.view(*x.shape[:2], HEADS, HEAD_DIM)[:, :, 2] = 0
+        return (x,)
+
+    handle = _layer(tiny, 1).self_attn.o_proj.register_forward_pre_hook(zero_head)
+    try:
+        expected = tiny.forward(A)
+    finally:
+        handle.remove()
+    with tiny.intervene(set=head_ablation(tiny, {1: [2]})):
+        ablated = tiny.forward(A)
+    with tiny.intervene(edit={"attn.1.z": lambda v, rows: v * torch.tensor([1.0, 1, 0, 1])[:, None]}):
+        edited = tiny.forward(A)
+    assert torch.equal(ablated, expected) and torch.equal(edited, expected)
+    assert not torch.equal(expected, tiny.forward(A))
+
+
+def test_per_head_patching_carries_a_runs_heads_into_another(tiny):
+    z_a = capture(tiny, A, ["attn.1.z", "attn.1.z.3"])
+    assert z_a["attn.1.z"].values.shape[1:] == (HEADS, HEAD_DIM)
+    assert torch.equal(z_a["attn.1.z.3"].values, z_a["attn.1.z"].values[:, 3])
+    with tiny.intervene(set={"attn.1.z": z_a["attn.1.z"].values}):
+        patched = tiny.forward(B)  # every head of layer 1 from A: B's later layers see A's attention there
+    with tiny.intervene(set={"attn.1": _attn_output(tiny, A)}):
+        expected = tiny.forward(B)
+    assert torch.equal(patched, expected)
+    means = unit_means(tiny, [A, B], ["attn.1.z"])
+    with tiny.intervene(set=head_ablation(tiny, {1: [0, 3]}, means=means)):
+        seen = capture(tiny, A, ["attn.1.z"])["attn.1.z"].values
+    assert torch.equal(seen[:, 0], means["attn.1.z"][0].expand_as(seen[:, 0]))
+    assert torch.equal(seen[:, 1], z_a["attn.1.z"].values[:, 1])
+
+
+def _attn_output(lab, conversation):
+    seen = []
+    handle = _layer(lab, 1).self_attn.register_forward_hook(lambda m, a, o: seen.append(o[0].clone()))
+    try:
+        lab.forward(conversation)
+    finally:
+        handle.remove()
+    return seen[0][0]
+
+
+# -- experts ----------------------------------------------------------------------------------------
+def _routed(lab, conversation, layer, expert):
+    seen = {}
+    experts = _layer(lab, layer).mlp.experts
+    handle = experts.register_forward_pre_hook(lambda m, a: seen.setdefault("args", a))
+    try:
+        lab.forward(conversation)
+    finally:
+        handle.remove()
+    return seen["args"]
+
+
+def test_expert_zeroing_equals_a_hand_written_hook_on_the_fused_expert_output(tiny):
+    layer, expert = 1, 3
+    hidden, index, weights = _routed(tiny, A, layer, expert)
+    assert (index == expert).any()  # some token is routed to it
+
+    def zero_weight(module, args):  # the expert's term of the fused weighted sum, removed
+        h, i, w = args
+        return h, i, torch.where(i == expert, torch.zeros_like(w), w)
+
+    def subtract(module, args, output):  # the same, taken off the fused output by hand
+        h, i, w = args
+        token, rank = torch.where(i == expert)
+        term = expert_output(module, h[token], expert) * w[token, rank][:, None]
+        return output.index_add(0, token, -term)
+
+    experts = _layer(tiny, layer).mlp.experts
+    outputs = {}
+    for name, kind, hook in (("weight", "pre", zero_weight), ("subtract", "post", subtract)):
+        handle = (experts.register_forward_pre_hook if kind == "pre" else experts.register_forward_hook)(hook)
+        try:
+            outputs[name] = tiny.forward(A)
+        finally:
+            handle.remove()
+    with tiny.intervene(set=expert_ablation(tiny, {layer: [expert]})):
+        zeroed = tiny.forward(A)
+    assert torch.equal(zeroed, outputs["weight"])
+    torch.testing.assert_close(zeroed, outputs["subtract"], atol=1e-5, rtol=0)
+    assert not torch.equal(zeroed, tiny.forward(A))
+
+
+def test_an_experts_rows_are_its_routed_tokens_and_an_identity_edit_changes_nothing(tiny):
+    layer, expert = 1, 3
+    hidden, index, weights = _routed(tiny, A, layer, expert)
+    token, rank = torch.where(index == expert)
+    base = tiny.forward(A)
+    acts = capture(tiny, A, [f"expert.{layer}.{expert}"])[f"expert.{layer}.{expert}"]
+    assert acts.rows["pos"].tolist() == token.tolist()
+    assert acts.rows["rank"].tolist() == rank.tolist()
+    np.testing.assert_allclose(acts.rows["weight"], weights[token, rank].numpy(), rtol=1e-6)
+    assert torch.equal(acts.values, expert_output(_layer(tiny, layer).mlp.experts, hidden[token], expert))
+    assert torch.equal(tiny.forward(A), base)  # capture (an identity edit) left the model alone
+    means = unit_means(tiny, [A], [f"expert.{layer}.{expert}"])
+    with tiny.intervene(set=expert_ablation(tiny, {layer: [expert]}, means=means)):
+        mean_ablated = tiny.forward(A)
+    assert not torch.equal(mean_ablated, base)
+
+
+def test_the_talkers_experts_are_sites_too(tiny):
+    run = {"max_new_tokens": 3, "max_speech_frames": 3}
+    base = tiny.generate(A, **run)
+    routed = []
+    with tiny.intervene(edit={"talker.expert.0.1": lambda v, rows: (routed.append(rows), v)[1]}):
+        same = tiny.generate(A, **run)
+    assert np.array_equal(same.codes, base.codes)
+    rows = pd.concat(routed)
+    assert set(rows["component"]) == {"talker"} and {"prefill", "decode"} & set(rows["phase"])
+    with tiny.intervene(set={f"talker.expert.0.{e}": torch.full((WIDTH,), 30.0) for e in range(16)}):
+        changed = tiny.generate(A, **run)
+    assert not np.array_equal(changed.codes, base.codes)
