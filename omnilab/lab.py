@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +13,9 @@ import torch
 from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
 
 from . import conversation as conv
+from .conversation import VIDEO_FPS  # noqa: F401  (re-exported)
 from .errors import ConversationError
+from .generation import last_logits_only, quiet_talker_penalty_notice, thinker_only_kwargs
 from .models.loading import Loaded, load_model
 from .models.loading import save as save_checkpoint
 from .options import GenerationOptions, options_from, with_option_keywords
@@ -23,24 +24,6 @@ from .reply import SAMPLE_RATE, SAMPLES_PER_FRAME, Reply  # noqa: F401  (re-expo
 log = logging.getLogger(__name__)
 
 
-def quiet_talker_penalty_notice() -> None:
-    """Filter transformers' warning that the talker's repetition penalty skips its prompt.
-
-    Upstream's talker penalizes repeated codes among the generated ones only, on purpose (it passes
-    the prompt as embeddings "to prevent repetition penalty out of bound"), and transformers warns
-    about exactly that on every spoken turn. Settling it would change the speech (penalty 1.0), so
-    this one message is filtered where the talker is started; a filter rather than
-    `warnings.catch_warnings`, which is not thread-safe (adding it again only moves it to the front).
-    """
-    warnings.filterwarnings(
-        "ignore",
-        message=r"Passing `repetition_penalty` with `inputs_embeds` and without `input_ids`",
-        category=UserWarning,
-        module=r"transformers\.generation\.utils",
-    )
-
-
-VIDEO_FPS = 2.0  # frames sampled per second of video, as in Qwen's cookbooks
 PRESET_SPEECH_FRAMES = 48  # random-weight talkers never emit EOS: cap their speech (3.84 s)
 DEFAULT_SYSTEM = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -50,24 +33,6 @@ RANDOM_WEIGHTS_NOTE = (
     "random-weight model of the real Qwen3-Omni architecture: its text and speech are noise; "
     "load real weights with omnilab.load('Qwen/Qwen3-Omni-30B-A3B-Instruct')"
 )
-
-
-@contextlib.contextmanager
-def last_logits_only(thinker) -> Iterator[None]:
-    """While open, the thinker's head computes logits for the last position only ([1, 1, vocab]).
-
-    Generation reads only the last row, but the thinker's forward has no `logits_to_keep`: at prefill
-    its head makes [L, 151,936] float32 logits (6 GB at 10k tokens) to use one row of them.
-    """
-    head = getattr(thinker, "lm_head", None)  # the talker's head is codec_head: left alone
-    if head is None:
-        yield
-        return
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class EmptyReply(Exception):
@@ -99,7 +64,7 @@ class OmniLab:
         self.processor = loaded.processor
         self.model_id = loaded.model_id
         self.random_weights = loaded.random_weights
-        self._video_size = loaded.video_size
+        self.video_size = loaded.video_size  # the processor's video frame size (None: its own)
 
     def __repr__(self) -> str:
         note = " (random weights)" if self.random_weights else ""
@@ -142,36 +107,14 @@ class OmniLab:
         return self._prepare(conversation, use_audio_in_video, add_generation_prompt)[0]
 
     def _prepare(self, conversation, use_audio_in_video: bool, add_generation_prompt: bool = True):
-        gathered = conv.gather(conversation, use_audio_in_video=use_audio_in_video, video_fps=VIDEO_FPS)
-        rates = sorted({video.fps for video in gathered.videos})
-        if len(rates) > 1:  # the processor takes one rate for all videos: sample them all at the lowest
-            gathered = conv.gather(conversation, use_audio_in_video=use_audio_in_video, video_fps=rates[0])
-        # a video slower than VIDEO_FPS is sampled at its own rate; the processor must know it, or its
-        # TM-RoPE times (temporal_patch_size / fps seconds a grid) come out too short
-        fps = min(rates, default=VIDEO_FPS)
-        text = self.processor.apply_chat_template(
-            gathered.messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        return conv.prepare_inputs(
+            self.processor,
+            conversation,
+            use_audio_in_video=use_audio_in_video,
+            add_generation_prompt=add_generation_prompt,
+            video_size=self.video_size,
+            device=self.device,
         )
-        kwargs: dict = {"return_tensors": "pt", "padding": True}
-        if gathered.images:
-            kwargs["images"] = gathered.images
-        if gathered.videos:
-            kwargs["videos"] = [v.frames for v in gathered.videos]
-            # cap_pixels_per_frame=True: qwen-vl-utils' per-frame share of a whole-video pixel budget,
-            # the reference preprocessing Qwen trained with and transformers' coming default (a long or
-            # densely sampled video costs what it costs there; short videos' token counts are unchanged).
-            # Passing it also settles the processor's notice that it is unset.
-            videos_kwargs = {"fps": fps, "do_sample_frames": False, "cap_pixels_per_frame": True}
-            if self._video_size is not None:
-                videos_kwargs["size"] = self._video_size
-            kwargs["videos_kwargs"] = videos_kwargs
-        if gathered.audio:
-            kwargs["audio"] = gathered.audio
-        if use_audio_in_video and gathered.videos:
-            kwargs["load_audio_from_video"] = True
-            kwargs["audio_from_video_indices"] = gathered.audio_from_video
-        inputs = self.processor(text=text, **kwargs)
-        return inputs.to(self.device), gathered
 
     def forward(
         self, conversation, *, use_audio_in_video: bool = False, add_generation_prompt: bool = True
@@ -261,13 +204,7 @@ class OmniLab:
                 result = (
                     self.model.generate(**kwargs)
                     if hasattr(self.model, "thinker")
-                    else self.model.generate(
-                        **{
-                            k: v
-                            for k, v in kwargs.items()
-                            if not k.startswith(("talker_", "return_audio", "speaker"))
-                        }
-                    )
+                    else self.model.generate(**thinker_only_kwargs(kwargs))
                 )
             except EmptyReply as empty:
                 result = (empty.sequences, torch.zeros(0))

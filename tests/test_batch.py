@@ -349,3 +349,29 @@ def test_batched_activations_equal_batch_one_activations(tiny, tmp_path):
         )  # every prompt position, no padding
         # float16 storage; batched expert matmuls round differently: a few float16 ulps at most
         np.testing.assert_array_less(np.abs(a - b), 4 * np.spacing(np.abs(b).astype(np.float16)) + 1e-3)
+
+
+def test_every_trace_in_the_store_names_its_samples_media_and_audio_in_video_as_lab_forward_does(mixed, tiny):
+    """Batched and batch-1 collection alike: each sample's meta carries its media items and its own
+    use_audio_in_video (batched rows once all said items=[] and False; batch 1 never began the tracer)."""
+    manifest, alone, batched, _, _ = mixed
+    samples = read_manifest(manifest)
+    metas = {
+        store: {r.sample_id: json.loads(r.meta) for r in read_table(store, "samples").itertuples()}
+        for store in (alone, batched)
+    }
+    for sample in samples:
+        counts = sample.media_counts()
+        for store in (alone, batched):
+            meta = metas[store][sample.sample_id]
+            assert meta["use_audio_in_video"] is sample.use_audio_in_video, (store.name, sample.sample_id)
+            kinds = [item["modality"] for item in meta["items"]]
+            assert {m: kinds.count(m) for m in ("audio", "image", "video")} == counts, (
+                store.name,
+                sample.sample_id,
+            )
+        assert metas[batched][sample.sample_id] == metas[alone][sample.sample_id]
+    everything = next(s for s in samples if s.sample_id == "all-media-audio-in-video")
+    with tiny.trace(capture=("routing", "positions", "codes")) as tracer:
+        tiny.forward(everything.resolved(), use_audio_in_video=True)
+    assert metas[batched][everything.sample_id]["items"] == tracer.trace.meta["items"]

@@ -144,6 +144,21 @@ def test_checkpoint_without_talker_refuses_speech(tiny, tmp_path):
     assert thinker_only.generate("Hi", max_new_tokens=2).audio is None
 
 
+def test_a_thinker_only_model_generates_what_the_full_models_thinker_generates(tiny):
+    """A thinker-only model's generate is the plain one: it takes the options unprefixed (it once got
+    thinker_max_new_tokens and refused it as an unused model kwarg)."""
+    from omnilab.lab import OmniLab
+    from omnilab.models.loading import Loaded
+
+    thinker_only = OmniLab(
+        Loaded(tiny.model.thinker, tiny.processor, "omnilab/thinker", True, tiny.video_size)
+    )
+    assert not hasattr(thinker_only.model, "thinker") and not thinker_only.has_talker
+    reply = thinker_only.generate("Hi", max_new_tokens=3)
+    assert reply.audio is None and len(reply.token_ids) == 3
+    assert reply.token_ids == tiny.generate("Hi", max_new_tokens=3, return_audio=False).token_ids
+
+
 def test_offline_hub_id_not_cached_gets_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 
+from ..conversation import batch_inputs
 from . import world
 
 log = logging.getLogger(__name__)
@@ -115,47 +116,15 @@ def collate(samples: list[Sample]) -> tuple[dict, torch.Tensor, torch.Tensor, to
     `positions` are the positions whose next-token prediction is scored (each answer token and
     <|im_end|>), `targets` the tokens they must predict.
     """
-    length = max(s.inputs["input_ids"].shape[1] for s in samples)
-    ids = torch.full((len(samples), length), PAD, dtype=torch.long)
-    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    batch = batch_inputs([s.inputs for s in samples], PAD)  # the store's padded batch
     rows, positions, targets = [], [], []
     for b, s in enumerate(samples):
-        n = s.inputs["input_ids"].shape[1]
-        ids[b, :n] = s.inputs["input_ids"][0]
-        mask[b, :n] = 1
         seq = s.inputs["input_ids"][0]
         end = int((seq[s.answer_start :] == IM_END).nonzero()[0]) + s.answer_start
         for p in range(s.answer_start, end + 1):
             rows.append(b)
             positions.append(p - 1)
             targets.append(int(seq[p]))
-    batch = {"input_ids": ids, "attention_mask": mask}
-    for key in (
-        "pixel_values",
-        "image_grid_thw",
-        "pixel_values_videos",
-        "video_grid_thw",
-        "video_second_per_grid",
-    ):
-        if key in samples[0].inputs:
-            batch[key] = torch.cat([s.inputs[key] for s in samples])
-    if "input_features" in samples[0].inputs:
-        frames = max(s.inputs["input_features"].shape[-1] for s in samples)
-        batch["input_features"] = torch.cat(
-            [
-                F.pad(s.inputs["input_features"], (0, frames - s.inputs["input_features"].shape[-1]))
-                for s in samples
-            ]
-        )
-        batch["feature_attention_mask"] = torch.cat(
-            [
-                F.pad(
-                    s.inputs["feature_attention_mask"],
-                    (0, frames - s.inputs["feature_attention_mask"].shape[-1]),
-                )
-                for s in samples
-            ]
-        )
     return batch, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets)
 
 

@@ -12,9 +12,10 @@ The layout on disk is described in `omnilab.store.layout`; manifests in `omnilab
 from __future__ import annotations
 
 from .activations import activations
-from .collect import collect, run_sample
+from .collect import collect
 from .layout import TABLES
 from .manifest import Sample, read_manifest
+from .sample import run_sample
 from .sql import expert_load_sql, load_trace, open_store, query, read_source, read_table, verify_store
 
 __all__ = [

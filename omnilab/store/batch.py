@@ -36,9 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..conversation import batch_inputs
+from ..generation import last_logits_only
 from ..instrument.budget import MEMORY_BUDGET_BYTES, estimate_capture_bytes
-from .collect import SampleResult, failed, finished, prepare_sample, run_sample
 from .manifest import Sample
+from .sample import SampleResult, failed, finished, prepare_sample, run_sample
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,14 @@ FORWARD_COPIES = 12  # hidden-size float32 vectors a token holds at the peak of 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A sample, its model inputs and prompt length, and the seconds preparing it took."""
+    """A sample, its model inputs and prompt length, the seconds preparing it took, and its media
+    items (what a trace's meta names)."""
 
     sample: Sample
     inputs: dict
     length: int
     seconds: float
+    items: tuple = ()
 
 
 # Site patterns whose rows a batch splits: the thinker's text-model sites, keyed by prompt position
@@ -103,12 +107,13 @@ def run_batches(
         for sample in samples[first : first + window]:
             start = time.perf_counter()
             try:
-                inputs = prepare_sample(lab, sample, generate=0, max_tokens=max_tokens)
+                inputs, gathered = prepare_sample(lab, sample, generate=0, max_tokens=max_tokens)
             except Exception as exc:  # a bad sample must not stop the run: record why and go on
                 errors.append(failed(sample, exc, time.perf_counter() - start))
                 continue
             length = int(inputs["input_ids"].shape[1])
-            prepared.append(Prepared(sample, inputs, length, time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            prepared.append(Prepared(sample, inputs, length, seconds, tuple(gathered.items)))
         if errors:
             yield errors
         fits = _fits(lab, capture, memory_budget)
@@ -166,35 +171,6 @@ def _fits(lab, capture, budget: int):
     return fits
 
 
-def batch_inputs(inputs: list[dict], pad_id: int) -> dict:
-    """Prepared inputs of several samples as one batch: ids and masks right padded to the longest,
-    audio features padded to the longest and stacked with their masks, image and video patches,
-    grids and seconds per grid concatenated in row order."""
-    length = max(int(x["input_ids"].shape[1]) for x in inputs)
-    first = inputs[0]["input_ids"]
-    ids = torch.full((len(inputs), length), pad_id, dtype=first.dtype, device=first.device)
-    mask = torch.zeros((len(inputs), length), dtype=inputs[0]["attention_mask"].dtype, device=first.device)
-    for row, x in enumerate(inputs):
-        n = int(x["input_ids"].shape[1])
-        ids[row, :n] = x["input_ids"][0]
-        mask[row, :n] = x["attention_mask"][0]
-    out = {"input_ids": ids, "attention_mask": mask}
-    audio = [x for x in inputs if x.get("input_features") is not None]
-    if audio:
-        frames = max(int(x["input_features"].shape[-1]) for x in audio)
-        for key in ("input_features", "feature_attention_mask"):  # zeros past each item's own frames
-            out[key] = torch.cat([_pad_to(x[key], frames) for x in audio])
-    known = {"input_ids", "attention_mask", "input_features", "feature_attention_mask"}
-    for key in dict.fromkeys(k for x in inputs for k in x.keys() if k not in known):
-        parts = [x[key] for x in inputs if x.get(key) is not None]
-        out[key] = torch.cat(parts)
-    return out
-
-
-def _pad_to(tensor: torch.Tensor, frames: int) -> torch.Tensor:
-    return torch.nn.functional.pad(tensor, (0, frames - int(tensor.shape[-1])))
-
-
 def _run(lab, batch: list[Prepared], run: dict) -> list[SampleResult]:
     """One batch's forward and each sample's rows; split on failure (see the module docstring)."""
     if len(batch) == 1:
@@ -228,7 +204,6 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     """One traced forward of the thinker over `batch`; each row's trace cut to its own prompt."""
     from ..instrument.record import ActivationsRecorder, Recording, Turn, resolve_requests
     from ..instrument.tracer import capture_spec, recorders_for, split_capture, trace_meta
-    from ..lab import last_logits_only
     from ..reply import SAMPLE_RATE
     from ..trace import Trace
 
@@ -245,15 +220,15 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
         recording = Recording(lab.model, recorders)
         with recording, last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
-        # What a batch-1 trace of a prefill carries (see run_sample): no reply, no prompt items.
-        meta = trace_meta(lab, capture=capture, text="", items=[], use_audio_in_video=False)
         tokenizer = lab.processor.tokenizer
         for row, p in enumerate(batch):
+            # What a batch-1 trace of the same prefill carries (run_sample): its items and flag.
+            meta = trace_meta(lab, capture=capture, text="", items=list(p.items), use_audio_in_video=flag)
             turn = Turn(tokenizer, prompt_length=p.length, batch_row=row)
             tables = recording.tables(turn)
             acts = _activations(recording, turn, tables.get("tokens"))
             traces[row] = Trace.build(
-                audio=None, sample_rate=SAMPLE_RATE, meta=dict(meta), activations=acts, **tables
+                audio=None, sample_rate=SAMPLE_RATE, meta=meta, activations=acts, **tables
             )
     else:
         with last_logits_only(lab.thinker), torch.inference_mode():

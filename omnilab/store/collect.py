@@ -1,7 +1,7 @@
 """Collect: run the instruments over every sample of a manifest into a trace store, resumably.
 
-One file on purpose (~560 lines): the local and Ray engines share the sample runner, the shard
-buffer and the exactly-once bookkeeping, and the resume rules read best beside both.
+The local and Ray engines share the shard buffer and the exactly-once bookkeeping, and the resume
+rules read best beside both; what runs one sample is `sample`, what runs a batch is `batch`.
 
     summary = collect("data/manifest.jsonl", "runs/demo", model="tiny")
 
@@ -29,47 +29,29 @@ group, or `ray stop --force`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from ..errors import ConversationError, OmnilabError, TraceError
 from ..instrument.budget import MEMORY_BUDGET_BYTES
 from ..options import GenerationOptions, options_from
-from ..trace import TABLES as TRACE_TABLES
-from ..trace import to_arrow, token_modality
 from . import layout
-from .activations import check_sites, sample_activations, shard_activations
+from .activations import check_sites, shard_activations
+from .batch import run_batches, task_size
 from .manifest import Sample, read_manifest
+from .sample import DEFAULT_CAPTURE, SampleResult, run_sample, trace_tables  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CAPTURE = ("routing", "positions", "codes")
 _SITE_PATTERN = re.compile(r"^[A-Za-z_][\w.*?\[\]:-]*$")
 ENGINES = ("local", "ray")
-
-
-@dataclass
-class SampleResult:
-    """What one sample gave: rows for each store table (with `sample_id`), or one `errors` row."""
-
-    sample_id: str
-    ok: bool
-    tokens: int
-    seconds: float
-    tables: dict[str, pa.Table] = field(default_factory=dict)
-    activations: dict = field(
-        default_factory=dict
-    )  # site key -> (index table, values), see store.activations
 
 
 def collect(
@@ -190,124 +172,6 @@ def collect(
     return summary
 
 
-def run_sample(
-    lab,
-    sample: Sample,
-    *,
-    capture=DEFAULT_CAPTURE,
-    generate: int = 0,
-    max_tokens: int | None = None,
-    options: GenerationOptions | None = None,
-) -> SampleResult:
-    """Run one sample under the tracer and turn what it gave into store rows (never raises for a bad sample)."""
-    import torch
-
-    start = time.perf_counter()
-    try:
-        inputs = prepare_sample(lab, sample, generate=generate, max_tokens=max_tokens)
-        text, generated, trace = "", 0, None
-        if generate:
-            turn = options_from(
-                options,
-                {
-                    "max_new_tokens": generate,
-                    "use_audio_in_video": sample.use_audio_in_video,
-                    "return_audio": bool("codes" in capture and lab.has_talker),
-                },
-            )
-            reply = lab.generate(sample.resolved(), turn, trace=tuple(capture) or False)
-            text, generated, trace = reply.text, len(reply.token_ids), reply.trace
-        elif capture:
-            with lab.trace(capture=tuple(capture)) as tracer, torch.inference_mode():
-                lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
-            trace = tracer.trace
-        else:
-            with torch.inference_mode():
-                lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
-    except Exception as exc:  # a bad sample must not stop the run: record why and go on
-        return failed(sample, exc, time.perf_counter() - start)
-    prompt = int(inputs["input_ids"].shape[1])
-    return finished(sample, prompt, time.perf_counter() - start, trace, text=text, generated=generated)
-
-
-def prepare_sample(lab, sample: Sample, *, generate: int = 0, max_tokens: int | None = None):
-    """The sample's model inputs (`lab.prepare`), refused as too long past `max_tokens` (or the context)."""
-    inputs = lab.prepare(sample.resolved(), use_audio_in_video=sample.use_audio_in_video)
-    prompt = int(inputs["input_ids"].shape[1])
-    limit = max_tokens or _context(lab)
-    if limit and prompt + generate > limit:
-        raise ConversationError(
-            f"sample {sample.sample_id!r} is too long: {prompt} prompt tokens"
-            f"{f' + {generate} new' if generate else ''}; the limit is {limit}; shorten its media or text"
-        )
-    return inputs
-
-
-def failed(sample: Sample, exc: Exception, seconds: float) -> SampleResult:
-    """The `errors` row of a sample that failed with `exc`."""
-    log.warning("sample %r failed: %s: %s", sample.sample_id, type(exc).__name__, exc)
-    log.debug("sample %r failed", sample.sample_id, exc_info=True)
-    row = {
-        "line": sample.line,
-        "error": type(exc).__name__,
-        "reason": str(exc),
-        "seconds": seconds,
-        "conversation": _json(sample.conversation),
-        "extra": _json(sample.extra),
-    }
-    return SampleResult(
-        sample.sample_id, False, 0, seconds, {"errors": _rows("errors", sample.sample_id, row)}
-    )
-
-
-def finished(sample: Sample, prompt: int, seconds: float, trace, *, text="", generated=0) -> SampleResult:
-    """The `samples` row and the trace's tables of a sample that ran (`trace` None: run untraced)."""
-    counts = sample.media_counts()
-    row = {
-        "line": sample.line,
-        "prompt_tokens": prompt,
-        "generated_tokens": generated,
-        "text": text,
-        "audio_items": counts["audio"],
-        "image_items": counts["image"],
-        "video_items": counts["video"],
-        "use_audio_in_video": sample.use_audio_in_video,
-        "seconds": seconds,
-        "conversation": _json(sample.conversation),
-        "extra": _json(sample.extra),
-        "meta": _json(trace.meta if trace is not None else {}),
-    }
-    tables = {"samples": _rows("samples", sample.sample_id, row)}
-    activations = {}
-    if trace is not None:
-        tables.update(trace_tables(sample.sample_id, trace))
-        activations = sample_activations(sample.sample_id, trace)
-    return SampleResult(sample.sample_id, True, prompt + generated, seconds, tables, activations)
-
-
-def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
-    """The non-empty tables of `trace` as Arrow tables in the store's schema (`sample_id` in front).
-
-    Read from the trace's column arrays, never through pandas: this runs once per sample and table,
-    so its cost is part of what tracing costs a collection. router_stats takes each token's modality
-    from `tokens` as the trace's routing table does.
-    """
-    out = {}
-    for name in TRACE_TABLES:
-        n = trace.rows(name)
-        if n == 0:
-            continue
-        columns = trace.columns(name)
-        if name in layout.WITH_MODALITY and "modality" not in columns:
-            modality = token_modality(trace.columns("tokens"), columns["component"], columns["pos"])
-            columns = {**columns, "modality": modality}
-        schema = layout.schema(name)
-        arrays = [pa.repeat(pa.scalar(sample_id, pa.string()), n)]
-        arrays += [to_arrow(columns[column.name], column.type) for column in list(schema)[1:]]
-        out[name] = pa.Table.from_arrays(arrays, schema=schema)
-    return out
-
-
 # -- writing -------------------------------------------------------------------------------------
 def _write(
     root: Path,
@@ -394,8 +258,6 @@ class _LocalEngine:
         return describe(self.lab)
 
     def results(self, samples: list[Sample], options: dict) -> Iterator[SampleResult]:
-        from .batch import run_batches
-
         for batch in run_batches(self.lab, samples, **options):
             yield from batch
 
@@ -419,8 +281,6 @@ class RayWorker:
         return describe(self.lab)
 
     def run(self, samples: list[Sample], options: dict) -> list[SampleResult]:
-        from .batch import run_batches
-
         return [result for batch in run_batches(self.lab, samples, **options) for result in batch]
 
 
@@ -477,8 +337,6 @@ class _RayEngine:
         return described[0]
 
     def results(self, samples: list[Sample], options: dict) -> Iterator[SampleResult]:
-        from .batch import task_size
-
         ray = self.ray
         size = task_size(options["batch_size"], options["capture"], options["generate"])
         queue = iter([samples[i : i + size] for i in range(0, len(samples), size)])  # a batch a task
@@ -551,28 +409,3 @@ def _check_same(root: Path, meta: dict, wanted: dict) -> None:
                 f"trace store '{root}' was collected with {key} {meta.get(key)!r}; this run asks for {value!r}; "
                 f"collect into a new --out, or rerun with the store's options ({root / layout.META_FILE})"
             )
-
-
-def _context(lab) -> int | None:
-    config = getattr(lab.thinker, "config", None)
-    text = getattr(config, "text_config", config)
-    limit = getattr(text, "max_position_embeddings", None)
-    return int(limit) if limit else None
-
-
-def _rows(table: str, sample_id: str, row: dict) -> pa.Table:
-    return pa.Table.from_pylist([{"sample_id": sample_id, **row}], schema=layout.schema(table))
-
-
-def _json(value) -> str:
-    return json.dumps(value, default=_default, ensure_ascii=False)
-
-
-def _default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)

@@ -13,16 +13,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..conversation import prepare_inputs
 from ..errors import ConversationError, InterventionError
+from ..generation import quiet_talker_penalty_notice, split_kwargs
 from ..instrument.record import CodesRecorder, Recording, TimingsRecorder, Turn
 from ..instrument.speech_decoder import SpeechDecoder
 from ..instrument.tracer import capture_spec, recorders_for, trace_meta
-from ..lab import quiet_talker_penalty_notice
 from ..options import GenerationOptions, with_option_keywords
 from ..reply import SAMPLE_RATE, Reply
 from ..trace import Trace
 from .events import StreamEvent, Timings
-from .steps import Decoder, capture, code_predictor_sampling, model_lock, split_kwargs, sync, talker_prompt
+from .steps import Decoder, capture, code_predictor_sampling, model_lock, sync, talker_prompt
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,13 @@ class _Stream:
         self.ttft = {}
         self._in_step = False
 
-        inputs, gathered = self.lab._prepare(self.conversation, self.options.use_audio_in_video)
+        inputs, gathered = prepare_inputs(
+            self.lab.processor,
+            self.conversation,
+            use_audio_in_video=self.options.use_audio_in_video,
+            video_size=self.lab.video_size,
+            device=self.device,
+        )
         self.timings.add("preprocessing", self.now())
         self.prompt_ids = inputs["input_ids"]
         self.prompt_mask = inputs.get("attention_mask")

@@ -9,9 +9,6 @@ transformers' private steps are called through omnilab.hf_private.
 
 from __future__ import annotations
 
-import inspect
-import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,18 +17,8 @@ import torch
 
 from .. import hf_private
 from ..errors import ConversationError
-
-_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model) -> threading.RLock:
-    """The lock of `model`: a stream holds it for each step (one per model, made on first use)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
+from ..generation import last_logits_only
+from ..instrument.context import model_lock  # noqa: F401  (the model's one lock; a stream holds it each step)
 
 
 def sync(device: torch.device) -> None:
@@ -79,9 +66,7 @@ class Decoder:
         return self.input_ids[0, self.prompt_length :]
 
     def prefill(self) -> torch.Tensor:
-        from ..lab import last_logits_only  # only the last row is read: no [L, vocab] logits
-
-        with last_logits_only(self.model):
+        with last_logits_only(self.model):  # only the last row is read: no [L, vocab] logits
             outputs = hf_private.prefill(self.model, self.input_ids, self.config, self.kwargs)
         return self._select(outputs)
 
@@ -112,63 +97,6 @@ class Decoder:
         self.outputs = outputs
         self.steps += 1
         return tokens
-
-
-def split_kwargs(model, kwargs: dict, speech: bool) -> tuple[dict, dict]:
-    """The thinker's and the talker's `generate` arguments, split as `model.generate` splits them."""
-    if not hasattr(model, "thinker"):  # a thinker-only checkpoint: its generate takes them unprefixed
-        thinker = {
-            k.removeprefix("thinker_"): v
-            for k, v in kwargs.items()
-            if not k.startswith(("talker_", "token2wav_")) and k not in ("return_audio", "speaker")
-        }
-        return thinker, {}
-    bound = inspect.signature(type(model).generate).bind(model, **kwargs)
-    bound.apply_defaults()
-    named, extra = bound.arguments, bound.arguments.get("kwargs", {})
-    config = model.config.talker_config
-    shared = {"use_audio_in_video": named["use_audio_in_video"]}
-    thinker = {
-        "max_new_tokens": named["thinker_max_new_tokens"],
-        "eos_token_id": named["thinker_eos_token_id"],
-    }
-    talker = {}
-    if speech:
-        vocab = config.text_config.vocab_size
-        talker = {
-            "max_new_tokens": named["talker_max_new_tokens"],
-            "do_sample": named["talker_do_sample"],
-            "top_k": named["talker_top_k"],
-            "top_p": named["talker_top_p"],
-            "temperature": named["talker_temperature"],
-            "eos_token_id": config.codec_eos_token_id,
-            "repetition_penalty": named["talker_repetition_penalty"],
-            "suppress_tokens": [i for i in range(vocab - 1024, vocab) if i != config.codec_eos_token_id],
-            "output_hidden_states": True,
-            "return_dict_in_generate": True,
-        }
-    for key, value in extra.items():
-        if key.startswith("thinker_"):
-            thinker[key[len("thinker_") :]] = value
-        elif key.startswith("talker_"):
-            talker[key[len("talker_") :]] = value
-        elif key.startswith("token2wav_"):
-            continue
-        elif key == "feature_attention_mask":
-            thinker[key] = value
-            talker["audio_feature_lengths"] = torch.sum(value, dim=1)
-        elif key in ("input_features", "attention_mask"):
-            thinker[key] = value
-        else:
-            shared[key] = value
-    for key, value in shared.items():
-        thinker.setdefault(key, value)
-        if key in ("image_grid_thw", "video_grid_thw", "video_second_per_grid"):
-            talker.setdefault(key, value)
-    thinker["input_ids"] = named["input_ids"]
-    if speech:
-        thinker.update(output_hidden_states=True, return_dict_in_generate=True)
-    return thinker, talker
 
 
 def talker_prompt(model, input_ids, attention_mask, thinker_embed, thinker_hidden, speaker_id: int) -> dict:
