@@ -162,6 +162,8 @@ def test_attention_time_lines_one_line_per_modality_item_and_head(trace):
     groups = over_time.groupby(["modality", "item", "head"], observed=True).ngroups
     assert len(fig.data) == groups and groups > 0
     assert sum(len(t.x) for t in fig.data) == len(over_time)
+    axes = {t.name.split()[0]: t.yaxis for t in fig.data}
+    assert axes["audio"] != axes["video"]  # per-token audio and per-frame video never share a y axis
 
 
 def test_codebook_heatmap_is_codebooks_by_frames_with_spoken_text(trace):
@@ -552,3 +554,24 @@ def test_probe_lines_draw_the_shuffled_control():
     control = fig.data[-1]
     assert control.name == "shuffled labels" and list(control.y) == [-0.1, -0.14]
     assert fig.layout.xaxis.dtick == 1
+
+
+def test_attribution_compare_flags_a_sign_disagreement():
+    ig = pd.DataFrame({"modality": ["text", "audio"], "attribution": [1.0, -0.45], "share": [1.45, -0.45]})
+    ablation = pd.DataFrame(
+        {"modality": ["text", "audio"], "attribution": [0.77, 0.23], "share": [0.77, 0.23]}
+    )
+    fig = plots.attribution_compare({"Integrated Gradients": ig, "feature ablation": ablation})
+    assert [t.name for t in fig.data] == ["Integrated Gradients", "feature ablation"]
+    assert fig.layout.meta["disagree"] == ["audio"] and "audio" in fig.layout.title.text
+    assert [a.text for a in fig.layout.annotations] == ["signs disagree"]
+
+
+def test_logit_lens_rank_scale_is_fixed_so_two_models_compare():
+    lens = pd.DataFrame(
+        {"layer": [0, 1], "pos": [5, 5], "modality": "text", "rank": 0, "token_id": 1, "token": ["a", "blue"],
+         "prob": [0.1, 0.65], "target_rank": [40, 0], "target_prob": [1e-5, 0.65]}
+    )  # fmt: skip
+    heat = plots.logit_lens_heatmap(lens).data[0]
+    assert heat.zmin == 0 and heat.zmax == pytest.approx(np.log10(1 + 151_936))
+    assert np.asarray(heat.z, dtype=float)[1, 0] == 0.0  # rank 0 at the bottom of the scale

@@ -10,7 +10,7 @@ writes HTML, or PNG/SVG/PDF where a Chromium is available.
                 tower_attention_heatmap
     speech      codebook_heatmap, spectrogram, spectrogram_compare
     attribution attribution_tokens, attribution_modality, attribution_windows, attribution_patches,
-                attribution_overlay
+                attribution_overlay, attribution_compare
     lens        logit_lens_heatmap, talker_lens_heatmap, probe_lines
     patching    patching_heatmap, patching_layers
     findings    accuracy_vs_shift, nmi_by_layer, ablation_intervals
@@ -29,6 +29,7 @@ from .attention import (
     tower_attention_heatmap,
 )
 from .attribution import (
+    attribution_compare,
     attribution_modality,
     attribution_overlay,
     attribution_patches,
@@ -61,6 +62,7 @@ __all__ = [
     "attention_heatmap",
     "attention_mass_heatmap",
     "attention_time_lines",
+    "attribution_compare",
     "attribution_modality",
     "attribution_overlay",
     "attribution_patches",

@@ -338,12 +338,15 @@ def tower_attention_heatmap(
 
 def attention_time_lines(over_time: pd.DataFrame, *, layer=None, title=None) -> go.Figure:
     """Where in media time attention goes: mass per frame against seconds, one line per (key modality,
-    item, head), coloured by modality.
+    item, head), coloured by modality, one panel per key modality with its own y axis.
 
+    An audio frame is one token (1/13 s) and a video frame a grid of patches, so their masses are not
+    on one scale: each modality gets its panel (shared seconds axis), its y axis named by its unit.
     Input: `analysis.attention_over_time(trace, ...)`: layer, head, modality, item, seconds, mass.
     """
     rows, layer = pick(over_time, "layer", layer, "attention_over_time")
-    fig = go.Figure()
+    present = [m for m in MODALITIES if m in set(as_text(rows["modality"]))] or [""]
+    fig = make_subplots(rows=len(present), cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for (modality, item, head), part in rows.groupby(["modality", "item", "head"], observed=True, sort=True):
         part = part.sort_values("seconds")
         who = "mean of heads" if int(head) < 0 else f"head {int(head)}"
@@ -356,12 +359,19 @@ def attention_time_lines(over_time: pd.DataFrame, *, layer=None, title=None) -> 
                 line={"color": modality_color(str(modality))},
                 hovertemplate="%{x:.2f} s · mean attention %{y:.4f}<extra>"
                 + f"{modality} {int(item)} · {who}</extra>",
-            )
+            ),
+            row=present.index(str(modality)) + 1 if str(modality) in present else 1,
+            col=1,
         )
+    unit = {"audio": "per audio token", "video": "per video frame<br>(all its patches)"}
+    for row, modality in enumerate(present, start=1):
+        fig.update_yaxes(
+            title_text=f"{modality} mass {unit.get(modality, '')}", rangemode="tozero", row=row, col=1
+        )
+    fig.update_xaxes(title_text="seconds", row=len(present), col=1)
     fig.update_layout(
         template=TEMPLATE,
         title=title or f"Attention over media time, layer {layer}",
-        xaxis_title="seconds",
-        yaxis_title="mean attention of a query",
+        height=max(320, 220 * len(present)),
     )
     return fig

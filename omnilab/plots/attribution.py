@@ -10,6 +10,7 @@ from ..trace import MODALITIES
 from ._style import TEMPLATE, as_text, modality_color, symmetric_bound
 
 __all__ = [
+    "attribution_compare",
     "attribution_modality",
     "attribution_overlay",
     "attribution_patches",
@@ -242,4 +243,56 @@ def attribution_overlay(by_patch: pd.DataFrame, image, *, opacity: float = 0.55,
     fig.update_xaxes(range=[0, width], showgrid=False, title_text="x (pixels)", constrain="domain")
     fig.update_yaxes(range=[height, 0], showgrid=False, title_text="y (pixels)", scaleanchor="x")
     fig.update_layout(template=TEMPLATE, title=title or "Attribution of the image's patches, on the image")
+    return fig
+
+
+def attribution_compare(by_method: dict, *, value: str = "share", title=None) -> go.Figure:
+    """Two or more attribution methods side by side per modality (grouped bars of each modality's signed
+    `value`, "share" of the method's total or "attribution"), with every modality where the methods
+    disagree in sign marked "signs disagree" (annotations) and listed in `meta["disagree"]`.
+
+    Input: {method name: `analysis.attribution_by_modality(attr)`}, e.g. Integrated Gradients and
+    feature ablation. One bar trace per method, named after it.
+    """
+    if value not in ("share", "attribution"):
+        raise ValueError(f"value={value!r}; use 'share' or 'attribution'")
+    frames = {
+        name: _frame(f, {"modality", value}, "attribution_compare", "attribution_by_modality")
+        for name, f in by_method.items()
+    }
+    order = _order(np.concatenate([as_text(f["modality"]) for f in frames.values()]))
+    table = {
+        name: dict(zip(as_text(f["modality"]), f[value].to_numpy(dtype=float), strict=True))
+        for name, f in frames.items()
+    }
+    palette = ["#4C78A8", "#F58518", "#54A24B", "#B279A2"]
+    fig = go.Figure()
+    for i, (name, values) in enumerate(table.items()):
+        y = [values.get(m, np.nan) for m in order]
+        fig.add_trace(
+            go.Bar(
+                x=order, y=y, name=name, marker_color=palette[i % len(palette)],
+                text=[f"{v:+.0%}" if value == "share" and np.isfinite(v) else "" for v in y],
+                textposition="outside",
+                hovertemplate="%{x}: %{y:.4g}<extra>" + name + "</extra>",
+            )
+        )  # fmt: skip
+    disagree = []
+    for modality in order:
+        signs = {np.sign(v[modality]) for v in table.values() if modality in v and np.isfinite(v[modality])}
+        if len(signs - {0.0}) > 1:
+            disagree.append(modality)
+            fig.add_annotation(x=modality, y=1.0, yref="paper", text="signs disagree", showarrow=False,
+                               font={"color": "#D62728"})  # fmt: skip
+    fig.add_hline(y=0, line_color="#333", line_width=1)
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or ("Methods disagree in sign on " + ", ".join(disagree) if disagree else "Methods agree in sign"),
+        barmode="group",
+        xaxis_title="modality",
+        yaxis={"title": "share of the method's total" if value == "share" else "attribution",
+               "tickformat": "+.0%" if value == "share" else None},
+        legend_title_text="method",
+        meta={"disagree": disagree},
+    )  # fmt: skip
     return fig

@@ -10,6 +10,9 @@ from ._style import TEMPLATE, as_text, integer_ticks, modality_color
 
 __all__ = ["logit_lens_heatmap", "probe_lines", "talker_lens_heatmap"]
 
+RANK_MAX = float(np.log10(1 + 151_936))  # Qwen's vocabulary: the worst rank a target can have
+RANK_TICKS = {"tickvals": [0, 1, 2, 3, 4, 5], "ticktext": ["0", "9", "99", "999", "9999", "99999"]}
+
 
 def printable(piece: str, size: int = 10) -> str:
     """A token piece that any font draws: whitespace shown as · and ⏎, characters outside Latin,
@@ -35,6 +38,8 @@ def logit_lens_heatmap(lens: pd.DataFrame, *, tokens=None, title=None) -> go.Fig
     """Layers × positions of `analysis.logit_lens`: each cell the top token's probability, its piece
     written in the cell; with a target, the cell's colour is the target's rank (log scale, 0 = top)
     instead. Hover shows the layer, pos, modality, top token and (with a target) its rank and prob.
+    The colour range is fixed (rank 0 to the vocabulary's size; probability 0-1), so lenses of two
+    models drawn side by side share one scale.
 
     `tokens` ({pos: piece}, or a sequence indexed by pos: the prompt's own tokens) labels the x axis
     with the input token at each position ("piece·pos") instead of the bare pos. Pieces are drawn
@@ -58,9 +63,11 @@ def logit_lens_heatmap(lens: pd.DataFrame, *, tokens=None, title=None) -> go.Fig
     if has_target:
         z = np.log10(1 + grid(top["target_rank"].to_numpy(dtype=float)))
         target = grid(top["target_rank"].to_numpy(dtype=float))
-        colorbar, scale = {"title": "log10(1 + target rank)"}, "Viridis_r"
+        colorbar, scale = {"title": "target rank", **RANK_TICKS}, "Viridis_r"
+        bounds = {"zmin": 0.0, "zmax": RANK_MAX}  # one fixed scale: two models' lenses compare
     else:
         z, target, colorbar, scale = prob, np.full_like(prob, np.nan), {"title": "top prob"}, "Viridis"
+        bounds = {"zmin": 0.0, "zmax": 1.0}
     custom = np.stack([modality, piece, prob, target], axis=-1)
     fig = go.Figure(
         go.Heatmap(
@@ -72,6 +79,7 @@ def logit_lens_heatmap(lens: pd.DataFrame, *, tokens=None, title=None) -> go.Fig
             customdata=custom,
             colorscale=scale,
             colorbar=colorbar,
+            **bounds,
             hovertemplate="layer %{y}, pos %{x} (%{customdata[0]})<br>top: %{customdata[1]} "
             "(p %{customdata[2]:.3g})"
             + ("<br>target rank %{customdata[3]}" if has_target else "")
