@@ -76,6 +76,14 @@ def shared_lab():
     return omnilab.load("tiny")
 
 
+@functools.cache
+def shared_organism():
+    """One organism lab per test process (the trained tiny model `make demo` serves)."""
+    import omnilab
+
+    return omnilab.load("organism")
+
+
 def demo_module():
     """apps/demo/layout.py, the app's Blocks and launch (apps/ is beside omnilab/, not installed)."""
     from apps.demo import layout

@@ -16,7 +16,8 @@ import numpy as np
 from omnilab import analysis
 from omnilab.errors import ConversationError, InterventionError, MediaError
 from omnilab.instrument.budget import MEMORY_BUDGET_BYTES, describe, estimate_capture_bytes
-from omnilab.lab import DEFAULT_SYSTEM, OmniLab
+from omnilab.lab import OmniLab
+from omnilab.models.presets import system_prompt
 from omnilab.reply import Reply
 from omnilab.streaming import model_lock
 from omnilab.trace import COMPONENTS
@@ -97,11 +98,17 @@ def _generate(lab: OmniLab, conversation: list[dict], settings: Settings) -> Rep
     return replace(reply, trace=tracer.trace)
 
 
-def run_turn(
-    lab: OmniLab, session: Session, message: dict, settings: Settings, system=DEFAULT_SYSTEM
-) -> Turn:
-    """Answer `message` after the session's conversation (not streamed); the session records the turn."""
-    conversation = session.conversation(system, message)
+def _conversation(lab: OmniLab, session: Session, system, message: dict) -> list[dict]:
+    """The conversation a turn answers; `system` None is the model's own default (presets.system_prompt)."""
+    return session.conversation(system_prompt(lab.model_id) if system is None else system, message)
+
+
+def run_turn(lab: OmniLab, session: Session, message: dict, settings: Settings, system=None) -> Turn:
+    """Answer `message` after the session's conversation (not streamed); the session records the turn.
+
+    `system`: the system prompt ("" for none; None: the model's default, `presets.system_prompt`).
+    """
+    conversation = _conversation(lab, session, system, message)
     with model_lock(lab.model):
         settings, notice = within_budget(lab, conversation, settings, session.memory_budget)
         reply = _generate(lab, conversation, settings)
@@ -133,7 +140,7 @@ def _stream_job(lab: OmniLab, conversation, settings: Settings, opened: list) ->
 
 
 def stream_turn(
-    lab: OmniLab, session: Session, message: dict, settings: Settings, system=DEFAULT_SYSTEM
+    lab: OmniLab, session: Session, message: dict, settings: Settings, system=None
 ) -> Iterator[Update]:
     """Answer `message` through `OmniLab.stream`, yielding text and speech as they are made.
 
@@ -143,7 +150,7 @@ def stream_turn(
     (a browser that goes away closes it): Gradio advances a generator on any of its worker threads,
     and the lock belongs to the thread that took it.
     """
-    conversation = session.conversation(system, message)
+    conversation = _conversation(lab, session, system, message)
     settings, notice = within_budget(lab, conversation, settings, session.memory_budget)
     opened: list = []
     job = _stream_job(lab, conversation, settings, opened)

@@ -21,7 +21,8 @@ import gradio as gr  # noqa: E402
 
 import omnilab  # noqa: E402
 from omnilab.errors import OmnilabError  # noqa: E402
-from omnilab.lab import DEFAULT_SYSTEM, SAMPLE_RATE, OmniLab  # noqa: E402
+from omnilab.lab import SAMPLE_RATE, OmniLab  # noqa: E402
+from omnilab.models.presets import system_prompt  # noqa: E402
 from omnilab.options import GenerationOptions  # noqa: E402
 from omnilab.trace import COMPONENTS  # noqa: E402
 
@@ -139,6 +140,14 @@ def _guard(fn):
     return stream if inspect.isgeneratorfunction(fn) else call
 
 
+def system_info(lab: OmniLab) -> str:
+    """What the settings say under the system prompt: whose default it is, and its limit."""
+    limit = f"up to {sessions.MAX_SYSTEM_CHARS:,} characters"
+    if system_prompt(lab.model_id):
+        return f"{lab.model_id}'s default: Qwen's own; {limit}"
+    return f"{lab.model_id}'s default: none (it was trained without a system prompt); {limit}"
+
+
 def _session(value) -> sessions.Session:
     return value if isinstance(value, sessions.Session) else sessions.Session()
 
@@ -146,7 +155,7 @@ def _session(value) -> sessions.Session:
 def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Blocks:
     """The demo's Blocks for `lab` (not launched)."""
     preset, speaks, given = lab.random_weights, lab.has_talker, GenerationOptions()
-    default = dict(zip(TURN_PARAMETERS, ("", None, None, None, False, DEFAULT_SYSTEM, given.speaker, speaks,
+    default = dict(zip(TURN_PARAMETERS, ("", None, None, None, False, system_prompt(lab.model_id), given.speaker, speaks,
                    32 if preset else 256, 24 if preset else 2048, given.do_sample, given.temperature, given.top_p,
                    given.top_k, 0, preset), strict=True))  # fmt: skip
 
@@ -292,8 +301,8 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             with gr.Column(scale=1):
                 with gr.Accordion("Settings", open=True):
                     system = gr.Textbox(
-                        label="System prompt", value=default["system"], lines=3,
-                        info=f"up to {sessions.MAX_SYSTEM_CHARS:,} characters",
+                        label="System prompt", value=default["system"], lines=3, elem_id="system",
+                        placeholder="none", info=system_info(lab),
                     )  # fmt: skip
                     voice = gr.Dropdown(
                         label="Voice", choices=lab.speakers or [given.speaker], value=given.speaker

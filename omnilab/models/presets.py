@@ -160,6 +160,22 @@ SMALL = {
 
 PRESETS = {"tiny": TINY, "small": SMALL}
 
+# The system prompt a chat with each model starts with by default: the one it was trained with.
+# Qwen's own for the real checkpoints and for the presets (their architecture's); none for the
+# organism, trained on its world's conversations as they are, with no system message
+# (omnilab/organism/train.py prepares `world.Example.with_answer()`): given Qwen's, it answers
+# its text task wrongly (0 of 20 "Repeat the word" prompts right; 20 of 20 without).
+QWEN_SYSTEM = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+SYSTEM_PROMPTS = {"organism": ""}
+
+
+def system_prompt(model_id: str) -> str:
+    """The default system prompt of the model named `model_id` ("" for none): what it was trained with."""
+    return SYSTEM_PROMPTS.get(model_id, QWEN_SYSTEM)
+
 
 def real_config_dict(name: str = REAL_CONFIG) -> dict:
     """The real checkpoint's config as a plain dict (package data, no weights)."""
