@@ -6,13 +6,12 @@ import argparse
 import json
 import logging
 import os
-import runpy
 import sys
 from pathlib import Path
 
 from .errors import OmnilabError
 
-BENCHES = ("forward", "trace", "analysis", "stream", "store", "memory", "activations")
+BENCHES = ("forward", "trace", "analysis", "stream", "store", "memory", "activations", "atp")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,17 +171,21 @@ def _chat(args) -> int:
 
 
 def _demo(args) -> int:
-    # The app (apps/demo/) sits beside the package in a checkout and is not installed; nothing in
-    # omnilab imports it, this command only runs it, as `python -m apps.demo` would.
+    # The app (apps/demo/) sits beside the package in a checkout and is not installed. The library
+    # never imports it (invariant 1): this process becomes `python -m apps.demo` (exec, so the same
+    # process id answers signals and no child outlives it), with the checkout on its path.
     root = Path(__file__).resolve().parent.parent
     if not (root / "apps" / "demo" / "__main__.py").is_file():
         raise OmnilabError(
             f"the Gradio app is not in {root / 'apps' / 'demo'}; run omnilab demo from a source checkout"
         )
-    sys.path.insert(0, str(root))
-    sys.argv = ["apps.demo", "--model", args.model, "--port", str(args.port)]
-    runpy.run_module("apps.demo", run_name="__main__", alter_sys=True)
-    return 0
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = [sys.executable, "-m", "apps.demo", "--model", args.model, "--port", str(args.port)]
+    os.execve(sys.executable, command, env)
+    return 0  # not reached: execve replaces this process
 
 
 def _bench(args) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,7 +133,8 @@ def test_no_import_cycle_at_any_level():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_no_module_imports_gradio():
+def test_no_module_imports_gradio_or_the_app():
+    """Invariant 1: no import of gradio or apps, nor runpy (which would load the app into the library)."""
     for name, path in MODULES.items():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -140,10 +142,33 @@ def test_no_module_imports_gradio():
                 [a.name for a in node.names]
                 if isinstance(node, ast.Import)
                 else [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
+                if isinstance(node, ast.ImportFrom) and not node.level
                 else []
             )
-            assert not any(n.split(".")[0] == "gradio" for n in names), f"{name} imports gradio"
+            roots = {n.split(".")[0] for n in names}
+            assert not roots & {"gradio", "apps", "runpy"}, (
+                f"{name} imports {sorted(roots & {'gradio', 'apps', 'runpy'})}"
+            )
+
+
+def test_omnilab_demo_becomes_python_m_apps_demo_without_importing_the_app(monkeypatch):
+    from omnilab import cli
+
+    calls = []
+
+    def execve(path, argv, env):  # what the process would become
+        calls.append((path, argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.os, "execve", execve)
+    before = set(sys.modules)
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--model", "tiny", "--port", "7999"])
+    ((path, argv, env),) = calls
+    assert path == sys.executable
+    assert argv[1:] == ["-m", "apps.demo", "--model", "tiny", "--port", "7999"]
+    assert str(ROOT.parent) in env["PYTHONPATH"].split(os.pathsep)
+    assert not {m for m in set(sys.modules) - before if m.split(".")[0] == "apps"}
 
 
 _IMPORT_EACH = """
