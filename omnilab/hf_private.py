@@ -1,9 +1,11 @@
-"""Every use of transformers' private internals, each behind a named function (one module on purpose).
+"""Every use of transformers' (and captum's) private internals, each behind a named function (one module on purpose).
 
 omnilab steps the thinker and talker with transformers' own generation machinery (the body of
 `GenerationMixin._sample`), builds the talker's prompt with the lines `generate` uses, and swaps the
 towers' attention function. Those are private: a transformers upgrade may rename or reshape them.
-Nothing else in omnilab touches them; `REQUIRED` lists each with the parameters we pass, and
+Attribution runs captum's Integrated Gradients at its own quadrature nodes, which only captum's private
+`_attribute` takes. Nothing else in omnilab touches them; `REQUIRED` (and `optional_required()`, for
+captum, an optional dependency imported only when asked) lists each with the parameters we pass, and
 tests/test_hf_private.py fails naming the one that changed.
 """
 
@@ -87,6 +89,28 @@ def rotary(query, key, cos, sin):
     return modeling.apply_rotary_pos_emb(query, key, cos, sin)
 
 
+# -- captum ----------------------------------------------------------------------------------------
+def integrated_gradients_at(ig, inputs, baselines, step_sizes, alphas):
+    """captum's Integrated Gradients of `ig` (an `IntegratedGradients`) summed over the given quadrature
+    nodes (`IntegratedGradients._attribute` with `step_sizes_and_alphas`: the public `attribute` takes
+    only its fixed schemes, and its internal batching is this call per batch of nodes)."""
+    return ig._attribute(
+        inputs=inputs,
+        baselines=baselines,
+        n_steps=len(alphas),
+        step_sizes_and_alphas=(step_sizes, alphas),
+    )
+
+
+def optional_required() -> tuple[tuple[str, object, str, tuple[str, ...]], ...]:
+    """REQUIRED's entries for the optional dependencies (captum), imported here and only here."""
+    from captum.attr import IntegratedGradients
+
+    return (
+        ("captum.attr.IntegratedGradients._attribute", IntegratedGradients, "_attribute", ("inputs", "baselines", "n_steps", "step_sizes_and_alphas")),
+    )  # fmt: skip
+
+
 # -- what the functions above rely on -----------------------------------------------------------------
 # (name, owner, attribute, the parameters we pass: by name, or a property / context manager)
 REQUIRED: tuple[tuple[str, object, str, tuple[str, ...]], ...] = (
@@ -111,7 +135,7 @@ def check(name: str, owner, attribute: str, parameters: tuple[str, ...]) -> str 
     """Why `owner.attribute` no longer fits what omnilab passes it, or None when it does."""
     found = inspect.getattr_static(owner, attribute, None)
     if found is None:
-        return f"transformers no longer has {name}; omnilab/hf_private.py relies on it"
+        return f"the installed package no longer has {name}; omnilab/hf_private.py relies on it"
     if parameters == ("property",):
         return None if isinstance(found, property) else f"{name} is no longer a property"
     signature = inspect.signature(getattr(owner, attribute))

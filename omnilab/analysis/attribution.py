@@ -377,6 +377,8 @@ def _integrated_gradients(logprob, inputs, baselines, merged, steps, per_batch, 
     from captum.attr import IntegratedGradients
     from tqdm.auto import tqdm
 
+    from .. import hf_private
+
     ig = IntegratedGradients(logprob)
     sizes, alphas = log_spaced_nodes(steps)
     total = None
@@ -384,12 +386,7 @@ def _integrated_gradients(logprob, inputs, baselines, merged, steps, per_batch, 
     for start in tqdm(starts, desc="integrated gradients", disable=not show_progress or len(starts) < 2):
         chunk = slice(start, start + per_batch)
         # what captum's own internal batching does, with our nodes instead of its fixed schemes
-        part = ig._attribute(
-            inputs=inputs,
-            baselines=baselines,
-            n_steps=len(alphas[chunk]),
-            step_sizes_and_alphas=(sizes[chunk], alphas[chunk]),
-        )
+        part = hf_private.integrated_gradients_at(ig, inputs, baselines, sizes[chunk], alphas[chunk])
         part = tuple(a.detach() for a in part)
         total = part if total is None else tuple(a + b for a, b in zip(total, part, strict=True))
     delta = float(ig.compute_convergence_delta(total, baselines, inputs).reshape(-1)[0])
