@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import omnilab
+from omnilab import analysis
 from omnilab.instrument.grad import logit_difference
 from omnilab.instrument.units import capture, expert_ablation, expert_output, head_ablation, unit_means
 
@@ -300,3 +302,82 @@ def test_the_talkers_experts_are_sites_too(tiny):
     with tiny.intervene(set={f"talker.expert.0.{e}": torch.full((WIDTH,), 30.0) for e in range(16)}):
         changed = tiny.generate(A, **run)
     assert not np.array_equal(changed.codes, base.codes)
+
+
+# -- attribution patching and head scores -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_pair(data_dir, tmp_path_factory):
+    image = Image.open(data_dir / "image.png")
+    blank = tmp_path_factory.mktemp("circuits") / "blank.png"
+    Image.new(image.mode, image.size).save(blank)
+
+    def ask(path):
+        return [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "What is this?"}],
+            }
+        ]
+
+    return ask(data_dir / "image.png"), ask(blank)
+
+
+def test_attribution_patching_estimates_the_sweeps_cells_and_ranks_them_alike(tiny, image_pair):
+    sites = ["resid.1", "resid.3"]
+    atp = analysis.attribution_patching(tiny, *image_pair, " the", sites=sites, positions="each")
+    sweep = analysis.patching_sweep(tiny, *image_pair, " the", sites=sites, positions="each")
+    assert atp[["site", "pos_start"]].equals(sweep[["site", "pos_start"]])  # the same cells, in order
+    assert atp["clean"].iloc[0] == pytest.approx(sweep["clean"].iloc[0], abs=1e-5)
+    assert atp["corrupted"].iloc[0] == pytest.approx(sweep["corrupted"].iloc[0], abs=1e-5)
+    # before the image the two prompts are the same: nothing to patch, and AtP says so
+    ids = tiny.prepare(image_pair[0])["input_ids"][0]
+    first_image = int((ids == tiny.thinker.config.image_token_id).nonzero()[0])
+    assert atp[atp["pos_start"] < first_image]["estimate"].abs().max() < 1e-6
+    agree = analysis.atp_agreement(atp, sweep)
+    assert agree["cells"] == len(sweep) and agree["spearman"] > 0.4 and agree["pearson"] > 0.8
+
+
+def test_attribution_patching_refuses_misaligned_prompts(tiny, image_pair):
+    with pytest.raises(omnilab.InterventionError, match="tokens and corrupted"):
+        analysis.attribution_patching(tiny, image_pair[0], A, " the", sites="resid.0")
+
+
+def test_head_scores_rank_a_planted_listening_head_first():
+    tokens = pd.DataFrame(
+        {"component": "thinker", "phase": "prefill", "pos": range(6),
+         "modality": ["text", "audio", "audio", "audio", "text", "text"]}
+    )  # fmt: skip
+    rows = []
+    for head, on_audio in ((0, 0.2), (1, 0.9), (2, 0.5)):
+        rows += [("thinker", 0, head, 5, 0, 1, (1 - on_audio) / 2, "block"),
+                 ("thinker", 0, head, 5, 1, 4, on_audio, "block"),
+                 ("thinker", 0, head, 5, 4, 6, (1 - on_audio) / 2, "block")]  # fmt: skip
+    columns = ["component", "layer", "head", "query_pos", "key_pos", "key_end", "weight", "reduction"]
+    scores = analysis.head_scores(
+        {"attention": pd.DataFrame(rows, columns=columns), "tokens": tokens}, "audio"
+    )
+    assert scores["mass"].tolist() == pytest.approx([0.2, 0.9, 0.5])
+    assert scores.sort_values("rank")["head"].tolist() == [1, 2, 0]
+
+
+def test_head_scores_of_a_traced_forward_are_the_recorded_rows_mass(tiny, all_media_conversation):
+    with tiny.trace(capture=("attention",), attention_layers={"thinker": [1]}) as tr:
+        tiny.forward(all_media_conversation)
+    scores = analysis.head_scores(tr.trace, "audio")
+    assert len(scores) == HEADS and scores["mass"].between(0, 1).all() and scores["mass"].max() > 0
+    attention, tokens = tr.trace.attention, tr.trace.tokens
+    row = attention[attention["reduction"] == "row"]
+    audio = set(tokens[tokens["modality"] == "audio"]["pos"])
+    by_row = row[row["key_pos"].isin(audio)].groupby("head")["weight"].apply(lambda w: w.astype(float).sum())
+    np.testing.assert_allclose(scores["mass"], by_row.to_numpy(), atol=2e-3)  # float16 sums
+
+
+def test_the_atp_bench_reports_a_speed_ratio_and_agreement():
+    from omnilab.bench import atp
+    from omnilab.cli import BENCHES
+
+    figures = atp.run("tiny", tokens=64, layers=1, sweep_positions=2)
+    assert "atp" in BENCHES
+    assert figures["cells"] == figures["layers"] * figures["tokens"]
+    assert figures["speedup"] == pytest.approx(figures["sweep_s"] / figures["atp_s"])
+    assert figures["agreement"]["cells"] == figures["layers"] * figures["sweep_timed_positions"]

@@ -19,6 +19,9 @@ source paper in its docstring. `trace` may be an omnilab Trace, a dict of tables
     lens        logit_lens (runs the thinker), talker_lens (runs a spoken reply)
     probes      linear_probe (scikit-learn, over activations)
     patching    patching_sweep (clean vs corrupted, batched over patches; runs the thinker)
+    attribution_patching  attribution_patching (AtP: every patch estimated from two forwards and one
+                backward; runs the thinker), atp_agreement (AtP against a sweep: Spearman)
+    heads       head_scores (per head, the attention mass from queries onto a modality's tokens)
     steering    steering_vector (mean difference of two activation sets)
 
 Attribution, the lenses, patching and residual audio must run the model, so they take an OmniLab,
@@ -34,6 +37,9 @@ from .attribution import (
     attribution_by_patch,
     attribution_by_window,
 )
+from .attribution_patching import agreement as atp_agreement
+from .attribution_patching import attribution_patching
+from .heads import head_scores
 from .lens import logit_lens, talker_lens
 from .patching import patching_sweep
 from .positions import av_alignment, position_layout
@@ -69,6 +75,9 @@ from .speech import (
 from .steering import steering_vector
 
 __all__ = [
+    "atp_agreement",
+    "attribution_patching",
+    "head_scores",
     "ROUTING_ANALYSES",
     "Attribution",
     "ComponentRouting",

@@ -118,13 +118,15 @@ def gradients(
     sites="resid.*",
     answer=None,
     use_audio_in_video: bool = False,
+    last_only: bool = False,
 ) -> Gradients:
     """The metric's gradient at every site of `sites`, from one forward and one backward.
 
     metric: a function of the thinker's logits [L, vocab] (float32 as the model gives them) returning
     a scalar tensor (logit_difference, token_logprob), a token (id or text: its log-probability
     after the prompt), or "answer_loss" with `answer` (a text or ids, appended to the prompt; its
-    mean cross-entropy). Returns Gradients: metric, activations and grads (key -> Activations with
+    mean cross-entropy). last_only: the head computes the last position's logits only (the metric
+    gets [1, vocab]: a metric of the next token, at a fraction of the cost). Returns Gradients: metric, activations and grads (key -> Activations with
     values [rows, width] float32, heads [rows, heads, head_dim], and rows: component, phase, step,
     pos, modality, token_id), input_ids, last_logits.
     """
@@ -171,6 +173,9 @@ def gradients(
     with model_lock(lab.model):
         try:
             handles.append(lab.thinker.get_input_embeddings().register_forward_hook(needs_grad))
+            if last_only:
+                head = lab.thinker.get_output_embeddings()
+                handles.append(head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],)))
             for key, target, how in targets:
                 if how == "output":
                     handles.append(target.module.register_forward_hook(keep_output(key)))
