@@ -198,3 +198,86 @@ def test_every_module_imports_on_its_own():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["failed"] == {}
     assert not report["gradio"], "importing omnilab loaded gradio"
+
+
+# -- the other invariants of ARCHITECTURE.md ---------------------------------------------------------
+HOOKING = {  # invariant 4: the modules that install hooks besides the Recorders (instrument/record/)
+    "omnilab.generation",
+    "omnilab.instrument.context",
+    "omnilab.instrument.interventions",
+    "omnilab.instrument.edits",
+    "omnilab.instrument.patch",
+    "omnilab.instrument.embeds",
+    "omnilab.instrument.grad",
+    "omnilab.instrument.codec",
+    "omnilab.analysis.lens",
+    "omnilab.organism.talker",
+    "omnilab.bench.activations",
+}
+RUN_THE_MODEL = {  # invariant 5: analyses that take a lab and run it
+    "omnilab.analysis.attribution.attribute",
+    "omnilab.analysis.attribution_patching.attribution_patching",
+    "omnilab.analysis.lens.logit_lens",
+    "omnilab.analysis.lens.talker_lens",
+    "omnilab.analysis.patching.patching_sweep",
+    "omnilab.analysis.sae.token_activations",
+    "omnilab.analysis.speech.residual_audio",
+    "omnilab.analysis.speech.residual_series",
+}
+READ_THE_CONFIG = {  # ... and those that take a lab for its config only
+    "omnilab.analysis.lens.token_modalities",
+    "omnilab.analysis.patching.position_groups",
+    "omnilab.analysis.patching.sweep_memory_per_row",
+}
+TOKEN_ID_LITERALS = {  # invariant 6: where token ids may be written as numbers, and why (see there)
+    "omnilab.models.processor",  # builds the tokenizer: Qwen's special tokens from 151643 on
+    "omnilab.organism.train",  # the organism is the tiny preset with Qwen's tokenizer
+    "omnilab.bench.store",  # synthetic store rows
+    "omnilab.bench.analysis",  # synthetic trace rows
+}
+
+
+def test_only_the_named_modules_install_hooks():
+    hooking = set()
+    for name, path in MODULES.items():
+        if name.startswith("omnilab.instrument.record"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("register_") and "hook" in node.attr:
+                hooking.add(name)
+    assert hooking - HOOKING == set(), (
+        "hooks outside the Recorders; add the module to invariant 4 and HOOKING"
+    )
+    assert HOOKING - hooking == set(), "no longer hooks: take it out of invariant 4 and HOOKING"
+
+
+def test_only_the_named_analyses_take_a_lab():
+    taking = set()
+    for name, path in MODULES.items():
+        if not name.startswith("omnilab.analysis"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and node.args.args:
+                if node.args.args[0].arg in ("lab", "model"):
+                    taking.add(f"{name}.{node.name}")
+    assert taking == RUN_THE_MODEL | READ_THE_CONFIG, "update invariant 5 and RUN_THE_MODEL / READ_THE_CONFIG"
+
+
+def test_token_ids_are_not_literals():
+    """Invariant 6: Qwen's special-token ids (151643-151700) appear as numbers only where ARCHITECTURE.md says."""
+    found = set()
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and type(node.value) is int and 151643 <= node.value <= 151700:
+                found.add(name)
+    assert found <= TOKEN_ID_LITERALS, f"token ids written as numbers in {sorted(found - TOKEN_ID_LITERALS)}"
+
+
+def test_files_over_500_lines_say_why_they_are_one_file():
+    """Invariant 8: a module over ~500 lines says in its docstring's first lines why it is one file."""
+    long = []
+    for path in sorted([*ROOT.rglob("*.py"), *(ROOT.parent / "apps").rglob("*.py")]):
+        lines = path.read_text().splitlines()
+        if len(lines) > 520 and "one file" not in "\n".join(lines[:6]).lower():
+            long.append(f"{path.relative_to(ROOT.parent)} ({len(lines)} lines)")
+    assert not long, f"over 500 lines without saying why in the first lines: {long}"

@@ -20,6 +20,7 @@ import pyarrow as pa
 from ..conversation import Gathered, prepare_inputs
 from ..errors import ConversationError
 from ..generation import last_logits_only
+from ..instrument.tracer import DEFAULT_CAPTURE as TRACER_CAPTURE
 from ..options import GenerationOptions, options_from
 from ..trace import TABLES as TRACE_TABLES
 from ..trace import to_arrow, token_modality
@@ -29,7 +30,8 @@ from .manifest import Sample
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CAPTURE = ("routing", "positions", "codes")
+# The Tracer's default capture without its stage times: a store keeps no timings (one name, one idea).
+DEFAULT_CAPTURE = tuple(name for name in TRACER_CAPTURE if name != "timings")
 
 
 @dataclass
