@@ -44,14 +44,38 @@ class EmptyReply(Exception):
 
 
 class StopAtEmptyReply(StoppingCriteria):
-    """A stopping criterion that raises EmptyReply when the first generated token is `end_id`."""
+    """A stopping criterion that raises EmptyReply when the first generated token is `end_id`;
+    `sequences` holds the thinker's sequences as it last saw them (the whole reply, once it ends)."""
 
     def __init__(self, prompt_length: int, end_id: int):
         self.prompt_length, self.end_id = prompt_length, int(end_id)
+        self.sequences: torch.Tensor | None = None
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.sequences = input_ids
         if input_ids.shape[1] == self.prompt_length + 1 and int(input_ids[0, -1]) == self.end_id:
             raise EmptyReply(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class NoSpeech(Exception):
+    """The talker's first code ended its speech: the reply has no frame to decode."""
+
+
+class StopAtNoSpeech(StoppingCriteria):
+    """A talker stopping criterion that raises NoSpeech when its first generated code is `end_id`.
+
+    A talker may end its speech at once (the organism's does when its reply's text is over), and
+    upstream generate then stacks the codes of no frames: "stack expects a non-empty TensorList".
+    """
+
+    def __init__(self, end_id: int):
+        self.end_id = int(end_id)
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        # The talker is prompted with embeddings only: its input_ids are the codes it generated.
+        if input_ids.shape[1] == 1 and bool((input_ids[:, 0] == self.end_id).all()):
+            raise NoSpeech()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -200,6 +224,10 @@ class OmniLab:
                 # upstream generate fails building its prompt: stop there and give empty speech.
                 stop = StopAtEmptyReply(prompt_length, self.model.config.im_end_token_id)
                 kwargs["thinker_stopping_criteria"] = StoppingCriteriaList([stop])
+                # A talker that ends its speech at once: upstream fails stacking no frames; the reply
+                # is the thinker's, with empty speech (as lab.stream gives it).
+                end_code = self.model.config.talker_config.codec_eos_token_id
+                kwargs["talker_stopping_criteria"] = StoppingCriteriaList([StopAtNoSpeech(end_code)])
             try:
                 result = (
                     self.model.generate(**kwargs)
@@ -208,6 +236,8 @@ class OmniLab:
                 )
             except EmptyReply as empty:
                 result = (empty.sequences, torch.zeros(0))
+            except NoSpeech:
+                result = (stop.sequences, torch.zeros(0))
         if options.return_audio:
             sequences, waveform = result
             audio = waveform.reshape(-1).float().cpu().numpy().astype(np.float32)
