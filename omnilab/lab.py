@@ -149,6 +149,7 @@ class OmniLab:
         (media items, use_audio_in_video) that `generate` records.
         """
         inputs, gathered = self._prepare(conversation, use_audio_in_video, add_generation_prompt)
+        from .instrument.context import model_lock
         from .instrument.tracer import active_tracer
 
         tracer = active_tracer(self)
@@ -158,8 +159,9 @@ class OmniLab:
                 gathered,
                 prompt_length=inputs["input_ids"].shape[1],
                 use_audio_in_video=use_audio_in_video,
+                speaks=False,
             )
-        with torch.inference_mode():
+        with model_lock(self.model), torch.inference_mode():
             output = self.thinker(**inputs, use_audio_in_video=use_audio_in_video)
         return output.logits
 
@@ -196,6 +198,7 @@ class OmniLab:
         return replace(reply, trace=tracer.trace)
 
     def _generate(self, conversation, options: GenerationOptions) -> Reply:
+        from .instrument.context import model_lock
         from .instrument.record import CodesRecorder, Recording
         from .instrument.tracer import active_tracer
 
@@ -204,6 +207,7 @@ class OmniLab:
         prompt_length = inputs["input_ids"].shape[1]
         codes = CodesRecorder(hooks=options.return_audio)
         with (
+            model_lock(self.model),  # one run of the model at a time (streams and the app hold it too)
             self._seeded(options.seed),
             Recording(self.model, [codes]),
             last_logits_only(self.thinker),
@@ -217,6 +221,8 @@ class OmniLab:
                     prompt_length=prompt_length,
                     use_audio_in_video=options.use_audio_in_video,
                     max_new_tokens=options.max_new_tokens,
+                    speech_frames=kwargs.get("talker_max_new_tokens", 1) - 1 if options.return_audio else 0,
+                    speaks=bool(options.return_audio),
                 )
             if options.return_audio:
                 quiet_talker_penalty_notice()

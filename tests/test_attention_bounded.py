@@ -114,7 +114,9 @@ def test_a_capture_over_budget_is_refused_before_the_forward(tiny, all_media_con
     calls = []
     handle = tiny.thinker.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(BudgetError, match="refused before running.*GB.*the budget is.*memory_budget"):
+        with pytest.raises(
+            BudgetError, match="refused before running.*MB.*the budget is 100.0 KB.*memory_budget"
+        ):
             with tiny.trace(capture=("attention",), attention={"queries": "all"}, memory_budget=10**5):
                 tiny.generate(all_media_conversation, **GEN)
     finally:

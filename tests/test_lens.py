@@ -145,16 +145,16 @@ def test_the_talker_lens_last_layer_is_the_talkers_own_codebook0_argmax(talker_l
     # talker_code is the argmax of codec_head's own output (what sampling sees before its logits
     # processors: the spoken code may differ where a repetition penalty steps in)
     last = talker_lens[(talker_lens["layer"] == talker_lens["layer"].max()) & (talker_lens["rank"] == 0)]
-    assert len(last) == 4  # 3 frames take 4 talker steps
+    assert len(last) == 3  # the reply's 3 frames (the 4th talker step completes none)
     np.testing.assert_array_equal(last["code"].to_numpy(), last["talker_code"].to_numpy())
 
 
 def test_the_talker_lens_reads_every_talker_layer_and_frame(tiny, talker_lens):
     layers = len(tiny.model.talker.model.layers)
-    assert len(talker_lens) == layers * 4 * 2
+    assert len(talker_lens) == layers * 3 * 2  # 3 frames: the talker's 4th step completes none
     assert (talker_lens.groupby(["layer", "frame"])["prob"].apply(lambda p: p.is_monotonic_decreasing)).all()
 
 
 def test_the_talker_lens_heatmap_shows_layers_by_frames(talker_lens):
     fig = plots.talker_lens_heatmap(talker_lens)
-    assert np.asarray(fig.data[0].z).shape == (talker_lens["layer"].nunique(), 4)
+    assert np.asarray(fig.data[0].z).shape == (talker_lens["layer"].nunique(), 3)

@@ -88,6 +88,7 @@ def talker_lens(lab, conversation, *, top: int = 3, **options) -> pd.DataFrame:
 
     `options`: generation options (max_new_tokens, max_speech_frames, speaker ...; greedy by
     default). Returns one row per (frame, layer, rank) for the `top` most probable codebook-0 codes
+    (frames are `reply.codes`'s rows, the talker's last, never completed step left out)
     the layer's residual reads as, with `talker_code`: the talker's own argmax of `codec_head` at
     that frame (what the last layer's rank 0 must equal).
     """
@@ -107,10 +108,18 @@ def talker_lens(lab, conversation, *, top: int = 3, **options) -> pd.DataFrame:
         lab.model.talker.codec_head.register_forward_hook(lambda m, a, o: own.append(_last_row(o)))
     )
     try:
-        lab.generate(conversation, return_audio=True, **options)
+        reply = lab.generate(conversation, return_audio=True, **options)
     finally:
         for handle in handles:
             handle.remove()
+    # The talker's last step makes a codebook-0 code the code predictor never completes (or its end
+    # of speech): frames are the reply's, one per completed code, so that step is left out.
+    frames = 0 if reply.codes is None else len(reply.codes)
+    states, own = [rows[:frames] for rows in states], own[:frames]
+    if frames == 0:
+        raise ConversationError(
+            "the talker spoke no frame for this conversation; the talker lens has nothing to read"
+        )
     unembed, parts = talker_unembed(lab), []
     talker_code = torch.stack(own).argmax(-1).cpu().numpy()
     with torch.inference_mode():

@@ -104,16 +104,19 @@ def estimate_capture_bytes(
     max_new_tokens: int = 0,
     heads: list[int] | None = None,
     attention=None,
+    speech_frames: int = 0,
 ) -> CaptureEstimate:
     """Estimate the peak memory of recording `capture` on a run of `inputs` (before running it).
 
     attention (`attention`: AttentionSettings or a dict of its fields): for each (component, layer)
     asked, heads x `attention_rows` rows at ATTENTION_ROW_BYTES; attention_transient: one chunk of
     float32 scores (a few copies) and the keys of the recorded layers. routing: (L + new) x MoE
-    layers x top-k rows at ROUTING_ROW_BYTES, L the prompt length and `new` the generated tokens.
-    Tower attention (audio and vision encoders) is not estimated. Talker layers are estimated at the
-    thinker's length. Returns a CaptureEstimate with bytes by kind.
+    layers x top-k rows at ROUTING_ROW_BYTES, L the prompt length and `new` the generated tokens, and
+    with `speech_frames` the talker's (its prompt, at most L and its own head, and a row per step).
+    Tower attention (audio and vision encoders) is not estimated. Talker attention layers are
+    estimated at the thinker's length. Returns a CaptureEstimate with bytes by kind.
     """
+    from .record.activations import TALKER_ASSISTANT_POSITIONS
     from .record.attention import attention_settings
 
     settings = attention_settings(attention)
@@ -141,13 +144,18 @@ def estimate_capture_bytes(
         config = _text_config(lab, "thinker")
         top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
         layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-        out["routing"] = (length + new) * layers * top_k * ROUTING_ROW_BYTES
+        rows = (length + new) * layers * top_k
+        talker = _text_config(lab, "talker") if speech_frames else None
+        if talker is not None:
+            talker_rows = length + TALKER_ASSISTANT_POSITIONS + int(speech_frames) + 1
+            rows += talker_rows * int(talker.num_hidden_layers) * int(talker.num_experts_per_tok)
+        out["routing"] = rows * ROUTING_ROW_BYTES
     return CaptureEstimate(length, out)
 
 
-def check_budget(tracer, inputs, *, max_new_tokens: int = 0) -> CaptureEstimate:
-    """The estimate of `tracer`'s captures on `inputs`; a BudgetError, before any forward, when it
-    passes `tracer.memory_budget`."""
+def check_budget(tracer, inputs, *, max_new_tokens: int = 0, speech_frames: int = 0) -> CaptureEstimate:
+    """The estimate of `tracer`'s captures on `inputs` for a run making `max_new_tokens` tokens and
+    `speech_frames` frames; a BudgetError, before any forward, when it passes `tracer.memory_budget`."""
     estimate = estimate_capture_bytes(
         tracer.lab,
         inputs,
@@ -156,12 +164,18 @@ def check_budget(tracer, inputs, *, max_new_tokens: int = 0) -> CaptureEstimate:
         max_new_tokens=max_new_tokens,
         heads=tracer.heads,
         attention=tracer.attention,
+        speech_frames=speech_frames,
     )
     if getattr(tracer, "requests", None):  # activations of sites (lab.trace(sites=...))
         from .record.activations import estimate_bytes
 
         sized = estimate_bytes(
-            tracer.lab.model, tracer.requests, inputs["input_ids"][0], **tracer.activation_options
+            tracer.lab.model,
+            tracer.requests,
+            inputs["input_ids"][0],
+            **tracer.activation_options,
+            max_new_tokens=max_new_tokens,
+            speech_frames=speech_frames,
         )
         estimate = CaptureEstimate(estimate.tokens, {**estimate.bytes, "activations": sized})
     if estimate.over(tracer.memory_budget):
@@ -173,10 +187,21 @@ def check_budget(tracer, inputs, *, max_new_tokens: int = 0) -> CaptureEstimate:
     return estimate
 
 
+def human_bytes(size: float) -> str:
+    """A byte count in the unit that reads best: '512 bytes', '11.8 KB', '3.2 MB', '1.07 GB' (1 KB = 1000 bytes)."""
+    size = float(size)
+    if size < 1e3:
+        return f"{size:,.0f} bytes"
+    unit, scale = next(
+        (u, k) for u, k in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9)) if size < k * 1e3 or u == "GB"
+    )
+    return f"{size / scale:,.{2 if unit == 'GB' else 1}f} {unit}"
+
+
 def describe(estimate: CaptureEstimate, budget: int = MEMORY_BUDGET_BYTES) -> str:
-    """'attention 3.2 GB + routing 0.1 GB = 3.3 GB for 1,700 prompt tokens; the budget is 1.1 GB'."""
-    parts = " + ".join(f"{kind} {size / 1e9:.2f} GB" for kind, size in estimate.bytes.items() if size)
+    """'attention 3.20 GB + routing 96.0 MB = 3.30 GB for 1,700 prompt tokens; the budget is 1.07 GB'."""
+    parts = " + ".join(f"{kind} {human_bytes(size)}" for kind, size in estimate.bytes.items() if size)
     return (
-        f"{parts or 'nothing'} = {estimate.total / 1e9:.2f} GB for {estimate.tokens:,} prompt tokens; "
-        f"the budget is {budget / 1e9:.2f} GB"
+        f"{parts or 'nothing'} = {human_bytes(estimate.total)} for {estimate.tokens:,} prompt tokens; "
+        f"the budget is {human_bytes(budget)}"
     )

@@ -1,18 +1,35 @@
-"""Which forward is running: component, phase, step and the positions it covers.
+"""Which forward is running: component, phase, step and the positions it covers; the model's lock.
 
 Recorders at inner modules (routers, rotary embeddings) need to know where the rows they see sit
 in the component's sequence. A pre-hook on the thinker and on the talker notes, for every forward,
 the cache length before it (the first position), the number of new positions, and the input ids.
+
+`model_lock(model)` is the one lock of a model: `lab.forward`, `lab.generate`, each step of a
+stream and the patching sweep's swap of the text model's layers hold it, so two threads never run
+(or rearrange) one model at once. It is re-entrant: a thread holding it may call the lab again.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .sites import component_module
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The lock of `model` (one per model, made on first use; re-entrant)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 @dataclass

@@ -145,15 +145,15 @@ class Intervention:
                 )
             self._handles += self.edits.install()  # before the patches: at one site set/add run first
             for patch in self.patches:
-                self._handles.append(
-                    patch.site.module.register_forward_hook(self._patch_hook(patch), prepend=True)
-                )
+                self._handles += self._patch_hooks(patch)
             if self.positions is not None:
                 for component in ("thinker", "talker"):
                     module = rotary(self.model, component)
                     if module is not None:
                         self._handles.append(
-                            module.register_forward_pre_hook(self._rotary_hook, prepend=True)
+                            module.register_forward_pre_hook(
+                                self._rotary_hook(component), prepend=True, with_kwargs=True
+                            )
                         )
         except BaseException:
             self.__exit__(None, None, None)
@@ -168,7 +168,8 @@ class Intervention:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _rows(self, component: str, n: int) -> torch.Tensor | None:
-        """Which rows of the current forward the intervention applies to (None: all)."""
+        """Which of the current forward's `n` rows (batch x length, flattened) the intervention
+        applies to (None: all); refuses rather than match nothing when it cannot tell."""
         if self.modality is None:
             return None
         forward = self._tracker.current.get(component)
@@ -178,19 +179,24 @@ class Intervention:
                 f"not seen: run it through the lab (generate, forward, stream) or call model.{component}(...), "
                 "not one of its submodules"
             )
+        if component == "talker" and forward.phase == "decode":  # every talker decode row is speech
+            return torch.full((n,), self.modality == "speech", dtype=torch.bool)
         ids = forward.input_ids
-        if forward.batch > 1 and forward.batch_input_ids is not None:  # router rows are [batch * length]
+        if forward.batch > 1 and forward.batch_input_ids is not None:  # rows are [batch * length]
             ids = forward.batch_input_ids
         if component == "talker" and forward.phase == "prefill":
             ids = self._tracker.talker_input_ids
-        if component == "talker" and forward.phase == "decode":
-            return torch.full((n,), self.modality == "speech", dtype=torch.bool)
         if ids is None or ids.numel() != n:
-            return torch.zeros(n, dtype=torch.bool)
+            have = "no token ids" if ids is None else f"token ids for {ids.numel()} rows"
+            raise InterventionError(
+                f"modality={self.modality!r}: this {component} {forward.phase} forward has {n} rows but "
+                f"{have}, so which rows are {self.modality} tokens is unknown; run it with input_ids "
+                "(through the lab: generate, forward, stream), or leave modality= out"
+            )
         ids = ids.reshape(-1).cpu()
         if self.modality == "text":
             return ~torch.isin(ids, torch.tensor(list(self._media_ids.values())))
-        if self.modality == "speech":
+        if self.modality == "speech":  # the prompts hold no speech tokens: speech is generated
             return torch.zeros(n, dtype=torch.bool)
         return ids == self._media_ids[self.modality]
 
@@ -222,14 +228,7 @@ class Intervention:
                 new_indices = torch.topk(score, k, dim=-1).indices
                 new_indices = torch.where(rows[:, None], new_indices, indices)
             if key in self.replay:
-                forward = self._tracker.current.get(component)
-                if forward is not None:
-                    recorded = self.replay[key]
-                    wanted = [recorded.get(p) for p in range(forward.start, forward.start + n)]
-                    if all(w is not None for w in wanted):
-                        new_indices = torch.as_tensor(
-                            np.stack(wanted), device=indices.device, dtype=indices.dtype
-                        )
+                new_indices = torch.where(rows[:, None], self._replayed(key, n, indices), new_indices)
             new_weights = probs.gather(-1, new_indices)
             if module.norm_topk_prob:
                 new_weights = new_weights / new_weights.sum(-1, keepdim=True)
@@ -237,34 +236,135 @@ class Intervention:
 
         return hook
 
-    def _patch_hook(self, patch):
-        component = patch.site.component
+    def _replayed(self, key: tuple[str, int], n: int, indices: torch.Tensor) -> torch.Tensor:
+        """The recorded experts [n, k] of this forward's rows; refuses a forward the trace did not record."""
+        component, layer = key
+        forward = self._tracker.current.get(component)
+        if forward is None:
+            raise InterventionError(
+                f"replay: this {component} layer {layer} router ran in a forward that was not seen, so "
+                "its positions are unknown; run it through the lab (generate, forward, stream)"
+            )
+        if forward.batch != 1:
+            raise InterventionError(
+                f"replay: a trace records one sequence, and this {component} forward has {forward.batch} "
+                "rows; replay it into a forward of one conversation"
+            )
+        recorded = self.replay[key]
+        wanted = [recorded.get(p) for p in range(forward.start, forward.start + n)]
+        missing = [forward.start + i for i, w in enumerate(wanted) if w is None]
+        if missing:
+            have = f"{min(recorded)}..{max(recorded)}" if recorded else "none"
+            raise InterventionError(
+                f"replay: the trace has no {component} layer {layer} routing at positions "
+                f"{missing[0]}..{missing[-1]} (it recorded positions {have}); replay a trace of the same "
+                "conversation, generating no more tokens or frames than it did"
+            )
+        k = indices.shape[1]
+        if any(len(w) != k for w in wanted):
+            raise InterventionError(
+                f"replay: the trace routes {component} layer {layer} to top-{len(wanted[0])}, "
+                f"this model to top-{k}"
+            )
+        return torch.as_tensor(np.stack(wanted), device=indices.device, dtype=indices.dtype)
 
-        def hook(module, args, output):
+    def _patch_hooks(self, patch) -> list:
+        """Install the hooks that apply `patch`: at a module's output, its input, or resid_mid."""
+        component, module = patch.site.component, patch.site.module
+
+        def at_output(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            forward = self._tracker.current.get(component)
-            seq = hidden.shape[1]
-            start = forward.start if forward is not None and forward.length == seq else 0
-            if start == 0:
-                self._prompt[component] = seq
-            at = self.at
-            if at is not None:
-                at = resolve_prompt_positions(at, self._prompt.get(component, seq), component)
-            new = apply_patch(patch, hidden, start, at, self._rows(component, seq))
+            new = self._patched(patch, component, hidden)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        return hook
+        def at_input(module, args, kwargs):
+            if not args:
+                raise InterventionError(
+                    f"{patch.mode}: {patch.key} is {patch.site.name}'s input, which came as a keyword; "
+                    "patch the previous module's output instead"
+                )
+            return (self._patched(patch, component, args[0]), *args[1:]), kwargs
 
-    def _rotary_hook(self, module, args):
-        if len(args) < 2:
-            return None
-        x, position_ids = args[0], args[1]
-        t, h, w = position_ids[0], position_ids[1], position_ids[2]
-        if self.positions == "temporal_only":
-            new = torch.stack([t, t, t])
-        else:
-            result = self.positions(t, h, w)
-            if not (isinstance(result, (tuple, list)) and len(result) == 3):
-                raise InterventionError("a positions callable returns (t, h, w), each shaped like its input")
-            new = torch.stack([torch.as_tensor(r, device=t.device, dtype=t.dtype) for r in result])
-        return (x, new, *args[2:])
+        if patch.site.kind == "resid_mid":
+            return self._resid_mid_hooks(patch)
+        if patch.inputs:
+            return [module.register_forward_pre_hook(at_input, prepend=True, with_kwargs=True)]
+        return [module.register_forward_hook(at_output, prepend=True)]
+
+    def _resid_mid_hooks(self, patch) -> list:
+        """resid_mid = the layer's input x + its attention output a: patched as a' = mid' - x where the
+        patch changed mid (elsewhere a itself, so rows left alone stay bit for bit)."""
+        component, index = patch.site.component, patch.site.layer
+        layer = next(
+            s.module
+            for s in find_sites(self.model)
+            if s.kind == "residual" and s.component == component and s.layer == index
+        )
+        entering: list[torch.Tensor] = []
+
+        def keep(module, args, kwargs):
+            entering[:] = [args[0] if args else kwargs["hidden_states"]]
+
+        def change(module, args, output):
+            attn = output[0] if isinstance(output, tuple) else output
+            x = entering[0]
+            mid = x + attn
+            new_mid = self._patched(patch, component, mid)
+            if new_mid is mid:
+                return None
+            new = torch.where(new_mid != mid, new_mid - x, attn)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return [
+            layer.register_forward_pre_hook(keep, prepend=True, with_kwargs=True),
+            layer.self_attn.register_forward_hook(change, prepend=True),
+        ]
+
+    def _patched(self, patch, component: str, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` [batch, seq, width] of the current forward with `patch` applied."""
+        forward = self._tracker.current.get(component)
+        batch, seq = hidden.shape[:2]
+        start = forward.start if forward is not None and forward.length == seq else 0
+        if start == 0:
+            self._prompt[component] = seq
+        at = self.at
+        if at is not None:
+            at = resolve_prompt_positions(at, self._prompt.get(component, seq), component)
+        rows = self._rows(component, batch * seq)
+        return apply_patch(patch, hidden, start, at, None if rows is None else rows.reshape(batch, seq))
+
+    def _rotary_hook(self, component: str):
+        """Rewrite the (t, h, w) position ids the rotary embedding receives (of `modality`'s rows only)."""
+
+        def hook(module, args, kwargs):
+            if len(args) >= 2:
+                position_ids = args[1]
+            elif "position_ids" in kwargs:
+                position_ids = kwargs["position_ids"]
+            else:
+                raise InterventionError(
+                    f"positions=: the {component}'s rotary embedding was called without position ids, so "
+                    "there is nothing to rewrite (transformers changed how it calls rotary_emb)"
+                )
+            if position_ids.dim() == 2:  # [batch, seq]: plain positions, the same on every axis
+                position_ids = position_ids[None].expand(3, -1, -1)
+            t, h, w = position_ids[0], position_ids[1], position_ids[2]
+            if self.positions == "temporal_only":
+                new = torch.stack([t, t, t])
+            else:
+                result = self.positions(t, h, w)
+                if not (isinstance(result, (tuple, list)) and len(result) == 3):
+                    raise InterventionError(
+                        "a positions callable returns (t, h, w), each shaped like its input"
+                    )
+                new = torch.stack(
+                    [torch.as_tensor(r, device=t.device, dtype=t.dtype).expand_as(t) for r in result]
+                )
+            rows = self._rows(component, t.numel())
+            if rows is not None:
+                new = torch.where(rows.reshape(t.shape).to(t.device)[None], new, position_ids)
+            if len(args) >= 2:
+                return (args[0], new, *args[2:]), kwargs
+            return args, {**kwargs, "position_ids": new}
+
+        return hook

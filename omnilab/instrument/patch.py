@@ -12,8 +12,14 @@ prompt position (n must equal the prompt's length). Where it applies:
   (a steering vector steers the whole reply), and rows apply to the prompt's positions only.
 - `modality` (of Intervention) further limits it to that modality's tokens.
 Sites are thinker or talker residual, attention or MLP sites (aliases or module paths, globs
-included: resolve_sites). The hooks run before any recording hook, so a trace records the patched
-values, and the patched output is a new tensor (the model's own is never written in place).
+included: resolve_sites), their outputs or, with ":input" ("resid.3:input"), their inputs, and the
+TransformerLens residual names resid_pre.L, resid_mid.L, resid_post.L (after deepstack). An input is
+changed by a pre-hook, so the module and everything after it reads the patched value; resid_mid.L
+(the sum of the layer's input and its attention output) is changed through the attention output, so
+the layer's residual add gives the value asked for (within one float rounding: (x + (v - x)) may
+differ from v in the last bit; rows left alone stay bit for bit). The hooks run before any recording
+hook, so a trace records the patched values, and the patched tensor is a new one (the model's own is
+never written in place).
 """
 
 from __future__ import annotations
@@ -23,19 +29,27 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InterventionError
+from .context import model_lock
 from .sites import Site, find_sites, resolve_sites, site_tensor, site_width
 
-PATCHABLE_KINDS = ("residual", "attention", "mlp")
+PATCHABLE_KINDS = ("residual", "attention", "mlp", "resid_pre", "resid_mid", "resid_post")
 PATCHABLE_COMPONENTS = ("thinker", "talker")
+INPUT_SUFFIX = ":input"  # "resid.3:input": the module's input, as lab.trace(sites=...) reads it
 
 
 @dataclass(frozen=True)
 class SitePatch:
-    """One change at one site: `mode` "set" or "add", `value` [width] or [rows, width]."""
+    """One change at one site: `mode` "set" or "add", `value` [width] or [rows, width]; `inputs`:
+    at the module's input (a ":input" site, or a site whose point is "input") instead of its output."""
 
     site: Site
     mode: str
     value: torch.Tensor
+    inputs: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.site.alias + (INPUT_SUFFIX if self.inputs and self.site.point == "output" else "")
 
 
 def check_positions(at) -> list[int] | None:
@@ -61,14 +75,21 @@ def build_patches(
         if not isinstance(spec, dict):
             raise InterventionError(f"{mode} is {{site: tensor}}; got {type(spec).__name__}")
         for pattern, value in spec.items():
-            for site in resolve_sites(model, pattern):
+            inputs = isinstance(pattern, str) and pattern.endswith(INPUT_SUFFIX)
+            for site in resolve_sites(model, pattern[: -len(INPUT_SUFFIX)] if inputs else pattern):
                 if site.kind not in PATCHABLE_KINDS or site.component not in PATCHABLE_COMPONENTS:
                     raise InterventionError(
                         f"{mode}: {site.alias} is a {site.component} {site.kind} site; set/add work at "
-                        "thinker and talker residual, attention and MLP sites (resid.L, attn.L, mlp.L, "
-                        "talker.resid.L ...); routers take ablate=/force="
+                        "thinker and talker residual, attention and MLP sites, outputs or inputs (resid.L, "
+                        "resid_pre.L, resid_mid.L, resid_post.L, attn.L, mlp.L, resid.L:input, "
+                        "talker.resid.L ...); routers take ablate=/force=/replay="
                     )
-                patches.append(SitePatch(site, mode, _check_value(model, site, mode, pattern, value, at)))
+                if inputs and site.point == "input":
+                    raise InterventionError(
+                        f"{mode}: {site.alias} is already a module's input; name it without {INPUT_SUFFIX!r}"
+                    )
+                checked = _check_value(model, site, mode, pattern, value, at)
+                patches.append(SitePatch(site, mode, checked, inputs or site.point == "input"))
     return patches
 
 
@@ -114,8 +135,11 @@ def apply_patch(
     at: list[int] | None,
     modality_rows: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`hidden` [B, S, W] (rows at positions start .. start+S-1) with `patch` applied: a new tensor."""
-    seq = hidden.shape[1]
+    """`hidden` [B, S, W] (rows at positions start .. start+S-1) with `patch` applied: a new tensor.
+
+    `modality_rows` [B, S] (or [S]) limits it to those rows of each sequence of the batch.
+    """
+    batch, seq = hidden.shape[:2]
     value = patch.value.to(hidden.device, hidden.dtype)
     if at is not None:
         positions = torch.as_tensor(at, dtype=torch.long)
@@ -137,23 +161,18 @@ def apply_patch(
         inside = (positions >= start) & (positions < start + seq)
         rows = torch.zeros(seq, dtype=torch.bool)
         rows[positions[inside] - start] = True
-        index = torch.full((seq,), -1, dtype=torch.long)
+        index = torch.zeros(seq, dtype=torch.long)
         index[positions[inside] - start] = source[inside]
+    mask = rows[None, :].expand(batch, seq)
     if modality_rows is not None:
-        rows &= modality_rows.cpu()
-    if not bool(rows.any()):
+        mask = mask & modality_rows.cpu().reshape(-1, seq).expand(batch, seq)
+    if not bool(mask.any()):
         return hidden
-    out = hidden.clone()
-    where = rows.nonzero().reshape(-1).to(hidden.device)
-    if value.ndim == 1:
-        new = value.expand(len(where), -1)
-    else:
-        new = value[index[rows].to(hidden.device)]
+    new = value.expand(seq, -1) if value.ndim == 1 else value[index.to(hidden.device)]  # [S, W]
+    where = mask.to(hidden.device)[..., None]
     if patch.mode == "set":
-        out[:, where] = new
-    else:
-        out[:, where] = hidden[:, where] + new
-    return out
+        return torch.where(where, new.expand(batch, seq, -1), hidden)
+    return torch.where(where, hidden + new, hidden)
 
 
 # -- batched patching: the corrupted run once, then only the text model's layers from the patched one --
@@ -220,8 +239,6 @@ def patched_last_logits(lab, run: RecordedRun, layer: int, sources: dict, masks:
     output takes `sources[name]` ([1, L, H]) where the mask is True. The text model's own loop, final
     norm and mask run; its layer list is cut for the call (under the model's lock) and restored.
     """
-    from ..streaming.steps import model_lock
-
     size = next(iter(masks.values())).shape[0]
     sites = {s.name: s for s in find_sites(lab.model) if s.name in masks}
 

@@ -4,11 +4,21 @@ A site is a module of the model that omnilab knows how to record at or change. S
 the model's own modules, so the same code finds 4 thinker routers on `tiny` and 48 on the real
 checkpoint (built on the meta device). Each has its module path and a short alias a researcher types:
 
-    resid.10            thinker.model.language_model.layers.10          (the residual stream after layer 10)
+    resid.10            thinker.model.language_model.layers.10          (the layer's output; see below)
+    resid_pre.10 / resid_mid.10 / resid_post.10                           (TransformerLens's names, below)
     attn.10 / mlp.10    ...layers.10.self_attn / ...layers.10.mlp       (attention / MoE block output)
     router.10           ...layers.10.mlp.gate
     talker.resid.3      talker.model.layers.3        (talker.attn.3, talker.mlp.3, talker.router.3 likewise)
     code_predictor.resid.0, audio_tower, vision_tower, deepstack.1, codec_head, code_predictor, code2wav
+
+The residual stream has TransformerLens's names too (`talker.` in front for the talker's), each read
+where the model really carries it: `resid_pre.L` enters layer L (the input of `layers.L`),
+`resid_mid.L` is after attention and before the MLP (the input of `layers.L.post_attention_layernorm`),
+`resid_post.L` leaves layer L after deepstack has added the vision tower's features at image and video
+positions (the input of `layers.L+1`, of the final norm after the last layer). `resid.L` stays the
+alias of the layer's own output, as `output_hidden_states` has it: in the first layers, before
+deepstack (it equals `resid_post.L` where no deepstack feature is added). A site's `point` says
+whether its tensor is its module's output or its input.
 
 `resolve_sites(model, patterns)` takes aliases, module paths, globs over either (`resid.*`) and the
 named sets in SITE_SETS (`routing`, `positions`, `codes`, `residual`).
@@ -75,6 +85,7 @@ class Site:
     records: str
     module: torch.nn.Module
     alias: str = ""  # the short name, e.g. "resid.10" (the module path where there is none)
+    point: str = "output"  # "output": the module's output is the site's tensor; "input": its first input
 
 
 # (component, kind) -> the alias stem; a layer's number follows it ("resid.10")
@@ -150,15 +161,54 @@ def _walk(model: torch.nn.Module) -> list[Site]:
                 component = _component(name)
                 alias = _alias(name, kind, component, layer)
                 sites.append(Site(name, kind, component, layer, what, module, alias))
+                if kind == "residual" and component in RESIDUAL_POINT_COMPONENTS:
+                    sites += _residual_points(model, name, component, layer)
                 break
     return sites
 
 
+# TransformerLens's residual names: (kind, alias stem, what it records)
+RESIDUAL_POINTS = (
+    ("resid_pre", "resid_pre", "the residual stream entering the layer (the layer's input)"),
+    (
+        "resid_mid",
+        "resid_mid",
+        "the residual stream after attention, before the MLP (post_attention_layernorm's input)",
+    ),
+    (
+        "resid_post",
+        "resid_post",
+        "the residual stream leaving the layer, deepstack's vision features added (the next layer's "
+        "input, the final norm's after the last layer)",
+    ),
+)
+RESIDUAL_POINT_COMPONENTS = ("thinker", "talker")
+RESIDUAL_POINT_KINDS = tuple(kind for kind, _, _ in RESIDUAL_POINTS)
+
+
+def _residual_points(model: torch.nn.Module, name: str, component: str, layer: int) -> list[Site]:
+    """resid_pre.L, resid_mid.L and resid_post.L of the decoder layer at module path `name`."""
+    text = component_module(model, component)
+    text = text.model.language_model if component == "thinker" else text.model
+    layers = text.layers
+    following = layers[layer + 1] if layer + 1 < len(layers) else text.norm
+    modules = {
+        "resid_pre": layers[layer],
+        "resid_mid": layers[layer].post_attention_layernorm,
+        "resid_post": following,
+    }
+    stem = "" if component == "thinker" else "talker."
+    return [
+        Site(f"{name}:{kind}", kind, component, layer, what, modules[kind], f"{stem}{alias}.{layer}", "input")
+        for kind, alias, what in RESIDUAL_POINTS
+    ]
+
+
 def sites_frame(sites: list[Site]) -> pd.DataFrame:
-    """The registry as a table: alias, name, kind, component, layer, records."""
+    """The registry as a table: alias, name, kind, component, layer, point (output or input), records."""
     return pd.DataFrame(
-        [(s.alias, s.name, s.kind, s.component, s.layer, s.records) for s in sites],
-        columns=["alias", "name", "kind", "component", "layer", "records"],
+        [(s.alias, s.name, s.kind, s.component, s.layer, s.point, s.records) for s in sites],
+        columns=["alias", "name", "kind", "component", "layer", "point", "records"],
     )
 
 
@@ -232,7 +282,7 @@ def site_width(model: torch.nn.Module, site: Site) -> int | None:
         return int(getattr(gate, "num_experts", 0) or gate.weight.shape[0])
     if site.kind == "codec_head":
         return int(site.module.out_features)
-    if site.kind in ("residual", "mlp", "attention") and site.component in (
+    if site.kind in ("residual", "mlp", "attention", *RESIDUAL_POINT_KINDS) and site.component in (
         "thinker",
         "talker",
         "code_predictor",

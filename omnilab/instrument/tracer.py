@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,9 @@ def recorders_for(
 
 
 def active_tracer(lab):
-    """The innermost open Tracer of `lab`, or None."""
-    stack = getattr(lab, "_tracers", None)
+    """The innermost Tracer of `lab` open in this thread, or None (a Tracer records the runs of the
+    thread that opened it: another thread's generate is not its run)."""
+    stack = getattr(lab, "_tracers", {}).get(threading.get_ident())
     return stack[-1] if stack else None
 
 
@@ -143,9 +145,12 @@ class Tracer:
     Activations [rows, width]); the named sets routing, positions, codes mean those captures, and a
     site pattern in `capture` counts as one here. positions: thinker prompt positions to keep (all
     when None); modality: a modality name or names to keep; dtype: what the tensors are stored in
-    (float16, or the model's dtype where it is bfloat16/float16). memory_budget: the bytes this run's
-    captures (attention, routing, activations) may hold, estimated before the forward; over it the
-    run is refused with a BudgetError (None: no limit).
+    (the model's own dtype unless asked: dtype=torch.float16 halves a float32 model's capture, and
+    a value patched back with set= is then rounded). memory_budget: the bytes this run's captures
+    (attention, routing, activations; generated tokens and speech frames included) may hold,
+    estimated before the forward; over it the run is refused with a BudgetError (None: no limit).
+    Talker and code predictor sites need a run that speaks (`generate` with return_audio): in
+    `lab.forward`, or with return_audio=False, asking for them is refused by name.
     """
 
     def __init__(
@@ -167,12 +172,14 @@ class Tracer:
         self.capture, patterns = split_capture(capture, sites)
         self.capture = capture_spec(self.capture)
         self.requests = resolve_requests(self.model, patterns) if patterns else []
+        dtype = dtype or next(self.model.parameters()).dtype  # the model's own: lossless by default
         self.activation_options = {"positions": positions, "modality": modality, "dtype": dtype}
         self.attention_layers = attention_layers or {}
         self.heads = heads
         self.attention = attention_settings(attention)
         self.memory_budget = memory_budget
         self.trace: Trace | None = None
+        self._entered = False
         recorders_for(  # checks
             self.model, self.capture, attention_layers=attention_layers, heads=heads, attention=self.attention
         )
@@ -180,6 +187,13 @@ class Tracer:
 
     # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
+        if self._entered:
+            # A second entry would silently replace (or, nested, interleave with) the first's record.
+            raise InterventionError(
+                "this Tracer was already entered, and one Tracer records one run; open a new "
+                "lab.trace(...) for each run (its .trace after exit is the Trace)"
+            )
+        self._entered = True
         recorders = recorders_for(
             self.model,
             self.capture,
@@ -193,22 +207,39 @@ class Tracer:
         self._prompt = None
         self._reply = None
         self._recording.__enter__()
-        if not hasattr(self.lab, "_tracers"):
-            self.lab._tracers = []
-        self.lab._tracers.append(self)
+        self._thread = threading.get_ident()
+        stacks = self.lab.__dict__.setdefault("_tracers", {})  # thread id -> its open Tracers
+        stacks.setdefault(self._thread, []).append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         try:
-            self.lab._tracers.remove(self)
+            stacks = self.lab._tracers
+            stacks[self._thread].remove(self)
+            if not stacks[self._thread]:
+                del stacks[self._thread]
         finally:
             self._recording.__exit__()
         self.trace = self._build()
 
     # -- called by OmniLab.generate ---------------------------------------------------------------
     def begin(
-        self, inputs, gathered, *, prompt_length: int, use_audio_in_video: bool, max_new_tokens: int = 0
+        self,
+        inputs,
+        gathered,
+        *,
+        prompt_length: int,
+        use_audio_in_video: bool,
+        max_new_tokens: int = 0,
+        speech_frames: int = 0,
+        speaks: bool | None = None,
     ) -> None:
+        """Called by the run before its forward: checks, the budget, the prompt's metadata.
+
+        max_new_tokens / speech_frames: the most tokens and frames the run makes (the budget counts
+        their rows); speaks: whether the talker runs (False refuses talker sites by name; None:
+        not said).
+        """
         if self._prompt is not None:
             # Tables key each token by (component, pos): a second run's rows would silently merge
             # with the first's, and meta holds one reply. What was recorded so far stays intact.
@@ -219,8 +250,10 @@ class Tracer:
             )
         if self.requests:
             self._check_positions(prompt_length)
+        if speaks is False:
+            self._check_silent_talker()
         if self.memory_budget is not None:  # before the forward: refused, or it runs
-            check_budget(self, inputs, max_new_tokens=max_new_tokens)
+            check_budget(self, inputs, max_new_tokens=max_new_tokens, speech_frames=speech_frames)
         self._prompt = {
             "length": prompt_length,
             "items": gathered.items,
@@ -229,6 +262,17 @@ class Tracer:
 
     def end(self, reply) -> None:
         self._reply = reply
+
+    def _check_silent_talker(self) -> None:
+        """Talker sites in a run where the talker does not run would come back silently absent."""
+        talker = [r.key for r in self.requests if r.site.component in ("talker", "code_predictor")]
+        talker += [f"talker attention layers {v}" for c, v in self.attention_layers.items() if c == "talker"]
+        if talker:
+            raise InterventionError(
+                f"{', '.join(talker)} record the talker, which this run does not use (lab.forward, or "
+                "generate with return_audio=False runs the thinker only); generate with "
+                "return_audio=True to record them, or leave them out"
+            )
 
     def _check_positions(self, prompt_length: int) -> None:
         """The activations' positions lie inside the prompt (checked before the forward)."""

@@ -2,7 +2,7 @@
 
     with lab.trace(sites=["resid.*", "audio_tower"], modality="audio") as tr:
         lab.forward(conversation)
-    tr.trace.activations["resid.3"].values      # [rows, width], float16 unless dtype= says otherwise
+    tr.trace.activations["resid.3"].values      # [rows, width], in the model's dtype unless dtype= says otherwise
 
 A hook at each site takes the site's tensor (`site_tensor`; the vision tower's merged tokens, which
 fill the placeholders), keeps the chosen rows, casts them (one copy, the only one on a CPU) and holds
@@ -13,8 +13,8 @@ padding only its first `turn.prompt_length` prefill positions).
 Rows are keyed like the tokens table: (component, phase, step, pos). Thinker and talker sites key by
 their own forward; the code predictor by its own sequence (component "code_predictor", pos in its
 16-position sequence, step = the talker step whose codebook 0 it completes, which is the frame); the audio and vision towers (and deepstack mergers) by
-the thinker positions of the placeholders they fill, in order (images before videos, as the thinker
-fills them). A pattern ending in ":input" records the module's first input (e.g. "resid.0:input",
+the thinker positions of the placeholders they fill, rows in position order (the thinker fills
+images before videos; the rows are sorted back into the prompt's order). A pattern ending in ":input" records the module's first input (e.g. "resid.0:input",
 the embeddings the first layer reads).
 """
 
@@ -67,6 +67,11 @@ def resolve_requests(model, patterns) -> list[SiteRequest]:
                     "its layers instead (resid.*, attn.*, mlp.*, talker.resid.*, codec_head), or use the "
                     "named sets routing, positions, codes"
                 )
+            if inputs and site.point == "input":
+                raise InterventionError(
+                    f"site {site.alias!r} is already a module's input ({site.module.__class__.__name__} "
+                    f"of {site.name}); name it without {INPUT_SUFFIX!r}"
+                )
             request = SiteRequest(site, inputs)
             out[request.key] = request
     return list(out.values())
@@ -116,8 +121,8 @@ class ActivationsRecorder(Recorder):
             component = "talker" if site.component == "code_predictor" else site.component
             component = "thinker" if component in TOWERS else component
             receive = self._receive(request)
-            if request.inputs:
-                recording.on_input(site.module, component, lambda f, args, r=receive: args and r(f, args[0]))
+            if request.inputs or site.point == "input":
+                recording.on_input(site.module, component, _first_input(request, receive))
             else:
                 recording.on_output(site.module, component, receive)
         towers = {r.site.component for r in self.requests if r.site.component in TOWERS}
@@ -270,8 +275,11 @@ class ActivationsRecorder(Recorder):
         keep = np.ones(len(pos), dtype=bool)
         if self.positions is not None:
             keep &= np.isin(pos, self.positions)
-        if not keep.all():
-            pos, values = pos[keep], values[torch.as_tensor(np.flatnonzero(keep))]
+        order = np.flatnonzero(keep)
+        if len(pos) and (pos >= 0).all():  # images fill first, then videos: rows in position order
+            order = order[np.argsort(pos[order], kind="stable")]
+        if not np.array_equal(order, np.arange(len(pos))):
+            pos, values = pos[order], values[torch.as_tensor(order)]
         n = len(pos)
         columns = {
             "component": np.full(n, "thinker", dtype=object),
@@ -280,6 +288,20 @@ class ActivationsRecorder(Recorder):
             "pos": pos.astype(np.int32),
         }
         return columns, values
+
+
+def _first_input(request: SiteRequest, receive):
+    """`receive(forward, the module's first input)`; a module called without one is refused by name."""
+
+    def on_input(forward: Forward, args) -> None:
+        if not args:
+            raise InterventionError(
+                f"site {request.key!r}: {request.site.name} was called with its input as a keyword, so "
+                "its input cannot be recorded here; record the previous module's output instead"
+            )
+        receive(forward, args[0])
+
+    return on_input
 
 
 def _find(model, component: str) -> list[Site]:
@@ -292,13 +314,28 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # -- what a capture will cost, before it runs ------------------------------------------------------
-def estimate_bytes(
-    model, requests: list[SiteRequest], input_ids, *, positions=None, modality=None, dtype=None
-) -> int:
-    """Bytes the prompt's activations will hold on the host: rows x width x element size per site.
+# The talker's prompt: the user's turns (at most the thinker's prompt) and 9 positions of its own
+# assistant head (transformers' `_get_talker_assistant_parts`: 3 + 4 pads + bos + the first text).
+TALKER_ASSISTANT_POSITIONS = 9
 
-    Rows are the prompt's (thinker sites) or its placeholders' (towers) after `positions` and
-    `modality`; generated steps add one row each per site on top of this.
+
+def estimate_bytes(
+    model,
+    requests: list[SiteRequest],
+    input_ids,
+    *,
+    positions=None,
+    modality=None,
+    dtype=None,
+    max_new_tokens: int = 0,
+    speech_frames: int = 0,
+) -> int:
+    """Bytes the run's activations will hold on the host: rows x width x element size per site.
+
+    Rows: thinker sites, the prompt's after `positions` and `modality`, and one per generated token fed
+    back (`max_new_tokens` - 1; none when `positions` limits them to the prompt); towers, their
+    placeholders'; talker sites, at most the talker's prompt (the thinker's prompt and its own head)
+    and one per talker step (`speech_frames` + 1); code predictor sites, its codebooks per frame.
     """
     dtype = dtype or default_dtype(model)
     element = torch.empty(0, dtype=dtype).element_size()
@@ -307,21 +344,41 @@ def estimate_bytes(
     modality_of = np.full(ids.shape, "text", dtype=object)
     for name, token in special.media.items():
         modality_of[ids == token] = name
+    wanted = None if modality is None else ({modality} if isinstance(modality, str) else set(modality))
     selected = np.ones(ids.shape, dtype=bool)
     if positions is not None:
         selected &= np.isin(np.arange(ids.shape[-1]), list(positions))
-    if modality is not None:
-        selected &= np.isin(modality_of, [modality] if isinstance(modality, str) else list(modality))
+    if wanted is not None:
+        selected &= np.isin(modality_of, list(wanted))
+    generated = max(int(max_new_tokens) - 1, 0)  # the last token is never fed back
+    if positions is not None or (wanted is not None and "text" not in wanted):
+        generated = 0
+    frames = int(speech_frames)
+    steps = frames + 1 if frames else 0
+    talker_prompt = (ids.shape[-1] + TALKER_ASSISTANT_POSITIONS) if frames else 0
+    if wanted is not None:
+        talker_prompt = talker_prompt if wanted - {"speech"} else 0
+        steps = steps if "speech" in wanted else 0
+    codebooks = _codebooks(model)
     total = 0
     for request in requests:
         site = request.site
         if site.component == "thinker":
-            rows = int(selected.sum())
+            rows = int(selected.sum()) + generated
         elif site.component == "audio_tower":
             rows = int((selected & (modality_of == "audio")).sum())
         elif site.component == "vision_tower":
             rows = int((selected & np.isin(modality_of, ["image", "video"])).sum())
+        elif site.component == "talker":
+            rows = talker_prompt + steps
+        elif site.component == "code_predictor":
+            rows = frames * codebooks if wanted is None or "speech" in wanted else 0
         else:
-            rows = 0  # talker and code predictor rows come with generated speech
+            rows = 0
         total += rows * (site_width(model, site) or 0) * element
     return int(total)
+
+
+def _codebooks(model) -> int:
+    talker = getattr(model, "talker", None)
+    return int(talker.config.num_code_groups) if talker is not None else 0
