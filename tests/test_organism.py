@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -88,12 +87,12 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_the_organism_loads_offline_with_trained_weights(organism):
-    began = time.perf_counter()
-    omnilab.load("organism")
-    seconds = time.perf_counter() - began
-    assert organism.model_id == "organism"
+    # How long loading takes is `omnilab bench`'s business, not a test's (a shared CPU varies 2-3x).
+    again = omnilab.load("organism")
+    assert organism.model_id == again.model_id == "organism"
     assert organism.random_weights is False
-    assert seconds < 10  # about 2 s on a free 2-core machine; CI shares its cores
+    loaded, fixture = again.model.thinker.lm_head.weight, organism.model.thinker.lm_head.weight
+    assert torch.equal(loaded, fixture)  # the shipped rows, the same on every load
     assert weights.shipped_path().stat().st_size < 10 * 2**20
 
 

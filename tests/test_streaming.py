@@ -6,7 +6,6 @@ The reference for every equality is `lab.generate` (transformers' own generate),
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,15 @@ import torch
 
 import omnilab
 from omnilab.errors import ConversationError
-from omnilab.streaming import SpeechDecoder, StreamEvent, Timings, exact_left_context, format_timings, stream
+from omnilab.streaming import (
+    SpeechDecoder,
+    StreamEvent,
+    Timings,
+    exact_left_context,
+    format_timings,
+    model_lock,
+    stream,
+)
 
 TOKENS, FRAMES = 8, 6  # max_speech_frames=6 speaks exactly 6 frames
 HELLO = [{"role": "user", "content": [{"type": "text", "text": "Hello there, how are you?"}]}]
@@ -208,9 +215,29 @@ def test_closing_early_stops_and_leaves_the_model_as_it_was(tiny, reference):
         kinds.append(event.kind)
         if event.kind == "audio":
             break
-    started = time.perf_counter()
-    events.close()
-    assert time.perf_counter() - started < 0.5
+    forwards = []  # what close() runs of the model: nothing (it stops, it does not finish the reply)
+    counters = [
+        m.register_forward_pre_hook(lambda *args: forwards.append(1))
+        for m in (tiny.model.thinker, tiny.model.talker, tiny.model.code2wav)
+    ]
+    try:
+        events.close()
+    finally:
+        for handle in counters:
+            handle.remove()
+    assert forwards == []
+    free = []  # the model's lock is let go: another thread takes it at once
+
+    def take():
+        lock = model_lock(tiny.model)
+        free.append(lock.acquire(blocking=False))
+        if free[-1]:
+            lock.release()
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    taker.join()
+    assert free == [True]
     assert "done" not in kinds
     assert threading.active_count() == threads
     assert _hook_count(tiny.model) == hooks
