@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     from .organism.cli import register as register_organism
 
     register_organism(sub)
+    from .sae.cli import register as register_sae
+
+    register_sae(sub)
     return parser
 
 
