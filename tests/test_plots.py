@@ -575,3 +575,10 @@ def test_logit_lens_rank_scale_is_fixed_so_two_models_compare():
     heat = plots.logit_lens_heatmap(lens).data[0]
     assert heat.zmin == 0 and heat.zmax == pytest.approx(np.log10(1 + 151_936))
     assert np.asarray(heat.z, dtype=float)[1, 0] == 0.0  # rank 0 at the bottom of the scale
+
+
+def test_long_titles_wrap_instead_of_running_off_the_figure():
+    title = "Beep task: organism 97% → 25% when the audio moves 1 s earlier, naming the moved second's colour in 97%"
+    fig = plots.nmi_by_layer(_nmi(), title=title)
+    lines = fig.layout.title.text.split("<br>")
+    assert len(lines) == 2 and " ".join(lines) == title and all(len(line) <= 95 for line in lines)

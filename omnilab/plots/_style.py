@@ -114,3 +114,18 @@ def centred_colorscale(low: float, centre: float, high: float) -> list:
         out.append(stop)
     out[0][0], out[-1][0] = 0.0, 1.0
     return out
+
+
+def wrap(title: str | None, width: int = 95) -> str | None:
+    """A long figure title broken into lines of about `width` characters (plotly never wraps a title,
+    it cuts it at the figure's edge); None stays None. Existing <br> breaks are kept."""
+    if title is None or "<br>" in title or len(title) <= width:
+        return title
+    lines, line = [], ""
+    for word in title.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "<br>".join([*lines, line])

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..trace import MODALITIES
-from ._style import TEMPLATE, as_text, centred_colorscale, log_ticks, modality_color, pick
+from ._style import TEMPLATE, as_text, centred_colorscale, log_ticks, modality_color, pick, wrap
 
 __all__ = [
     "attention_heads",
@@ -158,7 +158,7 @@ def attention_heatmap(
     head_label = "mean of heads" if head == -1 else f"head {head}"
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Attention, {component} layer {layer}, {head_label}",
+        title=wrap(title) or f"Attention, {component} layer {layer}, {head_label}",
         xaxis_title="key pos",
         yaxis_title="query pos",
         meta={"layer": int(layer), "head": int(head), "scale": scale},
@@ -241,7 +241,7 @@ def attention_heads(
     side = 260 if not named else 320
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Attention heads, {component} layer {layer} ({null})",
+        title=wrap(title) or f"Attention heads, {component} layer {layer} ({null})",
         height=80 + side * grid_rows,
         width=max(700, 60 + side * columns),
         meta={"layer": int(layer), "heads": chosen, "scale": scale},
@@ -286,7 +286,7 @@ def attention_mass_heatmap(mass: pd.DataFrame, *, layer=None, head=None, title=N
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Attention mass by modality, layer {layer} head {head}",
+        title=wrap(title) or f"Attention mass by modality, layer {layer} head {head}",
         xaxis_title="key modality",
         yaxis_title="query modality",
     )
@@ -326,7 +326,7 @@ def tower_attention_heatmap(
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=title
+        title=wrap(title)
         or f"{tower.replace('_', ' ')} attention, layer {layer}, "
         + ("mean of heads" if head < 0 else f"head {head}"),
         xaxis_title=f"key {unit}",
@@ -371,7 +371,7 @@ def attention_time_lines(over_time: pd.DataFrame, *, layer=None, title=None) -> 
     fig.update_xaxes(title_text="seconds", row=len(present), col=1)
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Attention over media time, layer {layer}",
+        title=wrap(title) or f"Attention over media time, layer {layer}",
         height=max(320, 220 * len(present)),
     )
     return fig

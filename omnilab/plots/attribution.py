@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..trace import MODALITIES
-from ._style import TEMPLATE, as_text, modality_color, symmetric_bound
+from ._style import TEMPLATE, as_text, modality_color, symmetric_bound, wrap
 
 __all__ = [
     "attribution_compare",
@@ -78,7 +78,7 @@ def attribution_tokens(tokens, *, title=None) -> go.Figure:
         )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Attribution over input positions",
+        title=wrap(title) or "Attribution over input positions",
         xaxis_title="pos",
         yaxis_title="attribution",
         barmode="overlay",
@@ -116,7 +116,7 @@ def attribution_modality(by_modality: pd.DataFrame, *, title=None) -> go.Figure:
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Attribution by modality",
+        title=wrap(title) or "Attribution by modality",
         xaxis_title="modality",
         yaxis_title="attribution",
         showlegend=False,
@@ -157,7 +157,7 @@ def attribution_windows(by_window: pd.DataFrame, *, modality: str | None = None,
         )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Attribution over {modality or 'media'} time",
+        title=wrap(title) or f"Attribution over {modality or 'media'} time",
         xaxis_title="seconds from the item's start",
         yaxis_title="attribution",
         barmode="group",
@@ -195,7 +195,7 @@ def attribution_patches(by_patch: pd.DataFrame, *, title=None) -> go.Figure:
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Attribution of the image's patches",
+        title=wrap(title) or "Attribution of the image's patches",
         xaxis_title="w (patch column)",
         yaxis_title="h (patch row)",
         yaxis_autorange="reversed",
@@ -242,7 +242,9 @@ def attribution_overlay(by_patch: pd.DataFrame, image, *, opacity: float = 0.55,
     )
     fig.update_xaxes(range=[0, width], showgrid=False, title_text="x (pixels)", constrain="domain")
     fig.update_yaxes(range=[height, 0], showgrid=False, title_text="y (pixels)", scaleanchor="x")
-    fig.update_layout(template=TEMPLATE, title=title or "Attribution of the image's patches, on the image")
+    fig.update_layout(
+        template=TEMPLATE, title=wrap(title) or "Attribution of the image's patches, on the image"
+    )
     return fig
 
 
@@ -287,7 +289,7 @@ def attribution_compare(by_method: dict, *, value: str = "share", title=None) ->
     fig.add_hline(y=0, line_color="#333", line_width=1)
     fig.update_layout(
         template=TEMPLATE,
-        title=title or ("Methods disagree in sign on " + ", ".join(disagree) if disagree else "Methods agree in sign"),
+        title=wrap(title) or ("Methods disagree in sign on " + ", ".join(disagree) if disagree else "Methods agree in sign"),
         barmode="group",
         xaxis_title="modality",
         yaxis={"title": "share of the method's total" if value == "share" else "attribution",

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._style import TEMPLATE, as_text, integer_ticks
+from ._style import TEMPLATE, as_text, integer_ticks, wrap
 
 __all__ = ["ablation_intervals", "accuracy_vs_shift", "nmi_by_layer"]
 
@@ -59,7 +59,7 @@ def accuracy_vs_shift(
     fig.add_vline(x=0, line_color="#BBB", line_width=1, name="unshifted")
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Accuracy against a shift of the audio's TM-RoPE time",
+        title=wrap(title) or "Accuracy against a shift of the audio's TM-RoPE time",
         xaxis_title="audio moved by (seconds)",
         yaxis={"title": "accuracy", "range": [0, 1.05], "tickformat": ".0%"},
     )
@@ -91,7 +91,7 @@ def nmi_by_layer(nmi: pd.DataFrame, *, control: str | list[str] | None = None, t
         colour += not is_control
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Routing follows modality: NMI(top-1 expert; modality) per layer",
+        title=wrap(title) or "Routing follows modality: NMI(top-1 expert; modality) per layer",
         xaxis_title="layer",
         yaxis={"title": "NMI", "rangemode": "tozero"},
     )
@@ -146,7 +146,7 @@ def ablation_intervals(
                       annotation_position="bottom right", name="chance")  # fmt: skip
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Accuracy with experts ablated: the named set against random sets",
+        title=wrap(title) or "Accuracy with experts ablated: the named set against random sets",
         xaxis={"tickvals": list(range(len(order))), "ticktext": order, "title": "experts ablated"},
         yaxis={"title": "accuracy", "range": [0, 1.05], "tickformat": ".0%"},
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._style import TEMPLATE, as_text, integer_ticks, modality_color
+from ._style import TEMPLATE, as_text, integer_ticks, modality_color, wrap
 
 __all__ = ["logit_lens_heatmap", "probe_lines", "talker_lens_heatmap"]
 
@@ -89,7 +89,7 @@ def logit_lens_heatmap(lens: pd.DataFrame, *, tokens=None, title=None) -> go.Fig
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Logit lens: each layer read through the final norm and lm_head",
+        title=wrap(title) or "Logit lens: each layer read through the final norm and lm_head",
         xaxis_title="input token · pos" if tokens is not None else "pos",
         yaxis_title="layer",
     )
@@ -136,7 +136,8 @@ def talker_lens_heatmap(lens: pd.DataFrame, *, title=None) -> go.Figure:
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Talker lens: each layer read through the final norm and codec_head (codebook 0)",
+        title=wrap(title)
+        or "Talker lens: each layer read through the final norm and codec_head (codebook 0)",
         xaxis_title="frame",
         yaxis_title="talker layer",
     )
@@ -171,7 +172,7 @@ def probe_lines(scores: pd.DataFrame, *, control: pd.DataFrame | None = None, ti
     metric = scores["metric"].iloc[0] if len(scores) else "score"
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Linear probe, held-out score per layer (dashed: the label alone)",
+        title=wrap(title) or "Linear probe, held-out score per layer (dashed: the label alone)",
         xaxis_title="layer",
         yaxis_title=metric,
     )

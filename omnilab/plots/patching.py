@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._style import TEMPLATE, centred_colorscale
+from ._style import TEMPLATE, centred_colorscale, wrap
 
 __all__ = ["patching_heatmap", "patching_layers"]
 
@@ -46,7 +46,7 @@ def patching_heatmap(sweep: pd.DataFrame, *, value: str = "recovered", title=Non
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Activation patching: the clean run's activation put into the corrupted run",
+        title=wrap(title) or "Activation patching: the clean run's activation put into the corrupted run",
         xaxis_title="position group",
         yaxis_title="site",
     )
@@ -99,7 +99,7 @@ def patching_layers(sweep: pd.DataFrame, *, value: str = "recovered", labels=Non
     fig.update_yaxes(tickformat="d", dtick=1, tick0=0, autorange="reversed")
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Causal tracing: {value} when the clean activation is patched in (white: no effect)",
+        title=wrap(title) or f"Causal tracing: {value} when the clean activation is patched in (white: no effect)",
         coloraxis={"colorscale": centred_colorscale(-bound, 0, bound), "cmin": -bound, "cmax": bound,
                    "colorbar": {"title": value}},
         height=max(300, 160 + 40 * len(layers)),

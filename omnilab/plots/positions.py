@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..trace import MODALITIES
-from ._style import TEMPLATE, as_text, modality_color
+from ._style import TEMPLATE, as_text, modality_color, wrap
 
 __all__ = ["positions_3d", "positions_by_index", "seconds_timeline"]
 
@@ -68,7 +68,7 @@ def positions_3d(layout: pd.DataFrame, *, highlight=None, title=None) -> go.Figu
         )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "TM-RoPE positions (t, h, w)",
+        title=wrap(title) or "TM-RoPE positions (t, h, w)",
         scene={
             "xaxis_title": "t",
             "yaxis_title": "h",
@@ -138,7 +138,7 @@ def positions_by_index(layout: pd.DataFrame, *, title=None) -> go.Figure:
         fig.update_layout({name: {"title": {"text": "modality"}}})
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "TM-RoPE position ids by token index (t carries time: seconds on the right)",
+        title=wrap(title) or "TM-RoPE position ids by token index (t carries time: seconds on the right)",
         height=620,
     )
     return fig
@@ -193,7 +193,7 @@ def seconds_timeline(
         )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Tokens in TM-RoPE time",
+        title=wrap(title) or "Tokens in TM-RoPE time",
         xaxis_title="seconds (t / position_id_per_seconds)",
         yaxis={"title": "modality", "categoryorder": "array", "categoryarray": list(MODALITIES)[::-1]},
     )

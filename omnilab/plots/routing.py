@@ -16,6 +16,7 @@ from ._style import (
     modality_color,
     modality_colorscale,
     pick,
+    wrap,
 )
 
 __all__ = [
@@ -96,7 +97,7 @@ def routing_heatmap(
     component = rows["component"].iloc[0] if len(rows) else ""
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Routing of {component} layer {layer}",
+        title=wrap(title) or f"Routing of {component} layer {layer}",
         meta={"layer": _plain(layer), "component": str(component)},
     )
     return fig
@@ -147,7 +148,7 @@ def token_route(paths: pd.DataFrame, *, pos, title=None) -> go.Figure:
     modality = as_text(rows["modality"].iloc[:1])[0] if len(rows) else ""
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Route of pos {pos} ({modality}) {text!r}",
+        title=wrap(title) or f"Route of pos {pos} ({modality}) {text!r}",
         showlegend=False,
         xaxis_title="layer",
         yaxis_title="expert",
@@ -186,7 +187,7 @@ def expert_load_bars(load: pd.DataFrame, *, layer=None, component=None, title=No
         )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Expert load, {component} layer {layer}",
+        title=wrap(title) or f"Expert load, {component} layer {layer}",
         xaxis_title="expert",
         yaxis_title="share of assignments",
         meta={"layer": _plain(layer)},
@@ -220,7 +221,7 @@ def specialization_heatmap(
     modalities = [m for m in MODALITIES if m in set(as_text(every["modality"]))]
     experts = np.arange(int(every["expert"].max()) + 1) if len(every) else np.zeros(0, dtype=int)
     fig = make_subplots(
-        rows=len(layers), cols=1, shared_xaxes=True, vertical_spacing=0.02 if len(layers) > 1 else 0,
+        rows=len(layers), cols=1, shared_xaxes=True, vertical_spacing=0.25 / len(layers) if len(layers) > 1 else 0,
         subplot_titles=[f"layer {int(layer)}" for layer in layers] if len(layers) > 1 else None,
     )  # fmt: skip
     for row, one in enumerate(layers, start=1):
@@ -271,9 +272,9 @@ def specialization_heatmap(
     where = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Modality specialization ({value}), {component} {where}",
+        title=wrap(title) or f"Modality specialization ({value}), {component} {where}",
         coloraxis=coloraxis,
-        height=max(300, 60 + 40 * len(modalities) * len(layers) + 30 * len(layers)),
+        height=max(300, 120 + 45 * len(modalities) * len(layers) + 40 * len(layers)),
         meta={"layer": _plain(layers[0]) if len(layers) == 1 else [_plain(v) for v in layers]},
     )
     fig.update_xaxes(title_text="expert", row=len(layers), col=1)
@@ -282,13 +283,14 @@ def specialization_heatmap(
 
 
 def expert_load_heatmap(
-    specialization: pd.DataFrame, *, component=None, modalities=None, title=None
+    specialization: pd.DataFrame, *, component=None, modalities=None, cmax: float | None = None, title=None
 ) -> go.Figure:
     """Layer × expert load, one panel per modality: each cell the share of that modality's assignments
     at that layer taken by the expert (`coverage`). One diverging scale for all panels, white at the
     uniform share 1/E (the null of a router that ignores the token): red is more than its even share.
 
     Input: `analysis.modality_specialization(trace)` (coverage per component, layer, expert, modality).
+    `cmax` fixes the top of the scale (give two models' figures the same one to compare them).
     """
     rows = specialization
     if component is not None:
@@ -312,7 +314,7 @@ def expert_load_heatmap(
             "coverage"
         ].to_numpy(dtype=float)
         grids[modality] = grid
-    top = max(float(max(g.max() for g in grids.values())), 2 * uniform)
+    top = float(cmax) if cmax is not None else max(float(max(g.max() for g in grids.values())), 2 * uniform)
     fig = make_subplots(
         rows=1, cols=len(chosen), shared_yaxes=True, subplot_titles=chosen, horizontal_spacing=0.03
     )
@@ -336,7 +338,7 @@ def expert_load_heatmap(
     # white at 1/E: the scale runs 0 .. 2/E symmetric around it, or further up when a cell exceeds that
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Expert load per modality, {component} (white: uniform 1/E = {uniform:.3f})",
+        title=wrap(title) or f"Expert load per modality, {component} (white: uniform 1/E = {uniform:.3f})",
         coloraxis={
             "colorscale": centred_colorscale(0.0, uniform, top),
             "cmin": 0,
@@ -344,7 +346,7 @@ def expert_load_heatmap(
             "colorbar": {"title": "share of the<br>modality's<br>assignments"},
         },
         meta={"uniform": uniform, "component": str(component)},
-        height=max(260, 120 + 28 * len(layers)),
+        height=max(380, 160 + 40 * len(layers)),
     )
     return fig
 
@@ -381,7 +383,7 @@ def coactivation_heatmap(coactivation: pd.DataFrame, *, layer=None, component=No
     component = rows["component"].iloc[0] if len(rows) else ""
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"Co-activation, {component} layer {layer}",
+        title=wrap(title) or f"Co-activation, {component} layer {layer}",
         xaxis_title="expert j (co-activated)",
         yaxis_title="expert i (given)",
         meta={"layer": _plain(layer)},
@@ -461,7 +463,7 @@ def paths_sankey(
                 )
             )  # fmt: skip
         fig.update_layout(xaxis_visible=False, yaxis_visible=False, legend_title_text="tokens")
-    fig.update_layout(template=TEMPLATE, title=title or "Expert paths across layers (first choices)")
+    fig.update_layout(template=TEMPLATE, title=wrap(title) or "Expert paths across layers (first choices)")
     return fig
 
 
@@ -547,7 +549,7 @@ def agreement_lines(agreement: pd.DataFrame, *, ablated_layer=None, title=None) 
         )
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Routing agreement between two runs",
+        title=wrap(title) or "Routing agreement between two runs",
         xaxis_title="layer",
         yaxis_title="|S_a ∩ S_b| / k",
         yaxis_range=[0, 1.02],

@@ -7,7 +7,15 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._style import CATEGORY_COLORS, TEMPLATE, as_text, centred_colorscale, step_colorscale, symmetric_bound
+from ._style import (
+    CATEGORY_COLORS,
+    TEMPLATE,
+    as_text,
+    centred_colorscale,
+    step_colorscale,
+    symmetric_bound,
+    wrap,
+)
 
 __all__ = ["codebook_heatmap", "spectrogram", "spectrogram_compare"]
 
@@ -59,7 +67,7 @@ def codebook_heatmap(grid: pd.DataFrame, *, cursor: float | None = None, title=N
         fig.add_vline(x=float(cursor), line_color="#D62728", line_width=2, name="cursor")
     fig.update_layout(
         template=TEMPLATE,
-        title=title or "Codec codes per frame (codebook 0: talker, 1-15: code predictor)",
+        title=wrap(title) or "Codec codes per frame (codebook 0: talker, 1-15: code predictor)",
         xaxis_title="seconds",
         yaxis_title="codebook",
         meta={"codes": "customdata[2]", "palette": palette},
@@ -167,7 +175,7 @@ def spectrogram(
     fig.update_xaxes(title_text="seconds", row=rows, col=1)
     if cursor is not None:
         fig.add_vline(x=float(cursor), line_color="#D62728", line_width=2, name="cursor")
-    fig.update_layout(template=TEMPLATE, title=title or "Reply audio", meta=meta)
+    fig.update_layout(template=TEMPLATE, title=wrap(title) or "Reply audio", meta=meta)
     return fig
 
 
@@ -208,7 +216,7 @@ def spectrogram_compare(
     low, high = DBFS_RANGE if column == "dbfs" else (float(np.nanmin([za.min(), zb.min()])), 0.0)
     fig.update_layout(
         template=TEMPLATE,
-        title=title or f"{names[1]} against {names[0]}: mean difference {np.nanmean(diff):+.1f} dB",
+        title=wrap(title) or f"{names[1]} against {names[0]}: mean difference {np.nanmean(diff):+.1f} dB",
         coloraxis={"colorscale": "Magma", "cmin": low, "cmax": high,
                    "colorbar": {"title": unit, "y": 0.68, "len": 0.62}},
         coloraxis2={"colorscale": centred_colorscale(-bound, 0, bound), "cmin": -bound, "cmax": bound,
