@@ -227,21 +227,25 @@ def test_a_server_killed_mid_turn_restarts_and_leaves_no_half_written_download(a
     writer, talker = client(first.url), client(first.url)
     writer.predict(text="make some files", **FAST, api_name="/reply")
     stop = threading.Event()
+    downloaded = threading.Event()  # a download round trip finished: the server has files to lose
 
     def download_until_killed() -> None:
         with contextlib.suppress(Exception):
             while not stop.is_set():
                 writer.predict(api_name="/trace_zip")
                 writer.predict("thinker", 0, None, api_name="/figures_html")
+                downloaded.set()
 
     threading.Thread(target=download_until_killed, daemon=True).start()
     job = talker.submit(
         text="a long answer, please", max_new_tokens=400, max_speech_frames=200, api_name="/reply"
     )
+    # Kill once the long turn is running (and not done) and the downloads have written files.
+    assert downloaded.wait(timeout=120), "no download finished before the kill"
     deadline = time.monotonic() + 60
     while job.status().code.name != "PROCESSING" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # well inside the turn
+        time.sleep(0.05)  # polling the condition, not timing the kill
+    assert job.status().code.name == "PROCESSING" and not job.done(), job.status()
     first.stop(signal.SIGKILL)
     stop.set()
     with contextlib.suppress(AppError, Exception):

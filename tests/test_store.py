@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -150,10 +149,57 @@ def synthetic_store(root: Path, traces: dict[str, Trace], per_shard: int = 2) ->
     return root
 
 
-def run_collect_process(manifest: Path, out: Path, **options) -> subprocess.Popen:
-    code = textwrap.dedent(f"""
+# Code a collect process runs first to stop itself at a chosen point: it writes `marker` and waits
+# there for ever, so a test kills it exactly there (no sleeps, no racing the run).
+_PAUSE = """
+import pathlib, threading
+def pause():
+    pathlib.Path({marker!r}).write_text("paused")
+    threading.Event().wait()
+"""
+# ... in the middle of writing a shard: the n-th Parquet file written is left half written
+_PAUSE_IN_WRITE = """
+import pyarrow.parquet as real_pq
+from omnilab.store import layout
+calls = [0]
+class Parquet:
+    def __getattr__(self, name):
+        return getattr(real_pq, name)
+    def write_table(self, data, where, **options):
+        calls[0] += 1
+        if calls[0] == {n}:
+            where.write(b"PAR1 half a file")
+            where.flush()
+            pause()
+        return real_pq.write_table(data, where, **options)
+layout.pq = Parquet()
+"""
+# ... in the middle of the n-th forward of the thinker (its batch run, not yet in any shard)
+_PAUSE_IN_FORWARD = """
+import omnilab
+lab = omnilab.load("tiny")
+calls = [0]
+def count(module, args, kwargs):
+    calls[0] += 1
+    if calls[0] == {n}:
+        pause()
+lab.thinker.register_forward_pre_hook(count, with_kwargs=True)
+"""
+
+
+def run_collect_process(
+    manifest: Path, out: Path, *, pause: tuple[str, int, Path] | None = None, **options
+) -> subprocess.Popen:
+    """`collect` in its own process; `pause`: ("write" | "forward", n, marker file) stops it there."""
+    code, model = "", ""
+    if pause is not None:
+        where, n, marker = pause
+        code = _PAUSE.format(marker=str(marker))
+        code += (_PAUSE_IN_WRITE if where == "write" else _PAUSE_IN_FORWARD).format(n=n)
+        model = ", model=lab" if where == "forward" else ""
+    code = textwrap.dedent(code) + textwrap.dedent(f"""
         from omnilab.store import collect
-        collect({str(manifest)!r}, {str(out)!r}, progress=False, **{options!r})
+        collect({str(manifest)!r}, {str(out)!r}, progress=False{model}, **{options!r})
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen(
@@ -701,36 +747,40 @@ def test_collect_refuses_a_folder_that_is_not_a_store(tmp_path):
 # -- kill and resume ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_killed_runs_resume_to_exactly_once(tmp_path):
-    """SIGKILL collect mid-write, after shards, and at a random moment; a last run finishes the rest."""
+    """SIGKILL collect half-way through writing a shard, in the middle of a batch's forward, and after
+    two more shards; a last run finishes the rest. Each kill lands where the run stopped itself (or,
+    for the shards, once they are committed): no sleeps, no racing the run."""
     rows = text_rows(24, "k")  # enough that each kill lands before the run is through
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
     out = tmp_path / "store"
-    rng = random.Random(8)
-    kills = [
-        (
-            "while a shard is being written",
-            lambda before: (out / "_tmp").is_dir() and any((out / "_tmp").iterdir()),
-        ),
-        ("after two more shards", lambda before: committed(out) >= before + 2),
-        (
-            "at a random moment",
-            lambda before: committed(out) >= before + 1 and time.sleep(rng.uniform(0, 0.2)) is None,
-        ),
+    tables = len(layout.TABLES)  # Parquet files a shard writes
+    kills = [  # (where the run stops itself, or None; the condition the kill waits for)
+        (("write", tables + 3), None),  # the second shard's third table, half written
+        (("forward", 2), None),  # the second batch's forward: the first one's shards are committed
+        (None, lambda before: committed(out) >= before + 2),
     ]
     progress = []
-    for _, kill_now in kills:
+    for i, (pause, ready) in enumerate(kills):
         before = committed(out) if out.exists() else 0
-        process = run_collect_process(manifest, out, shard_samples=2)
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline and not kill_now(before):
-            time.sleep(0.005)
+        marker = tmp_path / f"paused-{i}"
+        where = (*pause, marker) if pause else None
+        process = run_collect_process(manifest, out, pause=where, shard_samples=2)
+        deadline = time.monotonic() + 180
+        while process.poll() is None and time.monotonic() < deadline:
+            if ready(before) if ready else marker.exists():
+                break
+            time.sleep(0.01)  # polling the condition, not timing the kill
+        assert process.poll() is None, (
+            "the collect ended before the kill: " + process.stderr.read().decode()[-2000:]
+        )
         process.send_signal(signal.SIGKILL)
         process.wait()
-        if (out / "store.json").exists():
-            ids = query(out, "SELECT sample_id FROM samples")["sample_id"]
-            assert ids.is_unique  # never twice, even mid-way
-            progress.append(len(ids))
-    assert progress[-1] < len(rows)  # the kills did interrupt the work
+        if pause and pause[0] == "write":  # the kill found a half-written shard, which no query sees
+            assert any(p.read_bytes() == b"PAR1 half a file" for p in (out / "_tmp").rglob("*.parquet"))
+        ids = query(out, "SELECT sample_id FROM samples")["sample_id"]
+        assert ids.is_unique  # never twice, even mid-way
+        progress.append(len(ids))
+    assert progress == sorted(progress) and progress[-1] < len(rows)  # each kill interrupted the work
     process = run_collect_process(manifest, out, shard_samples=2)
     assert process.wait(timeout=180) == 0, process.stderr.read().decode()[-2000:]
     samples = query(out, "SELECT sample_id, count(*) AS n FROM samples GROUP BY ALL")
