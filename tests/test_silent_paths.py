@@ -293,6 +293,35 @@ def test_resid_mid_and_resid_pre_can_be_set_and_added(tiny):
     )
 
 
+def test_the_code_predictor_and_codec_head_can_be_set_and_added(tiny):
+    run = {"max_new_tokens": 2, "max_speech_frames": 2}
+    with tiny.trace(capture=(), sites="code_predictor.resid.0") as bare:
+        tiny.generate(TEXT, **run)
+    shift = torch.full((64,), 2.0)
+    with (
+        tiny.intervene(add={"code_predictor.resid.0": shift}, at=[1]),
+        tiny.trace(capture=(), sites="code_predictor.resid.0") as steered,
+    ):
+        tiny.generate(TEXT, **run)
+    first = [t.activations["code_predictor.resid.0"] for t in (bare.trace, steered.trace)]
+    (b, s) = [a.values[torch.from_numpy((a.rows["frame"] == 0).to_numpy().copy())] for a in first]
+    assert torch.equal(s[0], b[0])  # its position 0 (the talker's hidden state) left alone
+    torch.testing.assert_close(s[1], b[1] + 2.0, rtol=0, atol=1e-6)  # position 1: codebook 0's embedding
+    vocab = tiny.model.talker.codec_head.out_features
+    logits = torch.full((vocab,), -50.0)
+    logits[7] = 50.0
+    with tiny.intervene(set={"codec_head": logits}):
+        reply = tiny.generate(TEXT, **run)
+    assert len(reply.codes) == 2 and (reply.codes[:, 0] == 7).all()
+
+
+def test_sites_set_and_add_do_not_reach_say_where_to_patch_instead(tiny):
+    with pytest.raises(InterventionError, match="vision_tower.*patch resid_pre.0 there"):
+        tiny.intervene(add={"vision_tower": torch.zeros(64)})
+    with pytest.raises(InterventionError, match="deepstack.*patch resid_post.L"):
+        tiny.intervene(add={"deepstack.0": torch.zeros(64)})
+
+
 def test_input_sites_already_inputs_refuse_the_suffix(tiny):
     with pytest.raises(InterventionError, match="already a module's input"):
         tiny.intervene(set={"resid_pre.1:input": torch.zeros(64)})

@@ -49,7 +49,9 @@ class Intervention:
         at=None,
     ):
         if at is not None and set is None and add is None and edit is None:
-            raise InterventionError("at= chooses where set=/add=/edit= apply; give set=, add= or edit= with it")
+            raise InterventionError(
+                "at= chooses where set=/add=/edit= apply; give set=, add= or edit= with it"
+            )
         if not any(x is not None for x in (ablate, force, positions, replay, set, add, edit)):
             raise InterventionError(
                 "nothing to do: give ablate=, force=, positions=, replay=, set=, add= or edit="
@@ -77,6 +79,7 @@ class Intervention:
         self.edits = Edits(self, set=set, add=add, edit=edit)
         self.patches = build_patches(self.model, self.edits.set_rest, self.edits.add_rest, self.at)
         self._prompt: dict[str, int] = {}  # component -> its prompt length, noted at its prefill
+        self._predictor = 0  # where the code predictor's current forward starts in its sequence
         self._handles: list = []
 
     def _check(self, spec: dict, what: str) -> dict:
@@ -146,6 +149,11 @@ class Intervention:
             self._handles += self.edits.install()  # before the patches: at one site set/add run first
             for patch in self.patches:
                 self._handles += self._patch_hooks(patch)
+            if any(p.site.component == "code_predictor" for p in self.patches):
+                predictor = self.model.talker.code_predictor.model  # its own sequence: where it starts
+                self._handles.append(
+                    predictor.register_forward_pre_hook(self._predictor_start, with_kwargs=True)
+                )
             if self.positions is not None:
                 for component in ("thinker", "talker"):
                     module = rotary(self.model, component)
@@ -172,6 +180,8 @@ class Intervention:
         applies to (None: all); refuses rather than match nothing when it cannot tell."""
         if self.modality is None:
             return None
+        if component == "code_predictor":  # it completes each frame's codes: every row is speech
+            return torch.full((n,), self.modality == "speech", dtype=torch.bool)
         forward = self._tracker.current.get(component)
         if forward is None:  # the router ran inside a submodule called directly: no token ids to go by
             raise InterventionError(
@@ -320,17 +330,33 @@ class Intervention:
             layer.self_attn.register_forward_hook(change, prepend=True),
         ]
 
+    def _predictor_start(self, module, args, kwargs) -> None:
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        self._predictor = int(cache.get_seq_length()) if cache is not None else 0
+
     def _patched(self, patch, component: str, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` [batch, seq, width] of the current forward with `patch` applied."""
         forward = self._tracker.current.get(component)
         batch, seq = hidden.shape[:2]
-        start = forward.start if forward is not None and forward.length == seq else 0
-        if start == 0:
+        if component == "code_predictor":  # positions in its own 16-position sequence, per frame
+            start = self._predictor
+            if start == 0:
+                self._prompt[component] = seq
+        elif forward is not None:  # a head may see only the forward's last rows (logits_to_keep)
+            start = forward.start + forward.length - seq
+            if forward.phase == "prefill":
+                self._prompt[component] = forward.length
+        else:  # a submodule called directly: a sequence of its own, from position 0
+            start = 0
             self._prompt[component] = seq
         at = self.at
         if at is not None:
             at = resolve_prompt_positions(at, self._prompt.get(component, seq), component)
-        rows = self._rows(component, batch * seq)
+        if forward is not None and component != "code_predictor" and seq < forward.length:
+            rows = self._rows(component, batch * forward.length)  # of the whole forward: keep the last
+            rows = None if rows is None else rows.reshape(batch, forward.length)[:, -seq:]
+        else:
+            rows = self._rows(component, batch * seq)
         return apply_patch(patch, hidden, start, at, None if rows is None else rows.reshape(batch, seq))
 
     def _rotary_hook(self, component: str):

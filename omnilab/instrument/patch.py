@@ -11,8 +11,9 @@ prompt position (n must equal the prompt's length). Where it applies:
   prompt; without `at` a vector applies at every position, prompt and every generated token alike
   (a steering vector steers the whole reply), and rows apply to the prompt's positions only.
 - `modality` (of Intervention) further limits it to that modality's tokens.
-Sites are thinker or talker residual, attention or MLP sites (aliases or module paths, globs
-included: resolve_sites), their outputs or, with ":input" ("resid.3:input"), their inputs, and the
+Sites are thinker, talker or code predictor residual, attention or MLP sites, or codec_head (aliases
+or module paths, globs included: resolve_sites; the code predictor's positions are those of its own
+16-position sequence, restarting every frame), their outputs or, with ":input" ("resid.3:input"), their inputs, and the
 TransformerLens residual names resid_pre.L, resid_mid.L, resid_post.L (after deepstack). An input is
 changed by a pre-hook, so the module and everything after it reads the patched value; resid_mid.L
 (the sum of the layer's input and its attention output) is changed through the attention output, so
@@ -32,8 +33,21 @@ from ..errors import InterventionError
 from .context import model_lock
 from .sites import Site, find_sites, resolve_sites, site_tensor, site_width
 
-PATCHABLE_KINDS = ("residual", "attention", "mlp", "resid_pre", "resid_mid", "resid_post")
-PATCHABLE_COMPONENTS = ("thinker", "talker")
+PATCHABLE_KINDS = ("residual", "attention", "mlp", "resid_pre", "resid_mid", "resid_post", "codec_head")
+PATCHABLE_COMPONENTS = ("thinker", "talker", "code_predictor")
+# Readable sites set/add do not reach, and where their values can be changed instead.
+NOT_PATCHABLE = {
+    "router": "routers take ablate=/force=/replay=",
+    "audio_tower": "its rows land in the first layer's input at the audio placeholders: patch "
+    "resid_pre.0 there (at= those positions, or modality='audio')",
+    "vision_tower": "its rows land in the first layer's input at the image and video placeholders: "
+    "patch resid_pre.0 there (at= those positions, or modality='image'/'video'); its deepstack "
+    "features are added after the first layers: patch resid_post.L",
+    "deepstack": "deepstack level L is added to the layer-L output at the vision placeholders: patch "
+    "resid_post.L there",
+    "attention": "the towers' attention runs over media patches, not the thinker's positions: patch "
+    "the tower's landing positions in resid_pre.0",
+}
 INPUT_SUFFIX = ":input"  # "resid.3:input": the module's input, as lab.trace(sites=...) reads it
 
 
@@ -78,11 +92,13 @@ def build_patches(
             inputs = isinstance(pattern, str) and pattern.endswith(INPUT_SUFFIX)
             for site in resolve_sites(model, pattern[: -len(INPUT_SUFFIX)] if inputs else pattern):
                 if site.kind not in PATCHABLE_KINDS or site.component not in PATCHABLE_COMPONENTS:
+                    instead = NOT_PATCHABLE.get(site.kind, "")
                     raise InterventionError(
-                        f"{mode}: {site.alias} is a {site.component} {site.kind} site; set/add work at "
-                        "thinker and talker residual, attention and MLP sites, outputs or inputs (resid.L, "
+                        f"{mode}: {site.alias} is a {site.component} {site.kind} site, which set/add do "
+                        f"not reach{'; ' + instead if instead else ''}. They work at thinker, talker and "
+                        "code predictor residual, attention and MLP sites, outputs or inputs (resid.L, "
                         "resid_pre.L, resid_mid.L, resid_post.L, attn.L, mlp.L, resid.L:input, "
-                        "talker.resid.L ...); routers take ablate=/force=/replay="
+                        "talker.resid.L, code_predictor.resid.L ...) and at codec_head"
                     )
                 if inputs and site.point == "input":
                     raise InterventionError(
