@@ -42,7 +42,7 @@ USAGE_COLUMNS = [
 GRID_COLUMNS = ["frame", "codebook", "code", "seconds", "text"]
 SPOKEN_COLUMNS = ["frame", "start", "end", "pos", "token_id", "text"]
 MEL_COLUMNS = ["frame", "seconds", "mel", "hz", "db", "dbfs"]
-DBFS_FLOOR = -120.0  # dBFS below this are drawn as this (digital near-silence)
+DBFS_FLOOR = -160.0  # dBFS below this read as this (below 24-bit audio's noise floor, about -144)
 WAVE_COLUMNS = ["seconds", "low", "high"]
 
 

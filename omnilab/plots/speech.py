@@ -19,7 +19,8 @@ from ._style import (
 
 __all__ = ["codebook_heatmap", "spectrogram", "spectrogram_compare"]
 
-DBFS_RANGE = (-100.0, 0.0)  # the colour range of an absolute spectrogram (dBFS)
+# The colour range of an absolute spectrogram (dBFS), down to where random-weight talkers speak (~-120).
+DBFS_RANGE = (-150.0, 0.0)
 
 
 def codebook_heatmap(grid: pd.DataFrame, *, cursor: float | None = None, title=None) -> go.Figure:
