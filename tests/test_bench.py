@@ -30,7 +30,8 @@ def test_bench_forward_times_both_experts_implementations():
 def test_bench_trace_measures_tracing_and_what_routing_costs_on_disk():
     figures = trace.run("tiny", tokens=128, repeats=1)
     _positive(figures, "bare_s", "traced_s", "peak_trace_memory_mb", "routing_bytes_per_token_layer_k")
-    assert figures["traced_over_bare"] == pytest.approx(figures["traced_s"] / figures["bare_s"])
+    # the timed capture records what it claims: every prompt position's top-k at every layer
+    assert figures["routing_rows"] == figures["tokens"] * figures["layers"] * figures["top_k"]
     assert "nnsight_s" in figures, figures.get("nnsight_error")
 
 
