@@ -372,6 +372,12 @@ def test_steering_by_an_unchanged_feature_keeps_every_answer(organism, world_sto
     assert same["success"]["n"] == 3 and 0 <= same["success"]["low"] <= same["success"]["rate"]
     flooded = steer_feature(organism, sae, 0, examples[:3], lambda e: e.answer, value=1e4)
     assert not flooded["rows"]["steered"].any()  # a feature clamped far past any activation breaks it
+    on_images = steer_feature(organism, sae, 0, examples[:3], lambda e: e.answer, value=1e4, modality="image")
+    rows = on_images["rows"].set_index("task")
+    assert list(rows.index) == ["text", "speech", "image"]
+    # inputs without a picture are untouched (flooded everywhere, they broke); the picture's own answer
+    # may survive: by resid.1 the organism has already read the image into later positions
+    assert (rows.loc[["text", "speech"], "steered"] == rows.loc[["text", "speech"], "baseline"]).all()
 
 
 # -- the feature view ------------------------------------------------------------------------------

@@ -321,19 +321,3 @@ def feature_rows(sae, store, feature: int, *, site: str | None = None, where: st
         encoded = sae.encode(values.float().to(sae.W_enc.device))[:, feature].cpu().numpy()
         parts.append(rows.assign(activation=encoded))
     return pd.concat(parts, ignore_index=True)
-
-
-@torch.no_grad()
-def token_activations(
-    lab, sae, conversation, feature: int, *, site: str | None = None, **forward
-) -> pd.DataFrame:
-    """One SAE feature's activation over every prompt token of `conversation` (runs the thinker once).
-
-    Returns the site's rows (pos, modality, text, seconds, ...) with an `activation` column.
-    """
-    site = site or sae.site
-    with lab.trace(sites=site) as tracer:
-        lab.forward(conversation, **forward)
-    acts = tracer.trace.activations[site]
-    values = sae.encode(acts.values.float().to(sae.W_enc.device))[:, feature].cpu().numpy()
-    return acts.rows.assign(activation=values)

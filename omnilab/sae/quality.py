@@ -117,11 +117,20 @@ def site_forward(lab, sample, layer: int, *, spec: dict | None = None):
     batch, rows, positions, targets = train.collate([sample])
     thinker = lab.model.thinker
     context = lab.intervene(**spec) if spec else _null()
+    keywords = {
+        "use_audio_in_video": sample.use_audio_in_video,
+        "output_hidden_states": True,
+        "use_cache": False,
+    }
     with torch.no_grad(), context:
-        out = thinker.model(
-            **batch, use_audio_in_video=sample.use_audio_in_video, output_hidden_states=True, use_cache=False
-        )
-        logits = thinker.lm_head(out.last_hidden_state[rows, positions]).float()
+        if (
+            spec and spec.get("modality") is not None
+        ):  # modality= reads the token ids the thinker's forward sees
+            out = thinker(**batch, **keywords)
+            logits = out.logits[rows, positions].float()
+        else:  # the text model, and the head at the answer rows only
+            out = thinker.model(**batch, **keywords)
+            logits = thinker.lm_head(out.last_hidden_state[rows, positions]).float()
     # hidden_states[L + 1] is decoder layer L's output (read before deepstack adds, as resid.L is)
     return logits, targets, out.hidden_states[layer + 1][0]
 

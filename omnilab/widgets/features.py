@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..analysis.sae import factor_aucs, feature_rows, token_activations
+from ..analysis.sae import factor_aucs, feature_rows
 from ..plots._style import MODALITY_COLORS
+from ..sae.tokens import token_activations
 from ._figures import Explorer, refresh
 
 
