@@ -719,7 +719,7 @@ def test_a_turn_over_the_memory_budget_runs_without_attention_and_says_so(lab):
     assert turn.reply.text is not None and turn.reply.trace is not None
     assert turn.reply.trace.attention.empty and not turn.settings.attention
     assert "attention was not recorded for this turn" in turn.notice
-    assert "prompt tokens" in turn.notice and "GB" in turn.notice and "the budget is" in turn.notice
+    assert "prompt tokens" in turn.notice and "the budget is 1.0 MB" in turn.notice  # human units
     note = panels.attention_figures(session)[0].layout.annotations[0].text
     assert "attention was not recorded for this turn" in note
 
