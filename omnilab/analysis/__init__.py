@@ -23,6 +23,7 @@ source paper in its docstring. `trace` may be an omnilab Trace, a dict of tables
                 backward; runs the thinker), atp_agreement (AtP against a sweep: Spearman)
     heads       head_scores (per head, the attention mass from queries onto a modality's tokens)
     steering    steering_vector (mean difference of two activation sets)
+    sae         sae_factor_scores, cross_modal_features (an SAE's features against known factors)
 
 Attribution, the lenses, patching and residual audio must run the model, so they take an OmniLab,
 not a Trace.
@@ -72,6 +73,7 @@ from .speech import (
     spoken_text,
     waveform_envelope,
 )
+from .sae import cross_modal_features, sae_factor_scores
 from .steering import steering_vector
 
 __all__ = [
@@ -91,6 +93,8 @@ __all__ = [
     "logit_lens",
     "patching_sweep",
     "steering_vector",
+    "sae_factor_scores",
+    "cross_modal_features",
     "talker_lens",
     "attribution_by_item",
     "attribution_by_modality",
