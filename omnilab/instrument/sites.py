@@ -6,7 +6,8 @@ checkpoint (built on the meta device). Each has its module path and a short alia
 
     resid.10            thinker.model.language_model.layers.10          (the layer's output; see below)
     resid_pre.10 / resid_mid.10 / resid_post.10                           (TransformerLens's names, below)
-    attn.10 / mlp.10    ...layers.10.self_attn / ...layers.10.mlp       (attention / MoE block output)
+    attn.10 / mlp.10    ...layers.10.self_attn / ...layers.10.mlp       (attention / MoE block output;
+                                                                          maps: capture="attention")
     router.10           ...layers.10.mlp.gate
     talker.resid.3      talker.model.layers.3        (talker.attn.3, talker.mlp.3, talker.router.3 likewise)
     code_predictor.resid.0, audio_tower, vision_tower, deepstack.1, codec_head, code_predictor, code2wav
@@ -56,14 +57,26 @@ _PATTERNS = [
     ("residual", r"^talker\.code_predictor\.model\.layers\.(\d+)$", "the residual stream after the layer"),
     ("mlp", r"^thinker\.model\.language_model\.layers\.(\d+)\.mlp$", "the MoE block's output"),
     ("mlp", r"^talker\.model\.layers\.(\d+)\.mlp$", "the MoE block's output (shared expert included)"),
-    ("attention", r"^thinker\.model\.language_model\.layers\.(\d+)\.self_attn$", "attention maps (eager)"),
-    ("attention", r"^talker\.model\.layers\.(\d+)\.self_attn$", "attention maps (eager)"),
+    (
+        "attention",
+        r"^thinker\.model\.language_model\.layers\.(\d+)\.self_attn$",
+        "the attention block's output (after o_proj); its maps: capture='attention' (eager)",
+    ),
+    (
+        "attention",
+        r"^talker\.model\.layers\.(\d+)\.self_attn$",
+        "the attention block's output (after o_proj); its maps: capture='attention' (eager)",
+    ),
     (
         "attention",
         r"^thinker\.model\.audio_tower\.layers\.(\d+)\.self_attn$",
-        "attention maps (recording function)",
+        "the attention block's output; its maps: capture='attention' (a recording function)",
     ),
-    ("attention", r"^thinker\.model\.visual\.blocks\.(\d+)\.attn$", "attention maps (recording function)"),
+    (
+        "attention",
+        r"^thinker\.model\.visual\.blocks\.(\d+)\.attn$",
+        "the attention block's output; its maps: capture='attention' (a recording function)",
+    ),
     ("audio_tower", r"^thinker\.model\.audio_tower$", "audio encoder output"),
     ("vision_tower", r"^thinker\.model\.visual$", "vision encoder output incl. deepstack features"),
     ("deepstack", r"^thinker\.model\.visual\.merger_list\.(\d+)$", "deepstack feature merger output"),
