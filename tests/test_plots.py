@@ -544,7 +544,7 @@ def test_logit_lens_labels_positions_with_their_tokens_and_draws_every_glyph():
     )  # fmt: skip
     fig = plots.logit_lens_heatmap(lens, tokens=["The", " sky"])
     assert list(fig.layout.xaxis.ticktext) == ["The·0", "·sky·1"]
-    assert np.asarray(fig.data[0].text)[0, 1] == "U+4E2D" and np.asarray(fig.data[0].text)[1, 1] == "⏎"
+    assert np.asarray(fig.data[0].text)[0, 1] == "U+4E2D" and np.asarray(fig.data[0].text)[1, 1] == "\\n"
     assert fig.layout.yaxis.dtick == 1
 
 

@@ -49,7 +49,7 @@ def scaled_weights(z: np.ndarray, visible: np.ndarray, scale: str) -> tuple[np.n
             shown = np.clip(
                 np.log2(z * np.asarray(visible, dtype=float)[:, None]), -UNIFORM_LIMIT, UNIFORM_LIMIT
             )
-            ticks = list(range(-UNIFORM_LIMIT, UNIFORM_LIMIT + 1))
+            ticks = list(range(-UNIFORM_LIMIT + UNIFORM_LIMIT % 2, UNIFORM_LIMIT + 1, 2))  # 1/16 .. 16
             return shown, {
                 "colorscale": centred_colorscale(-UNIFORM_LIMIT, 0, UNIFORM_LIMIT),
                 "zmin": -UNIFORM_LIMIT,
@@ -242,7 +242,7 @@ def attention_heads(
     fig.update_layout(
         template=TEMPLATE,
         title=wrap(title) or f"Attention heads, {component} layer {layer} ({null})",
-        height=80 + side * grid_rows,
+        height=140 + side * grid_rows,
         width=max(700, 60 + side * columns),
         meta={"layer": int(layer), "heads": chosen, "scale": scale},
     )
@@ -251,7 +251,7 @@ def attention_heads(
 
 def _short(piece: str, size: int = 8) -> str:
     """A token piece fit for a tick label: whitespace made visible, long pieces cut."""
-    piece = piece.replace("\n", "⏎").replace(" ", "·").replace("<|", "").replace("|>", "")
+    piece = piece.replace("\n", "\\n").replace(" ", "·").replace("<|", "").replace("|>", "")
     return piece if len(piece) <= size else piece[: size - 1] + "…"
 
 
@@ -363,11 +363,9 @@ def attention_time_lines(over_time: pd.DataFrame, *, layer=None, title=None) -> 
             row=present.index(str(modality)) + 1 if str(modality) in present else 1,
             col=1,
         )
-    unit = {"audio": "per audio token", "video": "per video frame<br>(all its patches)"}
+    unit = {"audio": "audio:<br>per token", "video": "video: per frame<br>(all patches)"}
     for row, modality in enumerate(present, start=1):
-        fig.update_yaxes(
-            title_text=f"{modality} mass {unit.get(modality, '')}", rangemode="tozero", row=row, col=1
-        )
+        fig.update_yaxes(title_text=unit.get(modality, modality), rangemode="tozero", row=row, col=1)
     fig.update_xaxes(title_text="seconds", row=len(present), col=1)
     fig.update_layout(
         template=TEMPLATE,

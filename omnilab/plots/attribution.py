@@ -254,7 +254,8 @@ def attribution_compare(by_method: dict, *, value: str = "share", title=None) ->
     disagree in sign marked "signs disagree" (annotations) and listed in `meta["disagree"]`.
 
     Input: {method name: `analysis.attribution_by_modality(attr)`}, e.g. Integrated Gradients and
-    feature ablation. One bar trace per method, named after it.
+    feature ablation. One bar trace per method, named after it; a name containing "null" (a baseline
+    such as each modality's share of the tokens) is drawn grey.
     """
     if value not in ("share", "attribution"):
         raise ValueError(f"value={value!r}; use 'share' or 'attribution'")
@@ -273,7 +274,8 @@ def attribution_compare(by_method: dict, *, value: str = "share", title=None) ->
         y = [values.get(m, np.nan) for m in order]
         fig.add_trace(
             go.Bar(
-                x=order, y=y, name=name, marker_color=palette[i % len(palette)],
+                x=order, y=y, name=name,
+                marker_color="#9D9D9D" if "null" in name else palette[i % len(palette)],
                 text=[f"{v:+.0%}" if value == "share" and np.isfinite(v) else "" for v in y],
                 textposition="outside",
                 hovertemplate="%{x}: %{y:.4g}<extra>" + name + "</extra>",

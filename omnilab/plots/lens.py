@@ -15,18 +15,18 @@ RANK_TICKS = {"tickvals": [0, 1, 2, 3, 4, 5], "ticktext": ["0", "9", "99", "999"
 
 
 def printable(piece: str, size: int = 10) -> str:
-    """A token piece that any font draws: whitespace shown as · and ⏎, characters outside Latin,
-    Greek, Cyrillic and common symbols written as U+XXXX (they draw as missing-glyph boxes), cut to
-    `size` characters."""
+    """A token piece that any font draws: spaces shown as ·, newlines and tabs as \\n and \\t,
+    characters outside Latin, Greek, Cyrillic and general punctuation written as U+XXXX (they draw as
+    missing-glyph boxes), cut to `size` characters."""
     out = []
     for ch in str(piece):
         if ch == " ":
             out.append("·")
         elif ch in "\n\r":
-            out.append("⏎")
+            out.append("\\n")
         elif ch == "\t":
-            out.append("⇥")
-        elif ch.isprintable() and (ord(ch) < 0x0530 or 0x2000 <= ord(ch) < 0x2400):
+            out.append("\\t")
+        elif ch.isprintable() and (ord(ch) < 0x0530 or 0x2000 <= ord(ch) < 0x2070):
             out.append(ch)
         else:
             out.append(f"U+{ord(ch):04X}")
