@@ -132,6 +132,19 @@ def test_the_budget_estimate_covers_what_a_spoken_run_records(tiny):
     assert recorded <= estimate <= 1.5 * recorded
 
 
+def test_the_budget_counts_router_logits_rows(tiny):
+    from omnilab.instrument.budget import ROUTER_LOGIT_ROW_BYTES, estimate_capture_bytes
+
+    run = {"max_new_tokens": 3, "max_speech_frames": 2}
+    with tiny.trace(capture=("routing", "logits"), memory_budget=None) as tr:
+        tiny.generate(TEXT, **run)
+    estimate = estimate_capture_bytes(
+        tiny, tiny.prepare(TEXT), ("routing", "logits"), max_new_tokens=3, speech_frames=2
+    )
+    rows = estimate.bytes["router_logits"] // ROUTER_LOGIT_ROW_BYTES
+    assert len(tr.trace.router_logits) <= rows <= 1.5 * len(tr.trace.router_logits)
+
+
 # -- 3. talker sites where the talker does not run ------------------------------------------------------
 @pytest.mark.parametrize("run", ["forward", "silent generate"])
 def test_talker_sites_where_the_talker_does_not_run_are_refused_by_name(tiny, run):

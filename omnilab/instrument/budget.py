@@ -24,6 +24,9 @@ MEMORY_BUDGET_BYTES = 1024**3  # what one turn's captures may hold, by default
 # weight, modality): 128.4 and 128.2 on `small` at 6k and 12k tokens.
 ATTENTION_ROW_BYTES = 64
 ROUTING_ROW_BYTES = 128
+# capture "logits": a row per (token, layer, expert) (component, layer, pos, expert, logit). Taken at
+# a routing row's cost, which has more columns: its DataFrame view measured 76 bytes a row on `tiny`.
+ROUTER_LOGIT_ROW_BYTES = ROUTING_ROW_BYTES
 DEFAULT_BLOCKS = 8  # modality runs assumed when only a token count is known
 
 
@@ -112,7 +115,8 @@ def estimate_capture_bytes(
     asked, heads x `attention_rows` rows at ATTENTION_ROW_BYTES; attention_transient: one chunk of
     float32 scores (a few copies) and the keys of the recorded layers. routing: (L + new) x MoE
     layers x top-k rows at ROUTING_ROW_BYTES, L the prompt length and `new` the generated tokens, and
-    with `speech_frames` the talker's (its prompt, at most L and its own head, and a row per step).
+    with `speech_frames` the talker's (its prompt, at most L and its own head, and a row per step);
+    router_logits (capture "logits"): every expert's logit of those tokens and layers.
     Tower attention (audio and vision encoders) is not estimated. Talker attention layers are
     estimated at the thinker's length. Returns a CaptureEstimate with bytes by kind.
     """
@@ -145,11 +149,15 @@ def estimate_capture_bytes(
         top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
         layers = int(getattr(config, "num_hidden_layers", 0) or 0)
         rows = (length + new) * layers * top_k
+        logits = (length + new) * layers * int(getattr(config, "num_experts", 0) or 0)
         talker = _text_config(lab, "talker") if speech_frames else None
         if talker is not None:
             talker_rows = length + TALKER_ASSISTANT_POSITIONS + int(speech_frames) + 1
             rows += talker_rows * int(talker.num_hidden_layers) * int(talker.num_experts_per_tok)
+            logits += talker_rows * int(talker.num_hidden_layers) * int(talker.num_experts)
         out["routing"] = rows * ROUTING_ROW_BYTES
+        if "logits" in capture:  # every expert's router logit per token and layer
+            out["router_logits"] = logits * ROUTER_LOGIT_ROW_BYTES
     return CaptureEstimate(length, out)
 
 
