@@ -121,8 +121,10 @@ def agreement(atp: pd.DataFrame, sweep: pd.DataFrame) -> dict:
     """How AtP's estimates agree with a patching sweep's measured effects over the same cells.
 
     Returns cells, spearman (rank correlation of the effects, metric - corrupted), pearson,
-    sign (the share of cells with |measured effect| above a tenth of the largest where the signs
-    agree), top (of the sweep's 10% largest effects, the share that are also in AtP's 10% largest).
+    large (the cells whose |measured effect| is above a tenth of the largest), spearman_large (the
+    rank correlation over those: the many near-zero cells rank by noise), sign (the share of the
+    large cells where the signs agree), top (of the sweep's 10% largest effects, the share that are
+    also in AtP's 10% largest).
     """
     from scipy.stats import pearsonr, spearmanr
 
@@ -143,6 +145,10 @@ def agreement(atp: pd.DataFrame, sweep: pd.DataFrame) -> dict:
         "cells": len(both),
         "spearman": float(spearmanr(both["atp"], both["sweep"]).statistic),
         "pearson": float(pearsonr(both["atp"], both["sweep"]).statistic),
+        "large": int(large.sum()),
+        "spearman_large": float(spearmanr(both["atp"][large], both["sweep"][large]).statistic)
+        if large.sum() >= 3
+        else float("nan"),
         "sign": float((np.sign(both["atp"][large]) == np.sign(both["sweep"][large])).mean()),
         "top": len(top_sweep & top_atp) / k,
     }
