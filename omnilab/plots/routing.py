@@ -437,9 +437,10 @@ def paths_sankey(
                 "label": [f"L{layer} E{expert}" for layer, expert in nodes],
                 "x": x,
                 "y": y,
-                "pad": 4,
+                "pad": 0,  # the gaps are in y (see _sankey_positions)
                 "thickness": 10,
                 "color": "#666",
+                "line": {"color": "white", "width": 1},
                 "hovertemplate": "%{label}<br>%{value} tokens<extra></extra>",
             },
             link={
@@ -484,31 +485,33 @@ def _first_choice_links(paths: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sankey_positions(nodes, sources, targets, counts) -> tuple[list[float], list[float]]:
-    """Node centres: x by layer column, y stacked by expert within the column, each node as tall as its
-    flow (the larger of in and out), so nodes of one layer never overlap."""
+    """Node centres: x by layer column, y stacked by expert within the column.
+
+    Plotly (d3-sankey, node pad 0) draws a node flow / (largest column's flow) of the height tall, the
+    larger of its in and out flow; stacking at exactly that scale, with a column's spare height shared
+    out as gaps, is what keeps the nodes of one layer from overlapping.
+    """
     flow_in, flow_out = {}, {}
     for s, t, c in zip(sources, targets, counts, strict=True):
         flow_out[s] = flow_out.get(s, 0.0) + c
         flow_in[t] = flow_in.get(t, 0.0) + c
     low = min((n[0] for n in nodes), default=0)
     depth = max(max((n[0] for n in nodes), default=0) - low, 1)
-    x, y = [], []
     columns = {}
     for node in nodes:
         columns.setdefault(node[0], []).append(node)
+    size = {n: max(flow_in.get(n, 0.0), flow_out.get(n, 0.0)) for n in nodes}
+    largest = max((sum(size[n] for n in column) for column in columns.values()), default=1.0) or 1.0
     centre = {}
     for column in columns.values():
-        sizes = np.array([max(flow_in.get(n, 0.0), flow_out.get(n, 0.0)) for n in column])
-        share = sizes / max(sizes.sum(), 1e-9)
-        gap = 0.02 if len(column) > 1 else 0.0
-        usable = 0.98 - gap * (len(column) - 1)
-        top = 0.01
-        for node, part in zip(column, share, strict=True):
-            centre[node] = top + usable * part / 2
-            top += usable * part + gap
-    for node in nodes:
-        x.append(0.01 + 0.98 * (node[0] - low) / depth)
-        y.append(float(min(max(centre[node], 0.001), 0.999)))
+        heights = [size[n] / largest for n in column]
+        gap = max(1.0 - sum(heights), 0.0) / (len(column) + 1)
+        top = gap
+        for node, height in zip(column, heights, strict=True):
+            centre[node] = top + height / 2
+            top += height + gap
+    x = [0.001 + 0.998 * (node[0] - low) / depth for node in nodes]
+    y = [float(min(max(centre[node], 0.001), 0.999)) for node in nodes]
     return x, y
 
 
