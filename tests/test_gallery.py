@@ -1,6 +1,6 @@
 """scripts/gallery.py: executed notebooks as HTML pages whose figures draw without a kernel or a network.
 
-A two-cell notebook (a heading and one omnilab figure) stands in for the analysis notebooks, which the
+A two-cell notebook (a heading and one plotly figure) stands in for the analysis notebooks, which the
 suite already executes with nbmake; here what is tested is the export: static figures, the offline
 plotly bundle, the index, and Debian's chromium drawing the figure from the page.
 """
@@ -19,11 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 FIGURE_CELL = """\
-import numpy as np
-import pandas as pd
-from omnilab import plots
-plots.nmi_by_layer(pd.DataFrame({"layer": [0, 1, 2, 3] * 2, "nmi": np.linspace(0.1, 0.5, 8),
-                                 "model": ["organism"] * 4 + ["tiny"] * 4}), control="tiny")
+import plotly.graph_objects as go  # plain plotly: the kernel need not import torch to test the export
+go.Figure([go.Scatter(x=[0, 1, 2, 3], y=[0.3, 0.5, 0.5, 0.4], name="organism"),
+           go.Scatter(x=[0, 1, 2, 3], y=[0.2, 0.2, 0.3, 0.2], name="tiny", line_dash="dash")],
+          layout_title_text="Routing NMI by layer")
 """
 
 
