@@ -291,11 +291,17 @@ def test_an_experts_rows_are_its_routed_tokens_and_an_identity_edit_changes_noth
 
 
 def test_the_talkers_experts_are_sites_too(tiny):
-    run = {"max_new_tokens": 3, "max_speech_frames": 3}
+    run = {"max_new_tokens": 2, "max_speech_frames": 2}
     base = tiny.generate(A, **run)
     routed = []
-    with tiny.intervene(edit={"talker.expert.0.1": lambda v, rows: (routed.append(rows), v)[1]}):
+    heads = []
+    edits = {
+        "talker.expert.0.1": lambda v, rows: (routed.append(rows), v)[1],
+        "talker.attn.0.z": lambda v, rows: (heads.append(v.shape), v)[1],
+    }
+    with tiny.intervene(edit=edits):
         same = tiny.generate(A, **run)
+    assert heads and all(shape[1:] == (HEADS, HEAD_DIM) for shape in heads)
     assert np.array_equal(same.codes, base.codes)
     rows = pd.concat(routed)
     assert set(rows["component"]) == {"talker"} and {"prefill", "decode"} & set(rows["phase"])
@@ -376,7 +382,7 @@ def test_the_atp_bench_reports_a_speed_ratio_and_agreement():
     from omnilab.bench import atp
     from omnilab.cli import BENCHES
 
-    figures = atp.run("tiny", tokens=64, layers=1, sweep_positions=2)
+    figures = atp.run("tiny", tokens=64, layers=1, sweep_positions=3)
     assert "atp" in BENCHES
     assert figures["cells"] == figures["layers"] * figures["tokens"]
     assert figures["speedup"] == pytest.approx(figures["sweep_s"] / figures["atp_s"])
