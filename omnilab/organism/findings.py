@@ -1,16 +1,43 @@
 """What the organism shows, measured on a model: routing against modality, expert ablation, shifted time.
 
 Each function runs the model on examples of the world and returns plain numbers or tables; the
-findings tests (tests/test_organism_findings.py) and the model card read them.
+findings tests (tests/test_organism_findings.py) and the model card read them. A rate comes with
+its sample size and a 95% Wilson interval (`rate`), never as a bare point estimate.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import train
+from . import train, world
+
+
+def wilson(right: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a share of `right` out of `n`."""
+    if n <= 0:
+        raise ValueError(f"a share needs at least one trial; got n={n}")
+    if not 0 <= right <= n:
+        raise ValueError(f"right must lie in 0..n; got {right} of {n}")
+    share = right / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(hits) -> dict:
+    """{n, right, rate, low, high} of a list of booleans: the share right with its 95% Wilson interval."""
+    hits = [bool(h) for h in hits]
+    low, high = wilson(sum(hits), len(hits))
+    return {"n": len(hits), "right": sum(hits), "rate": sum(hits) / len(hits), "low": low, "high": high}
+
+
+def describe(r: dict) -> str:
+    """'97% (39/40, 95% CI 87-100%)': a rate as the card states it."""
+    return f"{r['rate']:.0%} ({r['right']}/{r['n']}, 95% CI {r['low']:.0%}-{r['high']:.0%})"
 
 
 def routing_source(lab, examples) -> dict:
@@ -87,6 +114,96 @@ def ablated_accuracy(lab, samples, experts: dict[int, list[int]], *, modality: s
 
 
 @torch.no_grad()
+def shifted_hits(lab, samples, seconds: float) -> list[bool]:
+    """Per sample, whether its answer stays exactly right with the audio's TM-RoPE positions moved by `seconds`."""
+    right = []
+    for sample in samples:
+        batch, rows, positions, targets = train.collate([sample])
+        with train.shifted_audio(lab.model, batch, torch.tensor([float(seconds)])):
+            logits, _ = train.answer_logits(
+                lab.model.thinker, batch, rows, positions, use_audio_in_video=sample.use_audio_in_video
+            )
+        right.append(bool((logits.argmax(-1) == targets).all()))
+    return right
+
+
+def time_by_second(lab, beeps: list, *, shifts=(-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)) -> pd.DataFrame:
+    """The time finding per beep second: for each shift and each second the beep sounds in, how often
+    the answer stays the colour of the beep's true second (`keeps`) and how often it becomes the colour
+    at the beep's moved time (`follows`), with n and 95% Wilson intervals.
+
+    `beeps`: beep examples (world.Example). A beep whose moved onset leaves the video (before 0 s or
+    after its end) is `off_screen`: no colour is on screen at its moved time, so only `keeps` is
+    defined; those rows stand apart. Shift 0 is the unmoved baseline.
+    """
+    samples = train.prepare_samples(lab, beeps, progress=False)
+    followers = {}
+    rows = []
+    for shift in (0.0, *shifts):
+        if shift == 0.0:
+            keeps = train.correct(lab.model, samples)
+        else:
+            keeps = shifted_hits(lab, samples, shift)
+        moved = [b.facts["onset"] + shift for b in beeps]
+        off = [not 0 <= m < world.BEEP_SECONDS for m in moved]
+        # `follows`: the colour on screen at the moved onset, asked with the same shift
+        follow_examples = [
+            (i, _answered(b, b.facts["colours"][int(m)]))
+            for i, (b, m, o) in enumerate(zip(beeps, moved, off, strict=True))
+            if not o and int(m) != b.facts["second"]
+        ]
+        follows = {}
+        if follow_examples:
+            key = (shift, tuple(i for i, _ in follow_examples))
+            if key not in followers:
+                moved_samples = train.prepare_samples(lab, [e for _, e in follow_examples], progress=False)
+                followers[key] = dict(
+                    zip([i for i, _ in follow_examples], shifted_hits(lab, moved_samples, shift), strict=True)
+                )
+            follows = followers[key]
+        for second in range(world.BEEP_SECONDS):
+            for off_screen in (False, True):
+                idx = [i for i, b in enumerate(beeps) if b.facts["second"] == second and off[i] == off_screen]
+                if not idx:
+                    continue
+                row = {"shift": shift, "second": second, "off_screen": off_screen}
+                row.update({f"keeps_{k}": v for k, v in rate([keeps[i] for i in idx]).items()})
+                moved_idx = [i for i in idx if i in follows]
+                if moved_idx:
+                    row.update({f"follows_{k}": v for k, v in rate([follows[i] for i in moved_idx]).items()})
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _answered(example, answer: str):
+    return world.Example(
+        example.task, example.conversation, answer, example.use_audio_in_video, example.facts
+    )
+
+
+def attribution_shares(lab, conversation, modality: str, *, steps: int = 128) -> dict:
+    """Integrated Gradients on `conversation`'s first reply token: the share of |attribution| on
+    `modality`'s tokens, that modality's share of the prompt's tokens, and completeness: captum's
+    delta against the logit gap (logprob at the input minus at the all-zero baseline).
+    """
+    from ..analysis import attribute
+
+    result = attribute(lab, conversation, method="integrated_gradients", steps=steps)
+    tokens = result.tokens[result.tokens["phase"] == "prefill"] if "phase" in result.tokens else result.tokens
+    size = tokens["attribution"].abs()
+    mine = (tokens["modality"] == modality).to_numpy()
+    gap = float(result.target["logprob"] - result.target["baseline_logprob"])
+    return {
+        "share": float(size[mine].sum() / size.sum()),
+        "token_share": float(mine.mean()),
+        "delta": float(result.delta),
+        "gap": gap,
+        "delta_of_gap": abs(float(result.delta)) / max(abs(gap), 1e-9),
+        "steps": steps,
+    }
+
+
+@torch.no_grad()
 def shifted_accuracy(lab, samples, seconds: float) -> float:
     """Accuracy on `samples` with every audio token's TM-RoPE positions moved by `seconds` (0: none).
 
@@ -103,3 +220,45 @@ def shifted_accuracy(lab, samples, seconds: float) -> float:
             )
         right.append(bool((logits.argmax(-1) == targets).all()))
     return float(np.mean(right))
+
+
+def top1_nmi_interval(source: dict, *, resamples: int = 200, seed: int = 0) -> pd.DataFrame:
+    """`top1_nmi` per layer with a 95% bootstrap interval over the prompts (resampled with replacement).
+
+    Columns: layer, nmi, low, high, prompts.
+    """
+    point = top1_nmi(source).set_index("layer")["nmi"]
+    ids = source["routing"]["sample_id"].unique()
+    routing = {i: g for i, g in source["routing"].groupby("sample_id")}
+    tokens = {i: g for i, g in source["tokens"].groupby("sample_id")}
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        picks = rng.choice(ids, size=len(ids), replace=True)
+        sample = {
+            "routing": pd.concat(
+                [routing[p].assign(sample_id=k) for k, p in enumerate(picks)], ignore_index=True
+            ),
+            "tokens": pd.concat(
+                [tokens[p].assign(sample_id=k) for k, p in enumerate(picks)], ignore_index=True
+            ),
+        }
+        draws.append(top1_nmi(sample).set_index("layer")["nmi"])
+    spread = pd.concat(draws, axis=1)
+    return pd.DataFrame(
+        {
+            "layer": point.index.astype(int),
+            "nmi": point.to_numpy(),
+            "low": spread.quantile(0.025, axis=1).to_numpy(),
+            "high": spread.quantile(0.975, axis=1).to_numpy(),
+            "prompts": len(ids),
+        }
+    )
+
+
+@torch.no_grad()
+def ablated_hits(lab, samples, experts: dict[int, list[int]]) -> list[bool]:
+    """Per sample, whether its answer stays right with the thinker's `experts` ablated for every token."""
+    spec = {"thinker": {layer: list(e) for layer, e in experts.items()}}
+    with lab.intervene(ablate=spec):
+        return train.correct(lab.model, samples)

@@ -4,12 +4,18 @@
 except the thinker's two 151,936-row tables (embedding and head), of which it holds only the rows
 of the world's vocabulary (with their ids); every other row is the seeded init, exactly as it was
 during training. The file's metadata names its format and the preset and seed it builds on.
+
+The rebuild is checked: the file records a sha256 of the whole rebuilt model's state (every
+tensor's name, dtype, shape and bytes) and the torch and transformers versions that made it.
+Loading rebuilds the preset, puts the tensors in place, hashes the result and refuses, naming both
+versions, when another torch or transformers would build a different model from the same seed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +27,24 @@ FORMAT = "omnilab-organism/1"
 PRESET, SEED = "tiny", 0
 FILE = "organism.safetensors"
 ROWS_KEY = "vocabulary_ids"
+
+log = logging.getLogger(__name__)
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """A sha256 of `model`'s whole state: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def shipped_path() -> Path:
@@ -53,6 +77,8 @@ def pack(
         "preset": PRESET,
         "seed": str(SEED),
         "sha256": _digest(tensors),
+        "model_sha256": model_digest(model),
+        "built_with": json.dumps(_versions()),
         "meta": json.dumps(meta or {}),
     }
     path = Path(path)
@@ -128,4 +154,25 @@ def unpack(path: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
                 target[vocabulary] = value.to(target.dtype)
             else:
                 target.copy_(value)
+    _check_rebuild(model, metadata, path)
     return model.eval(), json.loads(metadata.get("meta", "{}"))
+
+
+def _check_rebuild(model: torch.nn.Module, metadata: dict, path: Path) -> None:
+    """Refuse a rebuilt model whose state differs from the one the weights were packed from."""
+    expected = metadata.get("model_sha256")
+    if expected is None:  # files packed before the check existed
+        log.warning("the organism's weights '%s' carry no hash of the rebuilt model; not checked", path)
+        return
+    if model_digest(model) == expected:
+        return
+    made = json.loads(metadata.get("built_with", "{}"))
+    now = _versions()
+    raise ModelLoadError(
+        f"the organism rebuilt from '{path}' differs from the model its weights were trained on: the "
+        f"seeded {metadata.get('preset', PRESET)!r} preset (seed {metadata.get('seed', SEED)}) builds "
+        f"differently here (made with torch {made.get('torch', '?')}, transformers "
+        f"{made.get('transformers', '?')}; running torch {now['torch']}, transformers "
+        f"{now['transformers']}). Install the versions it was made with, or retrain it here with "
+        "`omnilab train organism --install` (`make organism`)"
+    )
