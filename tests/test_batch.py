@@ -375,3 +375,11 @@ def test_every_trace_in_the_store_names_its_samples_media_and_audio_in_video_as_
     with tiny.trace(capture=("routing", "positions", "codes")) as tracer:
         tiny.forward(everything.resolved(), use_audio_in_video=True)
     assert metas[batched][everything.sample_id]["items"] == tracer.trace.meta["items"]
+
+
+def test_a_collect_says_where_its_time_went(mixed):
+    for summary in mixed[4]:  # batch 1 and batch 8
+        stages = summary["stage_seconds"]
+        assert set(stages) == {"prepare", "forward", "record", "rows", "write"}
+        assert all(seconds > 0 for seconds in stages.values()), stages
+        assert sum(stages.values()) <= summary["seconds"] * 1.01  # parts of the run's wall time

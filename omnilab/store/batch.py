@@ -220,6 +220,7 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
         recording = Recording(lab.model, recorders)
         with recording, last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
+        ran = time.perf_counter()
         tokenizer = lab.processor.tokenizer
         for row, p in enumerate(batch):
             # What a batch-1 trace of the same prefill carries (run_sample): its items and flag.
@@ -233,10 +234,18 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     else:
         with last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
-    share = (time.perf_counter() - start) / len(batch)  # each sample's part of the batch's time
-    return [
-        finished(p.sample, p.length, p.seconds + share, trace) for p, trace in zip(batch, traces, strict=True)
-    ]
+        ran = time.perf_counter()
+    done = time.perf_counter()
+    share = (done - start) / len(batch)  # each sample's part of the batch's time
+    out = []
+    for p, trace in zip(batch, traces, strict=True):
+        stages = {
+            "prepare": p.seconds,
+            "forward": (ran - start) / len(batch),
+            "record": (done - ran) / len(batch),
+        }
+        out.append(finished(p.sample, p.length, p.seconds + share, trace, stages=stages))
+    return out
 
 
 def _activations(recording, turn, tokens) -> dict:

@@ -46,7 +46,7 @@ from . import layout
 from .activations import check_sites, shard_activations
 from .batch import run_batches, task_size
 from .manifest import Sample, read_manifest
-from .sample import DEFAULT_CAPTURE, SampleResult, run_sample, trace_tables  # noqa: F401  (re-exported)
+from .sample import DEFAULT_CAPTURE, STAGES, SampleResult, run_sample, trace_tables  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ def collect(
     (default: the model's context). batch_size: samples per forward (see `batch`; None: as many as
     the memory estimate fits in `memory_budget` bytes, at most 8). Returns a summary: samples in the
     manifest, done, errors, skipped (already in the store), shards written, tokens, seconds (write_seconds of them spent
-    writing shards), samples/s and tokens/s of the samples run.
+    writing shards), samples/s and tokens/s of the samples run, and stage_seconds: where the
+    samples' time went (prepare: the processor; forward: the model and its recording hooks; record:
+    the recorders' tables and Traces; rows: Traces into store rows; write: the shards).
     """
     started = time.perf_counter()
     samples = read_manifest(manifest)
@@ -121,6 +123,7 @@ def collect(
             "shards": 0,
             "tokens": 0,
             "write_seconds": 0.0,
+            "stage_seconds": {**dict.fromkeys(STAGES, 0.0), "write": 0.0},
         }
         if todo:
             if engine == "local" and workers > 1:
@@ -165,6 +168,7 @@ def collect(
     summary.update(
         seconds=round(seconds, 3),
         write_seconds=round(summary["write_seconds"], 3),
+        stage_seconds={stage: round(seconds, 3) for stage, seconds in summary["stage_seconds"].items()},
         samples_per_s=round(ran / seconds, 3) if ran else 0.0,
         tokens_per_s=round(summary["tokens"] / seconds, 1) if ran else 0.0,
     )
@@ -202,6 +206,7 @@ def _write(
             layout.write_shard(root, tables, shard_activations(buffer))
             summary["shards"] += 1
             summary["write_seconds"] += time.perf_counter() - start
+            summary["stage_seconds"]["write"] += time.perf_counter() - start
             buffer.clear()
             nonlocal buffered_rows
             buffered_rows = 0
@@ -215,6 +220,8 @@ def _write(
             buffered_rows += sum(t.num_rows for t in result.tables.values())
             summary["done" if result.ok else "errors"] += 1
             summary["tokens"] += result.tokens
+            for stage, seconds in result.stages.items():
+                summary["stage_seconds"][stage] += seconds
             elapsed = max(time.monotonic() - started, 1e-9)
             bar.set_postfix(
                 {"tokens/s": f"{summary['tokens'] / elapsed:.0f}", "errors": summary["errors"]}, refresh=False

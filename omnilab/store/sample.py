@@ -46,6 +46,13 @@ class SampleResult:
     activations: dict = field(
         default_factory=dict
     )  # site key -> (index table, values), see store.activations
+    # Where its seconds went (STAGES; a batch's shared work split evenly over its samples).
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+# prepare: the processor (media, template, features); forward: the model with its recording hooks;
+# record: the recorders' tables and the Trace; rows: the Trace into store rows (Arrow).
+STAGES = ("prepare", "forward", "record", "rows")
 
 
 def run_sample(
@@ -67,8 +74,10 @@ def run_sample(
     import torch
 
     start = time.perf_counter()
+    stages = dict.fromkeys(STAGES, 0.0)
     try:
         inputs, gathered = prepare_sample(lab, sample, generate=generate, max_tokens=max_tokens)
+        stages["prepare"] = time.perf_counter() - start
         text, generated, trace = "", 0, None
         if generate:
             turn = options_from(
@@ -82,7 +91,8 @@ def run_sample(
             reply = lab.generate(sample.resolved(), turn, trace=tuple(capture) or False)
             text, generated, trace = reply.text, len(reply.token_ids), reply.trace
         elif capture:
-            with lab.trace(capture=tuple(capture)) as tracer:
+            tracer = lab.trace(capture=tuple(capture))
+            with tracer:
                 tracer.begin(
                     inputs,
                     gathered,
@@ -91,14 +101,19 @@ def run_sample(
                 )
                 with last_logits_only(lab.thinker), torch.inference_mode():
                     lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
+                ran = time.perf_counter()
             trace = tracer.trace
+            stages["record"] = time.perf_counter() - ran
         else:
             with last_logits_only(lab.thinker), torch.inference_mode():
                 lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
     except Exception as exc:  # a bad sample must not stop the run: record why and go on
         return failed(sample, exc, time.perf_counter() - start)
+    stages["forward"] = time.perf_counter() - start - stages["prepare"] - stages["record"]
     prompt = int(inputs["input_ids"].shape[1])
-    return finished(sample, prompt, time.perf_counter() - start, trace, text=text, generated=generated)
+    return finished(
+        sample, prompt, time.perf_counter() - start, trace, text=text, generated=generated, stages=stages
+    )
 
 
 def prepare_sample(
@@ -140,8 +155,12 @@ def failed(sample: Sample, exc: Exception, seconds: float) -> SampleResult:
     )
 
 
-def finished(sample: Sample, prompt: int, seconds: float, trace, *, text="", generated=0) -> SampleResult:
-    """The `samples` row and the trace's tables of a sample that ran (`trace` None: run untraced)."""
+def finished(
+    sample: Sample, prompt: int, seconds: float, trace, *, text="", generated=0, stages: dict | None = None
+) -> SampleResult:
+    """The `samples` row and the trace's tables of a sample that ran (`trace` None: run untraced);
+    `stages`: where its seconds went (STAGES), the rows' own time added here."""
+    began = time.perf_counter()
     counts = sample.media_counts()
     row = {
         "line": sample.line,
@@ -162,7 +181,9 @@ def finished(sample: Sample, prompt: int, seconds: float, trace, *, text="", gen
     if trace is not None:
         tables.update(trace_tables(sample.sample_id, trace))
         activations = sample_activations(sample.sample_id, trace)
-    return SampleResult(sample.sample_id, True, prompt + generated, seconds, tables, activations)
+    stages = {**dict.fromkeys(STAGES, 0.0), **(stages or {})}
+    stages["rows"] += time.perf_counter() - began
+    return SampleResult(sample.sample_id, True, prompt + generated, seconds, tables, activations, stages)
 
 
 def trace_tables(sample_id: str, trace) -> dict[str, pa.Table]:
