@@ -112,6 +112,25 @@ def served(app_env):
         app.close()
 
 
+@pytest.fixture(scope="module")
+def served_organism(app_env):
+    """The demo on 127.0.0.1 at a free port, serving the shared organism (what `make demo` serves)."""
+    demo = demo_module()
+    app = demo.launch(
+        lab=shared_organism(),
+        port=free_port(),
+        max_file_size=UPLOAD_LIMIT,
+        prevent_thread_lock=True,
+        quiet=True,
+    )
+    SERVED[app.local_url] = app
+    try:
+        yield app.local_url
+    finally:
+        SERVED.pop(app.local_url, None)
+        app.close()
+
+
 def client(url: str):
     from gradio_client import Client
 

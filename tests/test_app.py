@@ -787,6 +787,15 @@ def test_a_session_gradio_evicts_at_capacity_deletes_its_uploads_and_downloads()
     assert not Path(kept).exists()
 
 
+def test_a_session_never_deletes_the_apps_own_files_it_sent():
+    example = _fake_upload("example.png", b"5")
+    sessions.keep([example])  # what build_app does with its examples' files
+    session = sessions.Session()
+    session.hold(sessions.upload_paths({"path": example}))
+    sessions.clear(session)
+    assert Path(example).exists() and session.uploads == []
+
+
 def test_files_outside_the_upload_folder_are_never_held(tmp_path):
     outside = tmp_path / "keep.png"
     outside.write_bytes(b"x")

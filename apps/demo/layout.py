@@ -148,6 +148,28 @@ def system_info(lab: OmniLab) -> str:
     return f"{lab.model_id}'s default: none (it was trained without a system prompt); {limit}"
 
 
+def _file_paths(value) -> list[str]:
+    """The `path` of every FileData in a processed example value (nested dicts and lists)."""
+    if isinstance(value, dict):
+        own = [value["path"]] if isinstance(value.get("path"), str) else []
+        return own + [
+            p for item in value.values() if isinstance(item, (dict, list)) for p in _file_paths(item)
+        ]
+    if isinstance(value, list):
+        return [p for item in value for p in _file_paths(item)]
+    return []
+
+
+def keep_example_files(examples: gr.Examples) -> list[str]:
+    """Make the files of `examples` the app's own (Gradio serves its copies from its upload folder):
+    read-only, and never deleted by a session that sends them (`session.keep`). Returns their paths."""
+    paths = _file_paths(list(examples.non_none_processed_examples.values()))
+    for path in paths:
+        os.chmod(path, 0o444)
+    sessions.keep(paths)
+    return paths
+
+
 def _session(value) -> sessions.Session:
     return value if isinstance(value, sessions.Session) else sessions.Session()
 
@@ -275,7 +297,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                         info=f"up to {sessions.MAX_MESSAGE_CHARS:,} characters (a longer message is refused, not cut)",
                     )  # fmt: skip
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                    clear_button = gr.Button("Clear", scale=1)
+                    clear_button = gr.Button("Clear", scale=1, elem_id="clear")
                 with gr.Row():
                     audio_in = gr.Audio(
                         label="Audio (file or microphone)", sources=["upload", "microphone"], type="filepath",
@@ -289,7 +311,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                     from omnilab.organism.examples import examples
 
                     rows = examples(tempfile.mkdtemp(prefix="omnilab-organism-examples-"))
-                    gr.Examples(
+                    offered = gr.Examples(
                         [
                             [r["text"], r["image"], r["audio"], r["video"], r["use_audio_in_video"]]
                             for r in rows
@@ -298,6 +320,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                         example_labels=[f"{r['task']}: {r['text']}" for r in rows],
                         label="Examples (held out: the organism never trained on them)",
                     )
+                    keep_example_files(offered)
             with gr.Column(scale=1):
                 with gr.Accordion("Settings", open=True):
                     system = gr.Textbox(

@@ -206,15 +206,19 @@ def upload_folder() -> Path:
 
 
 def upload_paths(*payloads) -> list[str]:
-    """The server paths of the uploads among `payloads` that lie in Gradio's upload folder (others: none)."""
+    """The server paths of the uploads among `payloads` that lie in Gradio's upload folder and are not
+    the app's own files (`keep`); others: none."""
     folder, out = upload_folder(), []
     for payload in payloads:
         try:
             path = upload_path(payload)
         except MediaError:
             continue  # refused when the message is checked
-        if path is not None and Path(path).resolve().is_relative_to(folder):
-            out.append(str(Path(path).resolve()))
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved.is_relative_to(folder) and str(resolved) not in _KEPT:
+            out.append(str(resolved))
     return out
 
 
@@ -222,6 +226,17 @@ def upload_paths(*payloads) -> list[str]:
 # same file share one path, and it goes when the last of them ends.
 _HELD: Counter = Counter()
 _HELD_LOCK = threading.Lock()
+
+# The app's own files in Gradio's upload folder (its examples, which Gradio serves from there): no
+# session holds or deletes them. A click on an example hands a session the example's path, and an
+# upload of the same content gets the same path (Gradio names files by content).
+_KEPT: set[str] = set()
+
+
+def keep(paths) -> None:
+    """Mark `paths` as the app's own: sessions that send them never delete them."""
+    with _HELD_LOCK:
+        _KEPT.update(str(Path(p).resolve()) for p in paths)
 
 
 def _release(paths: list[str]) -> None:
@@ -231,7 +246,8 @@ def _release(paths: list[str]) -> None:
             _HELD[path] -= 1
             if _HELD[path] <= 0:
                 del _HELD[path]
-                gone.append(Path(path))
+                if path not in _KEPT:
+                    gone.append(Path(path))
     for path in gone:
         path.unlink(missing_ok=True)
         try:
