@@ -56,9 +56,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timings", action="store_true", help="stream the reply and print the latency breakdown")
     p.set_defaults(run=_chat)
 
-    p = sub.add_parser("demo", help="the Gradio app")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--port", type=int, default=7860)
+    # The flags of apps/demo/serve.py's parser (a test holds the two the same), passed on to it.
+    p = sub.add_parser(
+        "demo",
+        help="the Gradio app: chat with a model and watch its instruments",
+        description="The omnilab demo: chat with a Qwen3-Omni model and watch its instruments.",
+    )
+    p.add_argument(
+        "--model",
+        default="organism",
+        help="the model to serve: organism (the trained toy; default), tiny or small (random weights), "
+        "a hub id or a local checkpoint directory",
+    )
+    p.add_argument(
+        "--port", type=int, default=7860, help="the port on 127.0.0.1 (the app binds no other address)"
+    )
+    p.add_argument("--max-upload-mb", type=int, default=200, help="refuse uploads larger than this many MiB")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("bench", help="benchmarks, as ratios measured in one run")
@@ -66,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model to measure (each bench has its default)")
     p.add_argument("--device", default=None, help="forward, trace, stream: e.g. cuda (default: the CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run the bench N times: each figure as min/median/max"
+    )
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("collect", help="run the instruments over a manifest into a trace store")
@@ -186,7 +202,8 @@ def _demo(args) -> int:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     sys.stdout.flush()
     sys.stderr.flush()
-    command = [sys.executable, "-m", "apps.demo", "--model", args.model, "--port", str(args.port)]
+    command = [sys.executable, "-m", "apps.demo", "--model", args.model, "--port", str(args.port),
+               "--max-upload-mb", str(args.max_upload_mb)]  # fmt: skip
     os.execve(sys.executable, command, env)
     return 0  # not reached: execve replaces this process
 
@@ -194,7 +211,7 @@ def _demo(args) -> int:
 def _bench(args) -> int:
     import importlib
 
-    from .bench import format_figures
+    from .bench import format_figures, repeated
 
     module = importlib.import_module(f".bench.{args.name}", __package__)
     options = {"model": args.model} if args.model else {}
@@ -204,7 +221,9 @@ def _bench(args) -> int:
                 f"bench {args.name} runs on the CPU only; --device is for forward, trace, stream and activations"
             )
         options["device"] = args.device
-    figures = module.run(**options)
+    if args.repeat < 1:
+        raise OmnilabError(f"--repeat must be at least 1; got {args.repeat}")
+    figures = repeated([module.run(**options) for _ in range(args.repeat)])
     print(json.dumps(figures, default=str) if args.json else format_figures(args.name, figures))
     return 0
 

@@ -49,8 +49,9 @@ def test_bench_store_writes_every_row_compactly_and_collects_every_sample_both_w
 
 @pytest.mark.slow
 def test_bench_stream_streams_generates_reply_in_growing_chunks():
-    figures = stream.run("tiny", speech_frames=12, max_new_tokens=6)
+    figures = stream.run("tiny", speech_frames=12, max_new_tokens=6, repeats=1)
     assert figures["tokens_identical"] and figures["codes_identical"]
+    assert figures["untraced_tokens_identical"]  # the untraced stream timed against generate is generate's
     assert figures["per_frame_code2wav_chunks"] == figures["frames"]
     assert figures["per_frame_audio_max_abs_diff"] <= 1e-5 * max(figures["audio_peak"], 1e-12)
     assert 0 < figures["stream_first_over_full"] < 1
@@ -83,3 +84,16 @@ def test_the_device_check_script_parses():
     script = Path(__file__).resolve().parents[1] / "scripts" / "device_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "--device cuda" in script.read_text()
+
+
+def test_a_repeated_bench_reports_each_number_as_min_median_max():
+    from omnilab.bench import repeated
+
+    runs = [{"s": 1.0, "ok": True, "model": "tiny"}, {"s": 3.0, "ok": False, "model": "tiny"}]
+    runs.append({"s": 2.0, "ok": True, "model": "tiny"})
+    assert repeated(runs) == {
+        "runs": 3,
+        "s": {"min": 1.0, "median": 2.0, "max": 3.0},
+        "ok": "2/3",
+        "model": "tiny",
+    }

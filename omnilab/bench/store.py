@@ -13,7 +13,9 @@
    throughputs (target >= 0.9) and the share of the traced run spent writing shards.
 3. Batched collection on the small preset (traced, prefill only): samples/s at batch 8 against
    batch 1, alternating every 8 samples the same way (target >= 3x). Both include preparing each
-   sample (the processor), which batching does not speed up.
+   sample (the processor), which batching does not speed up. Where each run's time went (the
+   collect's stage_seconds: prepare, forward, record, rows, write), the forward's own speed-up, and
+   the ceiling that leaves the whole (Amdahl: the other stages kept as they are) are reported with it.
 """
 
 from __future__ import annotations
@@ -38,12 +40,23 @@ BATCH = 8
 BATCH_TARGET = 3.0
 
 
-def run(model: str | None = None, rows: int = ROWS, repeats: int = 3, collect_repeats: int = 3) -> dict:
+def run(
+    model: str | None = None,
+    rows: int = ROWS,
+    repeats: int = 3,
+    collect_repeats: int = 3,
+    batch_repeats: int = 1,
+    parts: tuple[str, ...] = ("scale", "throughput", "batching"),
+) -> dict:
+    """`parts`: which of the three to run (all by default; `batching` alone is the slow one)."""
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
-        figures.update(_scale(Path(tmp) / "synthetic", rows, repeats))
-        figures.update(_throughput(model or "tiny", Path(tmp), repeats=collect_repeats))
-        figures.update(_batching(model or "small", Path(tmp) / "batching", repeats=1))
+        if "scale" in parts:
+            figures.update(_scale(Path(tmp) / "synthetic", rows, repeats))
+        if "throughput" in parts:
+            figures.update(_throughput(model or "tiny", Path(tmp), repeats=collect_repeats))
+        if "batching" in parts:
+            figures.update(_batching(model or "small", Path(tmp) / "batching", repeats=batch_repeats))
     return figures
 
 
@@ -209,8 +222,9 @@ def _alternate(lab, tmp: Path, runs: dict, repeats: int, chunk: int = BATCH) -> 
     manifest = DATA / "manifest.jsonl"
     samples = read_manifest(manifest)
     wall = dict.fromkeys(runs, 0.0)
-    totals = {name: {"tokens": 0, "write_seconds": 0.0} for name in runs}
+    totals = {name: {"tokens": 0, "write_seconds": 0.0, "stages": {}, "walls": []} for name in runs}
     for i in range(repeats):
+        before = dict(wall)
         for start in range(0, len(samples), chunk):
             part = tmp / f"part-{i}-{start}.jsonl"
             lines = [
@@ -225,6 +239,10 @@ def _alternate(lab, tmp: Path, runs: dict, repeats: int, chunk: int = BATCH) -> 
                 assert summary["done"] == len(lines) - start
                 totals[name]["tokens"] += summary["tokens"]
                 totals[name]["write_seconds"] += summary["write_seconds"]
+                for stage, seconds in summary["stage_seconds"].items():
+                    totals[name]["stages"][stage] = totals[name]["stages"].get(stage, 0.0) + seconds
+        for name in runs:
+            totals[name]["walls"].append(wall[name] - before[name])
     return wall, totals
 
 
@@ -271,9 +289,15 @@ def _batching(model: str, tmp: Path, repeats: int) -> dict:
         "batch1": {"capture": capture, "batch_size": 1},
         "batched": {"capture": capture, "batch_size": BATCH},
     }
-    wall, _ = _alternate(lab, tmp, runs, repeats)
+    wall, totals = _alternate(lab, tmp, runs, repeats)
     ratio = wall["batch1"] / wall["batched"]
-    return {
+    one, many = totals["batch1"]["stages"], totals["batched"]["stages"]
+    forward_ratio = one["forward"] / many["forward"] if many.get("forward") else float("nan")
+    # Amdahl: batching speeds up the forward (and the per-forward share of record); with every other
+    # stage as batch 1 spends it, the whole cannot beat this even with a free forward.
+    rest = wall["batch1"] - one["forward"]
+    ratios = [a / b for a, b in zip(totals["batch1"]["walls"], totals["batched"]["walls"], strict=True)]
+    figures = {
         "batch_model": lab.model_id,
         "batch_size": BATCH,
         "batch_samples": n * repeats,
@@ -282,7 +306,20 @@ def _batching(model: str, tmp: Path, repeats: int) -> dict:
         "batched_over_batch1": ratio,
         "batched_target": BATCH_TARGET,
         "batched_pass": ratio >= BATCH_TARGET,
+        "batch1_wall_s": wall["batch1"],
+        "batched_wall_s": wall["batched"],
+        "batch1_stages_s": one,
+        "batched_stages_s": many,
+        "batched_forward_over_batch1_forward": forward_ratio,
+        "batched_ceiling_free_forward": wall["batch1"] / rest if rest > 0 else float("inf"),
     }
+    if repeats > 1:
+        figures["batched_over_batch1_spread"] = _spread(ratios)
+    return figures
+
+
+def _spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": float(np.median(values)), "max": max(values), "n": len(values)}
 
 
 def _samples():

@@ -60,7 +60,9 @@ def run(model: str = "small", device: str | None = None, tokens: int = 512, repe
         stats = (path / "router_stats.parquet").stat().st_size
     top_k = thinker.config.text_config.num_experts_per_tok
     figures["top_k"] = top_k
-    figures["routing_rows"] = tr.trace.rows("routing")  # what the timed capture records: every (pos, layer, k)
+    figures["routing_rows"] = tr.trace.rows(
+        "routing"
+    )  # what the timed capture records: every (pos, layer, k)
     figures["saved_bytes_per_token_layer"] = (routing + stats) / (n * layers)
     # The budget: <= 3 bytes per (token, layer, k) for the routing itself (experts and weights).
     figures["routing_bytes_per_token_layer_k"] = routing / (n * layers * top_k)
