@@ -14,10 +14,14 @@ notebook only calls them:
 - `ablation_against_random`: accuracy with the top-k heads (or any heads) zero- or mean-ablated,
   against k random heads over several draws, each a rate with its 95% Wilson interval.
 - `expert_zeroing`: accuracy with chosen experts' outputs zeroed at their routed tokens.
+- `steering_against_noise`: an audio-minus-silence direction (the residual at the last prompt
+  position, speech minus its silenced twin, averaged), added there to noisy speech: accuracy per
+  multiple of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -30,7 +34,7 @@ from ..analysis.attribution_patching import agreement, attribution_patching
 from ..analysis.heads import head_scores
 from ..analysis.patching import patching_sweep
 from ..instrument.grad import token_id
-from ..instrument.units import expert_ablation, head_ablation
+from ..instrument.units import capture, expert_ablation, head_ablation
 from . import train
 
 
@@ -72,6 +76,45 @@ def silenced(example) -> list[dict]:
 def blanked(example) -> list[dict]:
     """The example's conversation with each image replaced by a black image of the same size."""
     return _replaced(example, "image", lambda image: Image.new(image.mode, image.size))
+
+
+def noisy(example, snr_db: float, *, seed: int = 0):
+    """The example with Gaussian noise added to each audio at `snr_db` (signal power over noise's)."""
+    rng = np.random.default_rng(seed)
+
+    def add(audio):
+        wave, rate_hz = audio
+        power = float(np.mean(np.asarray(wave, np.float64) ** 2)) or 1e-12
+        noise = rng.normal(0, np.sqrt(power / 10 ** (snr_db / 10)), np.shape(wave))
+        return (np.asarray(wave) + noise).astype(np.float32), rate_hz
+
+    return dataclasses.replace(example, conversation=_replaced(example, "audio", add))
+
+
+def audio_direction(lab, examples, layer: int) -> torch.Tensor:
+    """Mean over `examples` of resid.`layer` at the last prompt position, speech minus silence [width]."""
+    site = f"resid.{layer}"
+    diffs = []
+    for example in examples:
+        spoken = capture(lab, example.conversation, [site])[site].values[-1]
+        silent = capture(lab, silenced(example), [site])[site].values[-1]
+        diffs.append(spoken.double() - silent.double())
+    return torch.stack(diffs).mean(0).to(next(lab.model.parameters()).dtype)
+
+
+def steering_against_noise(lab, samples, direction: torch.Tensor, layer: int, alphas) -> pd.DataFrame:
+    """Accuracy of `samples` (prepared, one task) with alpha x `direction` added to resid.`layer` at
+    each sample's last prompt position: alpha, n, right, rate, low, high."""
+    rows = []
+    for alpha in alphas:
+        right = 0
+        for sample in samples:
+            with lab.intervene(add={f"resid.{layer}": alpha * direction}, at=[sample.answer_start - 1]):
+                right += int(round(next(iter(train.accuracy(lab.model, [sample]).values()))))
+        low, high = wilson(right, len(samples))
+        rows.append({"alpha": alpha, "n": len(samples), "right": right, "rate": right / len(samples),
+                     "low": low, "high": high})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def atp_against_sweep(lab, examples, corrupt, *, sites="resid.*", positions="each") -> pd.DataFrame:
