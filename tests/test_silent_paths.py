@@ -48,10 +48,15 @@ def test_a_modality_intervention_refuses_a_forward_whose_tokens_it_cannot_see(ti
             tiny.model.thinker(inputs_embeds=embeds)
 
 
-def test_set_and_add_with_a_modality_reach_every_row_of_a_batched_forward(tiny, all_media_conversation):
+def test_set_and_add_with_a_modality_reach_every_row_of_a_batched_forward(tiny, data_dir, tmp_path):
+    import soundfile
+
     from omnilab.store.batch import batch_inputs
 
-    inputs = tiny.prepare(all_media_conversation)
+    audio, rate = soundfile.read(data_dir / "speech.wav")
+    soundfile.write(tmp_path / "second.wav", audio[:rate], rate)  # one second: a short batch
+    speech = {"type": "audio", "audio": str(tmp_path / "second.wav")}
+    inputs = tiny.prepare([{"role": "user", "content": [speech, {"type": "text", "text": "What?"}]}])
     twice = batch_inputs([inputs, inputs], pad_id=151643)
     vector = torch.full((64,), 3.0)
     with torch.no_grad():
