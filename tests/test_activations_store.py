@@ -43,9 +43,9 @@ def test_collect_writes_each_residual_site(store, data_dir):
 
 def test_store_values_are_the_traced_values(store, tiny, data_dir):
     sample = next(s for s in read_manifest(data_dir / "manifest.jsonl") if s.sample_id == "audio-only")
-    with tiny.trace(sites="resid.1") as tr:
-        tiny.forward(sample.resolved(), use_audio_in_video=sample.use_audio_in_video)
-    traced = tr.trace.activations["resid.1"]
+    with tiny.trace(sites="resid.1", dtype=torch.float16) as tr:  # a trace is in the model's dtype
+        tiny.forward(sample.resolved(), use_audio_in_video=sample.use_audio_in_video)  # unless asked;
+    traced = tr.trace.activations["resid.1"]  # the store records float16
     stored = activations(store, "resid.1", where="sample_id = 'audio-only'")
     assert list(stored.rows["pos"]) == list(traced.rows["pos"])
     assert list(stored.rows["modality"]) == list(traced.rows["modality"])
