@@ -251,16 +251,17 @@ def test_a_server_killed_mid_turn_restarts_and_leaves_no_half_written_download(a
     with contextlib.suppress(AppError, Exception):
         job.result(timeout=30)
     writer.close(), talker.close()
-    outputs = app_env / "tmp" / "omnilab-app" / f"pid-{killed_pid}"
+    folder = app_env / "tmp" / f"omnilab-demo-{killed_pid}"  # everything the server wrote
+    outputs = folder / "tmp" / "omnilab-app" / f"pid-{killed_pid}"
     assert outputs.is_dir() and _check_downloads(outputs) > 0  # the kill found whole files only
 
     second = Server(app_env)
     try:
-        assert not outputs.exists()  # the killed server's downloads (and any partial file) are gone
+        assert not folder.exists()  # the killed server's files (and any partial download) are gone
         script = client(second.url)
         text, wav, chat = script.predict(text="are you back?", **FAST, api_name="/reply")
         assert text is not None and soundfile.read(wav)[1] == 24_000
-        assert _check_downloads(app_env / "tmp" / "omnilab-app") > 0
+        assert _check_downloads(app_env / "tmp" / f"omnilab-demo-{second.process.pid}") > 0
         script.close()
     finally:
         second.stop()

@@ -1,5 +1,8 @@
-"""`python -m apps.demo [--model tiny] [--port 7860]` from the repository root: serve the demo."""
+"""`python -m apps.demo [--model organism] [--port 7860] [--max-upload-mb 200]` from the repository
+root: serve the demo (see serve.py)."""
 
-from .layout import main
+import sys
 
-main()
+from .serve import main
+
+sys.exit(main())

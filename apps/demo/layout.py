@@ -7,7 +7,6 @@ bounded queue, monitoring and analytics off, no extra served paths, one `gr.Stat
 
 from __future__ import annotations
 
-import argparse
 import functools
 import html
 import inspect
@@ -28,6 +27,7 @@ from omnilab.trace import COMPONENTS  # noqa: E402
 
 from . import jobs, panels  # noqa: E402
 from . import session as sessions  # noqa: E402
+from .serve import DEFAULT_MODEL  # noqa: E402
 from .session import RANGES  # noqa: E402
 
 log = logging.getLogger("omnilab.app")
@@ -500,7 +500,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
 
 
 def launch(
-    model: str = "tiny",
+    model: str = DEFAULT_MODEL,
     port: int = 7860,
     *,
     lab: OmniLab | None = None,
@@ -529,16 +529,3 @@ def launch(
         footer_links=["api"], **kw,
     )  # fmt: skip
     return app
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The command line of `omnilab demo` and `python -m apps.demo`: load, build, serve until stopped."""
-    parser = argparse.ArgumentParser(
-        description="The omnilab demo: chat with Qwen3-Omni, watch its instruments"
-    )
-    parser.add_argument("--model", default="tiny", help="a preset (tiny, small), a hub id or a local path")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--max-upload-mb", type=int, default=MAX_FILE_SIZE // 1024**2)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    launch(args.model, args.port, max_file_size=args.max_upload_mb * 1024**2)

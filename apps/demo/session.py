@@ -28,10 +28,12 @@ from omnilab.instrument.budget import MEMORY_BUDGET_BYTES
 from omnilab.options import GenerationOptions
 from omnilab.reply import Reply
 
+from .serve import MAX_UPLOAD_MB
+
 MAX_MESSAGE_CHARS = 10_000
 MAX_SYSTEM_CHARS = 4_000
 MAX_TURNS = 16
-MAX_UPLOAD_BYTES = 200 * 1024**2
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024**2
 MAX_ERROR_CHARS = 600
 RANGES = {  # the numbers a turn's settings accept (the sliders show the same); the defaults: GenerationOptions'
     "max_new_tokens": (1, 1_024),
