@@ -50,7 +50,7 @@ class Intervention:
     ):
         if at is not None and set is None and add is None and edit is None:
             raise InterventionError(
-                "at= chooses where set=/add=/edit= apply; give set=, add= or edit= with it"
+                "at= chooses where set=/add=/edit= apply; give set= or add= (or edit=) with it"
             )
         if not any(x is not None for x in (ablate, force, positions, replay, set, add, edit)):
             raise InterventionError(
