@@ -3,6 +3,8 @@
     factors = omnilab.sae.world_factors(store)        # sample_id, task, factor, value
     scores = analysis.sae_factor_scores(sae, store, factors)
     shared = analysis.cross_modal_features(sae, store, factors)
+    rows = feature_rows(sae, store, feature)           # one feature at every stored token
+    tokens = token_activations(lab, sae, conversation, feature)  # runs the thinker once (takes a lab)
 
 Definitions. A feature's score for one input in one modality is its largest activation over that
 input's tokens of that modality (max-pooling; a colour lives on the image tokens that show it, not
@@ -321,3 +323,19 @@ def feature_rows(sae, store, feature: int, *, site: str | None = None, where: st
         encoded = sae.encode(values.float().to(sae.W_enc.device))[:, feature].cpu().numpy()
         parts.append(rows.assign(activation=encoded))
     return pd.concat(parts, ignore_index=True)
+
+
+@torch.no_grad()
+def token_activations(
+    lab, sae, conversation, feature: int, *, site: str | None = None, **forward
+) -> pd.DataFrame:
+    """One SAE feature's activation over every prompt token of `conversation` (runs the thinker once).
+
+    Returns the site's rows (pos, modality, text, seconds, ...) with an `activation` column.
+    """
+    site = site or sae.site
+    with lab.trace(sites=site) as tracer:
+        lab.forward(conversation, **forward)
+    acts = tracer.trace.activations[site]
+    values = sae.encode(acts.values.float().to(sae.W_enc.device))[:, feature].cpu().numpy()
+    return acts.rows.assign(activation=values)

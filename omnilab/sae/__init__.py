@@ -14,7 +14,6 @@ Files are SAELens's (cfg.json + sae_weights.safetensors; `SparseAutoencoder.load
 from .model import SAEError, SparseAutoencoder
 from .quality import sae_quality, spliced_accuracy
 from .steer import edited_site, steer_feature
-from .tokens import token_activations
 from .train import SAETrainConfig, train_sae
 from .world import collect_world, draw_world, example_factors, world_factors, world_manifest
 
@@ -29,7 +28,6 @@ __all__ = [
     "sae_quality",
     "spliced_accuracy",
     "steer_feature",
-    "token_activations",
     "train_sae",
     "world_factors",
     "world_manifest",

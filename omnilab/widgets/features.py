@@ -24,9 +24,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..analysis.sae import factor_aucs, feature_rows
+from ..analysis.sae import factor_aucs, feature_rows, token_activations
 from ..plots._style import MODALITY_COLORS
-from ..sae.tokens import token_activations
 from ._figures import Explorer, refresh
 
 
