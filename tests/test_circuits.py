@@ -387,3 +387,26 @@ def test_the_atp_bench_reports_a_speed_ratio_and_agreement():
     assert figures["cells"] == figures["layers"] * figures["tokens"]
     assert figures["speedup"] == pytest.approx(figures["sweep_s"] / figures["atp_s"])
     assert figures["agreement"]["cells"] == figures["layers"] * figures["sweep_timed_positions"]
+
+
+def test_the_organisms_corrupted_twins_keep_the_layout():
+    from omnilab.organism import circuits
+    from omnilab.organism.world import Example
+
+    wave = np.linspace(-0.5, 0.5, 1600, dtype=np.float32)
+    picture = Image.new("RGB", (40, 30), "red")
+    example = Example(
+        "speech",
+        [{"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)}, {"type": "image", "image": picture},
+                                      {"type": "text", "text": "Which word?"}]}],
+        "one",
+    )  # fmt: skip
+    silent = circuits.silenced(example)[0]["content"]
+    assert silent[0]["audio"][1] == 16000 and np.array_equal(silent[0]["audio"][0], np.zeros_like(wave))
+    blank = circuits.blanked(example)[0]["content"][1]["image"]
+    assert blank.size == picture.size and blank.getextrema() == ((0, 0), (0, 0), (0, 0))
+    noisy = circuits.noisy(example, 0.0, seed=1).conversation[0]["content"][0]["audio"][0]
+    assert noisy.shape == wave.shape and np.mean((noisy - wave) ** 2) == pytest.approx(
+        np.mean(wave**2), rel=0.1
+    )
+    assert circuits.wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook interval

@@ -28,6 +28,7 @@ import torch
 
 from ..activations import Activations
 from ..errors import InterventionError
+from .context import model_lock
 from .record.tokens import special_tokens
 from .sites import resolve_sites, site_tensor
 from .units import is_unit, resolve_unit
@@ -130,8 +131,6 @@ def gradients(
     values [rows, width] float32, heads [rows, heads, head_dim], and rows: component, phase, step,
     pos, modality, token_id), input_ids, last_logits.
     """
-    from ..streaming.steps import model_lock
-
     targets = _targets(lab.model, sites)
     inputs = dict(lab.prepare(conversation, use_audio_in_video=use_audio_in_video))
     answer_ids: list[int] = []
