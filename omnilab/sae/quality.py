@@ -6,8 +6,7 @@
 - `spliced_accuracy(lab, sae, examples)`: the organism's task accuracy (every answer token and
   <|im_end|> the argmax, teacher-forced: what greedy decoding gives) and the mean cross-entropy of
   the answer tokens, clean and with the SAE's reconstruction in place of the site's output at every
-  position (`lab.intervene(set=...)`; the site's clean output comes from the same forward's hidden
-  states). Each accuracy with its 95% Wilson interval.
+  position (`lab.intervene(edit={site: reconstruct})`). Each accuracy with its 95% Wilson interval.
 """
 
 from __future__ import annotations
@@ -123,9 +122,8 @@ def site_forward(lab, sample, layer: int, *, spec: dict | None = None):
         "use_cache": False,
     }
     with torch.no_grad(), context:
-        if (
-            spec and spec.get("modality") is not None
-        ):  # modality= reads the token ids the thinker's forward sees
+        # modality= and edit= read the token ids of a forward the thinker itself runs
+        if spec and (spec.get("modality") is not None or "edit" in spec):
             out = thinker(**batch, **keywords)
             logits = out.logits[rows, positions].float()
         else:  # the text model, and the head at the answer rows only
@@ -179,12 +177,15 @@ def spliced_accuracy(
     samples = train.prepare_samples(lab, examples, progress=progress)
     records = []
     device = sae.W_enc.device
+
+    def reconstruct(values, rows):
+        with torch.no_grad():
+            return sae(values.float().to(device)).to(dtype=values.dtype, device=values.device)
+
     for sample in samples:
         with cpu_threads(threads):
-            logits, targets, hidden = site_forward(lab, sample, layer)
-            with torch.no_grad():
-                recon = sae(hidden.float().to(device)).to(hidden.dtype).cpu()
-            spliced, _, _ = site_forward(lab, sample, layer, spec={"set": {site: recon}})
+            logits, targets, _ = site_forward(lab, sample, layer)
+            spliced, _, _ = site_forward(lab, sample, layer, spec={"edit": {site: reconstruct}})
         records.append(
             {
                 "task": sample.task,

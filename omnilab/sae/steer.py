@@ -8,8 +8,8 @@
 The edit goes through the SAE and keeps its error: at each position the site's output x becomes
 x + decode(f') - decode(f), where f = encode(x) and f' is f with one feature clamped to `value`
 (or multiplied by `scale`). Only that feature's contribution changes; what the SAE does not
-reconstruct stays. It is applied at every position (or only at `modality`'s tokens) of the prompt
-and the answer, teacher-forced: success means every target token and <|im_end|> is the argmax,
+reconstruct stays. It is applied through `lab.intervene(edit=...)` at every position (or only at
+`modality`'s tokens) of the prompt and the answer, teacher-forced: success means every target token and <|im_end|> is the argmax,
 what greedy decoding would produce with the edit in place. The same examples without the edit give
 the baseline rate of answering the target (0 when the target differs from the true answer).
 """
@@ -40,7 +40,7 @@ def edited_site(
         changed = features.clone()
         changed[:, feature] = value if value is not None else features[:, feature] * scale
         delta = (changed[:, feature] - features[:, feature])[:, None] * sae.W_dec[feature][None, :]
-    return (x + delta).to(hidden.dtype).cpu()
+    return (x + delta).to(dtype=hidden.dtype, device=hidden.device)
 
 
 def steer_feature(
@@ -70,11 +70,14 @@ def steer_feature(
     wanted = [dataclasses.replace(e, answer=target(e)) for e in examples]
     samples = train.prepare_samples(lab, wanted, progress=progress)
     records = []
+
+    def edit(values, rows):
+        return edited_site(sae, values, feature, value=value, scale=scale)
+
     for example, sample in zip(examples, samples, strict=True):
         with cpu_threads(threads):
-            logits, targets, hidden = site_forward(lab, sample, layer)
-            edited = edited_site(sae, hidden, feature, value=value, scale=scale)
-            spec = {"set": {site: edited}}
+            logits, targets, _ = site_forward(lab, sample, layer)
+            spec = {"edit": {site: edit}}
             if modality is not None:
                 spec["modality"] = modality
             steered, _, _ = site_forward(lab, sample, layer, spec=spec)
