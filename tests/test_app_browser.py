@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest_app import DATA, OUTPUT
+from conftest_app import DATA, OUTPUT, shared_lab
+
+from apps.demo import jobs
 
 pytest_plugins = ["conftest_app"]  # app_env, served
 pytestmark = [
@@ -88,3 +90,37 @@ def test_the_attribution_and_residual_speech_panels_answer_in_the_page(page, tmp
         "#residual-audio audio[src], #residual-audio [data-testid='waveform-x'], #residual-audio .waveform-container"
     )
     _screenshot(page, tmp_path, "browser-residual-speech.png")
+
+
+def test_the_positions_and_logit_lens_figures_are_readable_at_the_apps_width(page, tmp_path):
+    _send(page, "What is in this image?", DATA / "image.png")
+    page.wait_for_selector("#routing-plot .js-plotly-plot .heatmaplayer .hm")
+    page.get_by_role("tab", name="Positions").click()
+    page.wait_for_selector("#positions-plot canvas")
+    width, height = page.evaluate(
+        """() => { const r = Array.from(document.querySelectorAll('#positions-plot canvas'))
+                     .map(c => c.getBoundingClientRect()).sort((a, b) => b.height - a.height)[0];
+                   return [r.width, r.height]; }"""
+    )
+    panel = page.locator("#positions-plot").bounding_box()
+    assert width >= 0.9 * panel["width"] and height >= 500, (width, height, panel)  # the whole panel, tall
+    _screenshot(page, tmp_path, "browser-positions.png")
+    page.get_by_role("tab", name="Logit lens").click()
+    page.click("#lens")
+    page.wait_for_selector("#lens-plot .js-plotly-plot .heatmaplayer .hm")
+    labels = page.evaluate(
+        """() => Array.from(document.querySelectorAll('#lens-plot .heatmap-label text'))
+                 .map(t => [t.getBBox().width, parseFloat(getComputedStyle(t).fontSize)])"""
+    )
+    cells = (
+        page.evaluate("() => document.querySelector('#lens-plot .heatmaplayer').getBBox().width")
+        / jobs.LENS_POSITIONS
+    )
+    layers = len(shared_lab().model.thinker.model.language_model.layers)
+    assert len(labels) == layers * jobs.LENS_POSITIONS  # every cell says its word
+    assert all(size >= 11 for _, size in labels)
+    assert max(w for w, _ in labels) <= cells, (
+        max(w for w, _ in labels),
+        cells,
+    )  # no word runs into the next
+    _screenshot(page, tmp_path, "browser-logit-lens.png")

@@ -27,7 +27,7 @@ from .session import Session, Settings, Turn, number, show
 
 CAPTURE = ("routing", "positions", "codes", "timings")
 MAX_ATTRIBUTION_STEPS = 128
-LENS_POSITIONS = 48  # the last prompt positions the lens panel reads: a heatmap still readable
+LENS_POSITIONS = 14  # the last prompt positions the lens panel reads: each cell wide enough for its token
 
 
 def _attention_layers(lab: OmniLab) -> list[int]:

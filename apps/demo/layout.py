@@ -367,7 +367,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                     load_plot = gr.Plot(label="expert load")
                     modality_plot = gr.Plot(label="modality specialization")
             with gr.Tab("Positions"):
-                positions_plot = gr.Plot(label="TM-RoPE positions")
+                positions_plot = gr.Plot(label="TM-RoPE positions", elem_id="positions-plot")
                 timeline_plot = gr.Plot(label="timeline")
             with gr.Tab("Speech"):
                 codebook_plot = gr.Plot(label="codebooks")

@@ -27,6 +27,8 @@ from omnilab.trace import COMPONENTS
 from .session import Session, number, show
 
 NO_TURN = "send a message: this panel shows the last turn"
+POSITIONS_HEIGHT = 640  # px: the 3-D TM-RoPE scene
+LENS_ROW, LENS_FONT = 48, 11  # px: a logit-lens row and its words
 ATTRIBUTION_METHODS = {"integrated_gradients": "Integrated Gradients", "feature_ablation": "feature ablation"}
 
 
@@ -129,7 +131,14 @@ def position_figures(session: Session) -> tuple[go.Figure, go.Figure]:
         return _note(NO_TURN, "positions", "timeline")
     layout = analysis.position_layout(trace, component="thinker")
     alignment = analysis.av_alignment(trace, component="thinker")
-    return plots.positions_3d(layout), plots.seconds_timeline(layout, alignment=alignment)
+    cube = plots.positions_3d(layout)
+    # At the app's width the scene takes the whole panel, tall enough to turn (plotly's default: a
+    # small cube in the middle of a short figure, beside its legend).
+    cube.update_layout(
+        height=POSITIONS_HEIGHT, margin={"l": 0, "r": 0, "t": 60, "b": 0},
+        scene={"domain": {"x": [0, 1], "y": [0, 1]}}, legend={"x": 0.01, "y": 0.98, "xanchor": "left"},
+    )  # fmt: skip
+    return cube, plots.seconds_timeline(layout, alignment=alignment)
 
 
 def speech_figures(session: Session) -> tuple[go.Figure, go.Figure]:
@@ -244,9 +253,18 @@ def lens_figure(session: Session, lens=None) -> go.Figure:
         return _note(
             "press Read the logit lens: each layer of the last turn's prompt, read as tokens", "logit lens"
         )
-    return plots.logit_lens_heatmap(
-        lens, title="Logit lens of the last turn: what each layer would say next (last column: the reply)"
+    tokens = _trace(session).tokens
+    prompt = tokens[(tokens["component"] == "thinker") & (tokens["phase"] == "prefill")]
+    fig = plots.logit_lens_heatmap(
+        lens,
+        tokens=dict(zip(prompt["pos"].astype(int), prompt["text"].astype(str), strict=True)),
+        title="Logit lens of the last turn: what each layer would say next (last column: the reply)",
     )
+    # Readable at the app's width: one row per layer tall enough for its words, words at 11 px.
+    layers = int(lens["layer"].nunique())
+    fig.update_traces(textfont={"size": LENS_FONT})
+    fig.update_layout(height=min(160 + LENS_ROW * layers, 1_600), xaxis_tickangle=-45)
+    return fig
 
 
 def latency_figure(session: Session) -> go.Figure:
