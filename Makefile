@@ -63,3 +63,9 @@ lock: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "pip-tools>=7.4"
 	$(BIN)/pip-compile --quiet --upgrade $(foreach e,$(LOCK_EXTRAS),--extra $(e)) --strip-extras --allow-unsafe --no-emit-find-links \
 		--no-emit-index-url -c constraints.txt -o $(LOCK) pyproject.toml
+
+# Every notebook executed and written to HTML with static figures (plotly's offline bundle, no network),
+# plus an index page: build/gallery/index.html.
+.PHONY: gallery
+gallery: $(STAMP)
+	$(BIN)/python scripts/gallery.py --out build/gallery
