@@ -11,7 +11,7 @@ import torch
 import omnilab
 from omnilab import media
 from omnilab.errors import ModelLoadError
-from omnilab.organism import pipeline, train, weights, world
+from omnilab.organism import findings, pipeline, train, weights, world
 
 # Held-out accuracy per task of the shipped weights (CARD.md, 100 per task, seed 2): text 100%,
 # speech 98%, image 98%, motion 100%, beep 100%. The bar, 95%, on another held-out draw.
@@ -178,3 +178,58 @@ def test_training_moves_only_the_audio_of_time_shifted_rows(organism, tmp_path):
     with organism.intervene(positions=lambda t, h, w: (t - pps * audio, h - pps * audio, w - pps * audio)):
         by_hand = train.answer_logits(thinker, batch, rows, positions, use_audio_in_video=True)[0]
     torch.testing.assert_close(logits(-1), by_hand, rtol=0, atol=0)
+
+
+def test_loading_refuses_a_rebuild_that_differs_from_the_trained_model(tmp_path, monkeypatch):
+    # a torch or transformers that draws the seeded init differently builds a different model: the
+    # file's hash of the whole rebuilt model no longer matches, and loading says so by name
+    from omnilab.models import presets
+
+    built = presets.build_preset
+
+    def drifted(*args, **kwargs):
+        model = built(*args, **kwargs)
+        with torch.no_grad():
+            next(model.code2wav.parameters()).view(-1)[0] += 1e-6  # seeded, never trained: not in the file
+        return model
+
+    monkeypatch.setattr(presets, "build_preset", drifted)
+    with pytest.raises(ModelLoadError, match=r"builds differently here \(made with torch .* running torch"):
+        weights.unpack(weights.shipped_path())
+
+
+def test_the_rebuilt_model_is_hashed_whole():
+    model = weights.unpack(weights.shipped_path())[0]
+    before = weights.model_digest(model)
+    with torch.no_grad():
+        next(model.code2wav.parameters()).view(-1)[0] += 1.0  # any tensor, the talker's decoder too
+    assert weights.model_digest(model) != before
+
+
+def test_wilson_intervals():
+    assert findings.wilson(10, 10)[0] == pytest.approx(0.7225, abs=1e-4)
+    assert findings.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    low, high = findings.wilson(24, 40)
+    assert low == pytest.approx(0.4460, abs=1e-4) and high == pytest.approx(0.7365, abs=1e-4)  # by hand
+    r = findings.rate([True, True, False, True])
+    assert (r["n"], r["right"], r["rate"]) == (4, 3, 0.75) and r["low"] < 0.75 < r["high"]
+    with pytest.raises(ValueError, match="at least one trial"):
+        findings.wilson(0, 0)
+
+
+def test_the_card_is_generated_and_keeps_its_hand_written_notes(tmp_path):
+    card = tmp_path / "CARD.md"
+    card.write_text("# A card written by hand\n\nA finding someone measured.\n")
+    pipeline.write_card(card, "# The organism\n\nGenerated v1.\n")
+    text = card.read_text()
+    assert "Generated v1." in text and "A finding someone measured." in text  # the old card, kept whole
+    notes = text.replace("<!-- /notes -->", "A note added by hand.\n<!-- /notes -->")
+    card.write_text(notes)
+    pipeline.write_card(card, "# The organism\n\nGenerated v2.\n")
+    text = card.read_text()
+    assert "Generated v2." in text and "Generated v1." not in text
+    assert "A note added by hand." in text and "A finding someone measured." in text
+    card.write_text(text.replace("Generated v2.", "Generated v2, corrected by hand."))
+    with pytest.raises(pipeline.CardEdited, match="edited by hand"):
+        pipeline.write_card(card, "# The organism\n\nGenerated v3.\n")
+    assert "corrected by hand" in card.read_text()  # refused, not overwritten

@@ -301,28 +301,37 @@ def train_thinker(
 
 
 @torch.no_grad()
-def accuracy(model, samples: list[Sample], *, batch_size: int = 32) -> dict[str, float]:
-    """Per task, the share of samples whose greedy answer (teacher-forced argmax) is exactly right.
+def correct(model, samples: list[Sample], *, batch_size: int = 32) -> list[bool]:
+    """Per sample (in order), whether its greedy answer (teacher-forced argmax) is exactly right.
 
     An answer counts when every answer token and the closing <|im_end|> is the argmax: exactly
-    what greedy generation would produce.
+    what greedy generation would produce. Samples are batched by task (one forward per chunk).
     """
     thinker = model.thinker
-    right: dict[str, list[bool]] = {}
-    by_task: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_task.setdefault(s.task, []).append(s)
-    for task, group in by_task.items():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            batch, rows, positions, targets = collate(chunk)
-            with shifted_audio(model, batch, torch.tensor([s.audio_shift for s in chunk])):
+    out: list[bool | None] = [None] * len(samples)
+    by_task: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_task.setdefault(s.task, []).append(i)
+    for group in by_task.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            picked = [samples[i] for i in chunk]
+            batch, rows, positions, targets = collate(picked)
+            with shifted_audio(model, batch, torch.tensor([s.audio_shift for s in picked])):
                 logits, _ = answer_logits(
-                    thinker, batch, rows, positions, use_audio_in_video=chunk[0].use_audio_in_video
+                    thinker, batch, rows, positions, use_audio_in_video=picked[0].use_audio_in_video
                 )
             hit = logits.argmax(-1) == targets
-            for b in range(len(chunk)):
-                right.setdefault(task, []).append(bool(hit[rows == b].all()))
+            for b, i in enumerate(chunk):
+                out[i] = bool(hit[rows == b].all())
+    return [bool(v) for v in out]
+
+
+def accuracy(model, samples: list[Sample], *, batch_size: int = 32) -> dict[str, float]:
+    """Per task, the share of samples whose greedy answer is exactly right (see `correct`)."""
+    right: dict[str, list[bool]] = {}
+    for s, hit in zip(samples, correct(model, samples, batch_size=batch_size), strict=True):
+        right.setdefault(s.task, []).append(hit)
     return {task: sum(v) / len(v) for task, v in right.items()}
 
 
