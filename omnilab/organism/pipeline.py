@@ -107,8 +107,11 @@ def evaluate(
 ) -> pd.DataFrame:
     """Held-out accuracy per task on a fresh draw of `n` examples per task from `seed`.
 
-    Columns: task, n, accuracy (greedy answer exactly right, <|im_end|> included), chance.
+    Columns: task, n, right, accuracy (greedy answer exactly right, <|im_end|> included), low and
+    high (its 95% Wilson interval), chance.
     """
+    from . import findings
+
     chance = {
         "text": 1 / len(world.WORDS),
         "speech": 1 / len(world.SPOKEN),
@@ -119,10 +122,21 @@ def evaluate(
     with tempfile.TemporaryDirectory() as folder:
         examples = world.draw(n * len(tasks), seed=seed, folder=folder, tasks=tuple(tasks))
         samples = train.prepare_samples(lab, examples, progress=progress)
-    scores = train.accuracy(lab.model, samples)
-    rows = [
-        {"task": t, "n": n, "accuracy": round(scores[t], 4), "chance": round(chance[t], 4)} for t in tasks
-    ]
+    hits = train.correct(lab.model, samples)
+    rows = []
+    for t in tasks:
+        r = findings.rate([hit for s, hit in zip(samples, hits, strict=True) if s.task == t])
+        rows.append(
+            {
+                "task": t,
+                "n": r["n"],
+                "right": r["right"],
+                "accuracy": round(r["rate"], 4),
+                "low": round(r["low"], 4),
+                "high": round(r["high"], 4),
+                "chance": round(chance[t], 4),
+            }
+        )
     return pd.DataFrame(rows)
 
 
