@@ -277,6 +277,8 @@ def _throughput(model: str, tmp: Path, repeats: int) -> dict:
 
 def _batching(model: str, tmp: Path, repeats: int) -> dict:
     """Traced collection of the manifest at batch BATCH against batch 1, alternating every batch."""
+    import torch
+
     from .. import load
     from ..store import collect
 
@@ -299,6 +301,9 @@ def _batching(model: str, tmp: Path, repeats: int) -> dict:
     ratios = [a / b for a, b in zip(totals["batch1"]["walls"], totals["batched"]["walls"], strict=True)]
     figures = {
         "batch_model": lab.model_id,
+        # the forward is ~95% of either run, and its speed on a shared CPU depends on its threads
+        # (measured: 2 threads under load were 18x slower than 1; batching's gain 1.2x at 1 thread)
+        "torch_threads": torch.get_num_threads(),
         "batch_size": BATCH,
         "batch_samples": n * repeats,
         "batch1_samples_per_s": n * repeats / wall["batch1"],
