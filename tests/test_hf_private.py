@@ -109,3 +109,33 @@ def test_no_private_transformers_internals_outside_hf_private(module):
     uses = {str(p.relative_to(OMNILAB)): _private_uses(p) for p in paths}
     uses = {k: v for k, v in uses.items() if v}
     assert not uses, f"private internals outside omnilab/hf_private.py: {uses}"
+
+
+def test_rotary_still_turns_queries_and_keys_as_rope_does():
+    """hf_private.rotary is called positionally; transformers 5.25 hides its names behind a wrapper,
+    so its behaviour is pinned instead: x * cos + rotate_half(x) * sin on both queries and keys."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 2, 5, 8, generator=generator), torch.randn(1, 2, 5, 8, generator=generator)
+    angles = torch.randn(1, 5, 8, generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    turned_query, turned_key = hf_private.rotary(query, key, cos, sin)
+    expected_query = query * cos[:, None] + rotate_half(query) * sin[:, None]
+    expected_key = key * cos[:, None] + rotate_half(key) * sin[:, None]
+    torch.testing.assert_close(turned_query, expected_query)
+    torch.testing.assert_close(turned_key, expected_key)
+
+
+def test_check_passes_a_wrapper_that_takes_anything_to_the_behaviour_tests():
+    class Wrapped:
+        @staticmethod
+        def wrapped(*args, **kwargs):
+            pass
+
+    assert hf_private.check("X.wrapped", Wrapped, "wrapped", ("q", "k")) is None
