@@ -31,7 +31,9 @@ def read_lock(path: Path) -> dict[str, str]:
             continue
         match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;]+)(\s*;.*)?", line)
         if match is None:
-            raise SystemExit(f"check-env: cannot read the lock line {line!r} in {path}: expected name==version")
+            raise SystemExit(
+                f"check-env: cannot read the lock line {line!r} in {path}: expected name==version"
+            )
         pins[normalise(match.group(1))] = match.group(3)
     return pins
 
@@ -69,7 +71,8 @@ def main(argv: list[str]) -> int:
     differs = drift(read_lock(lock), installed())
     if differs:
         print(
-            f"check-env: {len(differs)} package(s) differ from {lock}: " + "; ".join(differs)
+            f"check-env: {len(differs)} package(s) differ from {lock}: "
+            + "; ".join(differs)
             + ". Run `make install` to reinstall from the lock, or `make lock` to upgrade it.",
             file=sys.stderr,
         )

@@ -1,6 +1,10 @@
 """The demo's layout and wiring: Gradio components, and events that call the plain functions of
 `session`, `jobs` and `panels` (which run without Gradio or a browser).
 
+Why one file (over 500 lines): Gradio wires an event only inside the `gr.Blocks` context where its
+components were made, so the page's components and their events live in one `build` closure; every
+piece of logic it calls is in `session`, `jobs` and `panels`, tested without Gradio.
+
 Safe by default: binds 127.0.0.1, no share link, uploads capped, one model job at a time behind a
 bounded queue, monitoring and analytics off, no extra served paths, one `gr.State` per session.
 """

@@ -64,6 +64,7 @@ from .routing import (
     token_paths,
     vocabulary_specialization,
 )
+from .sae import cross_modal_features, sae_factor_scores
 from .speech import (
     codebook_grid,
     codebook_usage,
@@ -73,7 +74,6 @@ from .speech import (
     spoken_text,
     waveform_envelope,
 )
-from .sae import cross_modal_features, sae_factor_scores
 from .steering import steering_vector
 
 __all__ = [

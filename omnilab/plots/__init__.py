@@ -4,7 +4,8 @@ Plots take analysis outputs (`omnilab.analysis`) and compute nothing themselves;
 writes HTML, or PNG/SVG/PDF where a Chromium is available.
 
     routing     routing_heatmap, token_route, expert_load_bars, expert_load_heatmap,
-                specialization_heatmap, coactivation_heatmap, paths_sankey, agreement_lines
+                specialization_heatmap, coactivation_heatmap
+    paths       paths_sankey, agreement_lines
     positions   positions_3d, positions_by_index, seconds_timeline
     attention   attention_heatmap, attention_heads, attention_mass_heatmap, attention_time_lines,
                 tower_attention_heatmap
@@ -39,13 +40,12 @@ from .attribution import (
 from .findings import ablation_intervals, accuracy_vs_shift, nmi_by_layer
 from .lens import logit_lens_heatmap, probe_lines, talker_lens_heatmap
 from .patching import patching_heatmap, patching_layers
+from .paths import agreement_lines, paths_sankey
 from .positions import positions_3d, positions_by_index, seconds_timeline
 from .routing import (
-    agreement_lines,
     coactivation_heatmap,
     expert_load_bars,
     expert_load_heatmap,
-    paths_sankey,
     routing_heatmap,
     specialization_heatmap,
     token_route,
