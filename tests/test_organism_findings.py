@@ -48,6 +48,28 @@ def test_the_findings_helpers_name_experts_and_shift_only_the_audio(examples, tm
     plain = train.accuracy(lab.model, beeps)["beep"]
     assert findings.shifted_accuracy(lab, beeps, 0.0) == plain  # no shift, no change
 
+    # The same positions intervention, installed with a zero shift, changes nothing; a 1 s shift moves
+    # the logits (shifted_audio skips a zero shift, so this installs the intervention itself).
+    from omnilab.instrument.interventions import Intervention
+    from omnilab.instrument.record import position_id_per_seconds, special_tokens
+
+    batch, rows, positions, _ = train.collate(beeps[:1])
+    audio = special_tokens(lab.model).audio
+
+    def logits_with(seconds: float) -> torch.Tensor:
+        shift = torch.round(torch.tensor([seconds]) * position_id_per_seconds(lab.model)).long()
+        with Intervention(lab.model, positions=train.audio_moved(batch["input_ids"], audio, shift)):
+            logits, _ = train.answer_logits(
+                lab.model.thinker, batch, rows, positions, use_audio_in_video=beeps[0].use_audio_in_video
+            )
+        return logits
+
+    bare, _ = train.answer_logits(
+        lab.model.thinker, batch, rows, positions, use_audio_in_video=beeps[0].use_audio_in_video
+    )
+    assert torch.equal(logits_with(0.0), bare)
+    assert not torch.allclose(logits_with(1.0), bare)
+
 
 def _mass(lab, conversation, modality: str) -> tuple[float, float]:
     """(share of |integrated gradients| on `modality`'s tokens, share of the prompt's tokens it has)."""
