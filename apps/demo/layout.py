@@ -322,7 +322,7 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                         ],
                         inputs=[text, image_in, audio_in, video_in, video_audio],
                         example_labels=[f"{r['task']}: {r['text']}" for r in rows],
-                        label="Examples (held out: the organism never trained on them)",
+                        label="Examples (the evaluation draw: not held out by construction, may repeat training inputs)",
                     )
                     keep_example_files(offered)
             with gr.Column(scale=1):

@@ -2,7 +2,7 @@
 
     rows = examples(folder)   # [{"task", "text", "image", "audio", "video", "use_audio_in_video", "answer"}]
 
-One held-out example of each task (the card's evaluation seed), its media written into `folder`
+One example of each task from the card's evaluation draw (seed 2; not held out by construction), its media written into `folder`
 (PNG, 16 kHz WAV, MP4), so a file input can take it as a user's upload.
 """
 
@@ -14,7 +14,8 @@ import soundfile
 
 from . import world
 
-SEED = 2  # the card's held-out seed: examples the organism never trained on
+SEED = 2  # the card's evaluation seed: a separate draw, but not held out by construction (it may
+# repeat training inputs: same templates, vocabulary and ranges)
 
 BANNER = (
     "**The organism**: Qwen3-Omni's real architecture at toy size, trained here on a synthetic world "
@@ -22,14 +23,14 @@ BANNER = (
     "apple* (20 words), *Which word is spoken?* (a spoken digit or colour), *What is in the picture?* "
     "(red/green/blue/yellow circle/square/triangle), *Which way does the square move?* (a video), and "
     '*Which colour was on screen when the beep sounded?* (a video with its audio: tick "use the '
-    "video's audio\"; it reads the beep's time from its TM-RoPE positions). Held-out accuracy 99-100% "
-    "on each. Anything else gets a guess from those "
+    "video's audio\"; it reads the beep's time from its TM-RoPE positions). It answers 99-100% of its "
+    "evaluation draw, which repeats many training inputs (not held out by construction). Anything else gets a guess from those "
     "answers, and its speech is noise of the right length. Try an example below."
 )
 
 
 def examples(folder: str | Path) -> list[dict]:
-    """One held-out example of each task with its media as files in `folder` (see the module doc)."""
+    """One example of each task from the evaluation draw with its media as files in `folder` (see the module doc)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
