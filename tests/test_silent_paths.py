@@ -178,8 +178,8 @@ def test_a_tracer_entered_twice_is_refused(tiny):
 
 
 # -- 6. the model's lock, and tracers per thread ---------------------------------------------------------
-@pytest.mark.parametrize("run", ["forward", "generate"])
-def test_forward_and_generate_hold_the_models_lock(tiny, run):
+@pytest.mark.parametrize("run", ["forward", "generate", "collect", "collect batched"])
+def test_forward_generate_and_collection_hold_the_models_lock(tiny, run):
     lock, free = model_lock(tiny.model), []
 
     def probe(module, args, kwargs):  # from another thread, during the run: is the lock taken?
@@ -197,8 +197,18 @@ def test_forward_and_generate_hold_the_models_lock(tiny, run):
     try:
         if run == "forward":
             tiny.forward(TEXT)
-        else:
+        elif run == "generate":
             tiny.generate(TEXT, max_new_tokens=2, return_audio=False)
+        else:  # the store's forwards, one sample at a time and batched
+            from omnilab.store.batch import run_batches
+            from omnilab.store.manifest import Sample
+
+            samples = [Sample(f"s{i}", TEXT, line=i) for i in range(2)]
+            capture = ("routing",) if run == "collect batched" else ()
+            results = [
+                r for batch in run_batches(tiny, samples, capture=capture, batch_size=2) for r in batch
+            ]
+            assert len(results) == 2 and all(r.ok for r in results)
     finally:
         handle.remove()
     assert free and not any(free)

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 
 from ..errors import InterventionError
+from ..trace import MODALITIES
 from .context import ForwardTracker
 from .edits import Edits
 from .patch import apply_patch, build_patches, check_positions, resolve_prompt_positions
 from .record.tokens import special_tokens
 from .sites import find_sites, rotary
-
-MODALITIES = ("text", "audio", "image", "video", "speech")
 
 
 class Intervention:

@@ -39,6 +39,7 @@ import torch
 from ..conversation import batch_inputs
 from ..generation import last_logits_only
 from ..instrument.budget import MEMORY_BUDGET_BYTES, estimate_capture_bytes
+from ..instrument.context import model_lock
 from .manifest import Sample
 from .sample import SampleResult, failed, finished, prepare_sample, run_sample
 
@@ -218,7 +219,7 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
         if patterns:
             recorders.append(ActivationsRecorder(resolve_requests(lab.model, patterns)))
         recording = Recording(lab.model, recorders)
-        with recording, last_logits_only(lab.thinker), torch.inference_mode():
+        with model_lock(lab.model), recording, last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
         ran = time.perf_counter()
         tokenizer = lab.processor.tokenizer
@@ -232,7 +233,7 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
                 audio=None, sample_rate=SAMPLE_RATE, meta=meta, activations=acts, **tables
             )
     else:
-        with last_logits_only(lab.thinker), torch.inference_mode():
+        with model_lock(lab.model), last_logits_only(lab.thinker), torch.inference_mode():
             lab.thinker(**inputs, use_audio_in_video=flag)
         ran = time.perf_counter()
     done = time.perf_counter()

@@ -20,6 +20,7 @@ import pyarrow as pa
 from ..conversation import Gathered, prepare_inputs
 from ..errors import ConversationError
 from ..generation import last_logits_only
+from ..instrument.context import model_lock
 from ..instrument.tracer import DEFAULT_CAPTURE as TRACER_CAPTURE
 from ..options import GenerationOptions, options_from
 from ..trace import TABLES as TRACE_TABLES
@@ -99,13 +100,13 @@ def run_sample(
                     prompt_length=int(inputs["input_ids"].shape[1]),
                     use_audio_in_video=sample.use_audio_in_video,
                 )
-                with last_logits_only(lab.thinker), torch.inference_mode():
+                with model_lock(lab.model), last_logits_only(lab.thinker), torch.inference_mode():
                     lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
                 ran = time.perf_counter()
             trace = tracer.trace
             stages["record"] = time.perf_counter() - ran
         else:
-            with last_logits_only(lab.thinker), torch.inference_mode():
+            with model_lock(lab.model), last_logits_only(lab.thinker), torch.inference_mode():
                 lab.thinker(**inputs, use_audio_in_video=sample.use_audio_in_video)
     except Exception as exc:  # a bad sample must not stop the run: record why and go on
         return failed(sample, exc, time.perf_counter() - start)
