@@ -296,39 +296,71 @@ class Tracer:
             prompt_length=prompt["length"] if prompt else None,
             token_ids=tuple(reply.token_ids) if reply is not None else (),
         )
-        tables = self._recording.tables(turn)
-        activations = self._activations(turn, tables.get("tokens"))
-        meta = trace_meta(
+        return assemble_trace(
             self.lab,
+            self._recording,
+            turn,
             capture=self.capture,
             text=reply.text if reply is not None else "",
             items=prompt["items"] if prompt else [],
             use_audio_in_video=bool(prompt and prompt["use_audio_in_video"]),
+            audio=reply.audio if reply is not None else None,
             spoke=reply is not None and reply.audio is not None,
+            modality=self.activation_options["modality"],
         )
-        audio = reply.audio if reply is not None else None
-        return Trace.build(audio=audio, sample_rate=SAMPLE_RATE, meta=meta, activations=activations, **tables)
 
-    def _activations(self, turn: Turn, tokens) -> dict:
-        """site key -> Activations, rows joined to the tokens table."""
-        recorder = self._recording.recorder("activations")
-        if recorder is None:
-            return {}
-        from ..activations import Activations, activation_rows
-        from ..trace import COLUMNS
 
-        tokens = tokens or {c: np.empty(0, dtype=d) for c, d in COLUMNS["tokens"].items()}
-        names = {r.key: r.site.name for r in self.requests}
-        modality = self.activation_options["modality"]
-        wanted = None if modality is None else ({modality} if isinstance(modality, str) else set(modality))
-        out = {}
-        for key, (keys, values) in recorder.recorded(turn).items():
-            rows = activation_rows(keys, tokens)
-            if wanted is not None and not rows["modality"].isin(wanted).all():  # batched prompts
-                keep = rows["modality"].isin(wanted).to_numpy()
-                rows, values = rows[keep].reset_index(drop=True), values[torch.as_tensor(keep)]
-            out[key] = Activations(key, names[key], rows, values)
-        return out
+def assemble_trace(
+    lab,
+    recording,
+    turn,
+    *,
+    capture,
+    text: str,
+    items: list,
+    use_audio_in_video: bool,
+    audio=None,
+    spoke: bool = False,
+    modality=None,
+    **extra,
+) -> Trace:
+    """The one place a Trace is assembled: `recording`'s tables for `turn` (one row of a batched
+    forward, or a whole turn), its sites' activations joined to the tokens table (only `modality`'s
+    rows where given), and the metadata of `trace_meta` (`extra` goes to it: streamed, latency)."""
+    tables = recording.tables(turn)
+    activations = recorded_activations(recording, turn, tables.get("tokens"), modality=modality)
+    meta = trace_meta(
+        lab,
+        capture=capture,
+        text=text,
+        items=items,
+        use_audio_in_video=use_audio_in_video,
+        spoke=spoke,
+        **extra,
+    )
+    return Trace.build(audio=audio, sample_rate=SAMPLE_RATE, meta=meta, activations=activations, **tables)
+
+
+def recorded_activations(recording, turn, tokens, *, modality=None) -> dict:
+    """site key -> Activations of `turn`, rows joined to the tokens table (only `modality`'s rows
+    where given: a batched prompt's rows outside it are dropped)."""
+    recorder = recording.recorder("activations")
+    if recorder is None:
+        return {}
+    from ..activations import Activations, activation_rows
+    from ..trace import COLUMNS
+
+    tokens = tokens or {c: np.empty(0, dtype=d) for c, d in COLUMNS["tokens"].items()}
+    names = {r.key: r.site.name for r in recorder.requests}
+    wanted = None if modality is None else ({modality} if isinstance(modality, str) else set(modality))
+    out = {}
+    for key, (keys, values) in recorder.recorded(turn).items():
+        rows = activation_rows(keys, tokens)
+        if wanted is not None and not rows["modality"].isin(wanted).all():
+            keep = rows["modality"].isin(wanted).to_numpy()
+            rows, values = rows[keep].reset_index(drop=True), values[torch.as_tensor(keep)]
+        out[key] = Activations(key, names[key], rows, values)
+    return out
 
 
 def _check_modality(modality) -> None:

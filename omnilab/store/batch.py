@@ -204,9 +204,7 @@ def _alone(lab, prepared: Prepared, run: dict) -> SampleResult:
 def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
     """One traced forward of the thinker over `batch`; each row's trace cut to its own prompt."""
     from ..instrument.record import ActivationsRecorder, Recording, Turn, resolve_requests
-    from ..instrument.tracer import capture_spec, recorders_for, split_capture, trace_meta
-    from ..reply import SAMPLE_RATE
-    from ..trace import Trace
+    from ..instrument.tracer import assemble_trace, capture_spec, recorders_for, split_capture
 
     start = time.perf_counter()
     inputs = batch_inputs([p.inputs for p in batch], lab.processor.tokenizer.pad_token_id)
@@ -225,12 +223,9 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
         tokenizer = lab.processor.tokenizer
         for row, p in enumerate(batch):
             # What a batch-1 trace of the same prefill carries (run_sample): its items and flag.
-            meta = trace_meta(lab, capture=capture, text="", items=list(p.items), use_audio_in_video=flag)
             turn = Turn(tokenizer, prompt_length=p.length, batch_row=row)
-            tables = recording.tables(turn)
-            acts = _activations(recording, turn, tables.get("tokens"))
-            traces[row] = Trace.build(
-                audio=None, sample_rate=SAMPLE_RATE, meta=meta, activations=acts, **tables
+            traces[row] = assemble_trace(
+                lab, recording, turn, capture=capture, text="", items=list(p.items), use_audio_in_video=flag
             )
     else:
         with model_lock(lab.model), last_logits_only(lab.thinker), torch.inference_mode():
@@ -247,17 +242,3 @@ def _forward(lab, batch: list[Prepared], capture) -> list[SampleResult]:
         }
         out.append(finished(p.sample, p.length, p.seconds + share, trace, stages=stages))
     return out
-
-
-def _activations(recording, turn, tokens) -> dict:
-    """site key -> Activations of one row of a batched forward, joined to that row's tokens."""
-    recorder = recording.recorder("activations")
-    if recorder is None or tokens is None:
-        return {}
-    from ..activations import Activations, activation_rows
-
-    names = {r.key: r.site.name for r in recorder.requests}
-    return {
-        key: Activations(key, names[key], activation_rows(keys, tokens), values)
-        for key, (keys, values) in recorder.recorded(turn).items()
-    }

@@ -18,10 +18,9 @@ from ..errors import ConversationError, InterventionError
 from ..generation import quiet_talker_penalty_notice, split_kwargs
 from ..instrument.record import CodesRecorder, Recording, TimingsRecorder, Turn
 from ..instrument.speech_decoder import SpeechDecoder
-from ..instrument.tracer import capture_spec, recorders_for, trace_meta
+from ..instrument.tracer import assemble_trace, capture_spec, recorders_for
 from ..options import GenerationOptions, with_option_keywords
 from ..reply import SAMPLE_RATE, Reply
-from ..trace import Trace
 from .events import StreamEvent, Timings
 from .steps import Decoder, capture, code_predictor_sampling, model_lock, sync, talker_prompt
 
@@ -414,18 +413,18 @@ class _Stream:
                 prompt_length=self.thinker_decoder.prompt_length,
                 token_ids=tuple(token_ids),
             )
-            meta = trace_meta(
+            trace = assemble_trace(
                 self.lab,
+                self.recording,
+                turn,
                 capture=self.capture,
                 text=text,
                 items=gathered.items,
                 use_audio_in_video=self.options.use_audio_in_video,
+                audio=audio,
                 spoke=bool(self.speech),
                 streamed=True,
                 latency=timings.as_dict(),
-            )
-            trace = Trace.build(
-                audio=audio, sample_rate=SAMPLE_RATE, meta=meta, **self.recording.tables(turn)
             )
         reply = Reply(
             text, token_ids, audio, SAMPLE_RATE, codes, self.lab.model_id, self.lab.random_weights, trace
