@@ -69,11 +69,8 @@ def _block_starts(lab, inputs) -> np.ndarray | None:
         return None
     from .record.tokens import special_tokens
 
-    ids = inputs["input_ids"][0].cpu().numpy()
-    codes = np.zeros(len(ids), dtype=np.int8)
-    for code, token in enumerate(special_tokens(lab.model).media.values(), start=1):
-        codes[ids == token] = code
-    return np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1])
+    names = special_tokens(lab.model).modality_names(inputs["input_ids"][0])
+    return np.concatenate([[0], np.flatnonzero(names[1:] != names[:-1]) + 1])
 
 
 def attention_rows(lab, inputs, settings=None, *, max_new_tokens: int = 0) -> int:

@@ -182,7 +182,7 @@ class Edits:
                 slot = self.sites.setdefault(f"{site.name}|{point}", (site, point, []))
                 slot[2].extend(Change(key, "edit", fn=f) for f in fns)
         self.prepend = True  # run before other hooks at a site; False: after them (units.capture reads)
-        self._media = special_tokens(self.model).media
+        self._special = special_tokens(self.model)  # token ids -> modality
         self._prompt: dict[str, int] = {}
         self._predictor = (0, 1)
 
@@ -406,9 +406,7 @@ class Edits:
         else:
             modality = np.full(n, "text", dtype=object)
             if ids is not None and ids.numel() == n:
-                flat = ids.reshape(-1).cpu().numpy()
-                for name, token in self._media.items():
-                    modality[flat == token] = name
+                modality = self._special.modality_names(ids.reshape(-1))
         rows = pd.DataFrame(
             {
                 "component": component,

@@ -215,10 +215,7 @@ def gradients(
 
 def _rows(lab, ids: torch.Tensor) -> pd.DataFrame:
     n = len(ids)
-    modality = np.full(n, "text", dtype=object)
-    flat = ids.numpy()
-    for name, token in special_tokens(lab.model).media.items():
-        modality[flat == token] = name
+    modality = special_tokens(lab.model).modality_names(ids)
     return pd.DataFrame(
         {
             "component": "thinker",
@@ -226,6 +223,6 @@ def _rows(lab, ids: torch.Tensor) -> pd.DataFrame:
             "step": np.zeros(n, dtype=np.int32),
             "pos": np.arange(n, dtype=np.int32),
             "modality": modality,
-            "token_id": flat.astype(np.int64),
+            "token_id": ids.numpy().astype(np.int64),
         }
     )

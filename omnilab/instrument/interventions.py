@@ -65,7 +65,7 @@ class Intervention:
         self.model = getattr(lab, "model", lab)  # a lab, or a bare Qwen3-Omni model (training uses one)
         self.modality = modality
         self.positions = positions
-        self._media_ids = special_tokens(self.model).media  # modality -> placeholder token id
+        self._special = special_tokens(self.model)  # token ids -> modality
         self._routers = {
             (s.component, s.layer): s.module for s in find_sites(self.model) if s.kind == "router"
         }
@@ -202,12 +202,8 @@ class Intervention:
                 f"{have}, so which rows are {self.modality} tokens is unknown; run it with input_ids "
                 "(through the lab: generate, forward, stream), or leave modality= out"
             )
-        ids = ids.reshape(-1).cpu()
-        if self.modality == "text":
-            return ~torch.isin(ids, torch.tensor(list(self._media_ids.values())))
-        if self.modality == "speech":  # the prompts hold no speech tokens: speech is generated
-            return torch.zeros(n, dtype=torch.bool)
-        return ids == self._media_ids[self.modality]
+        # the prompts hold no speech tokens: speech is generated, so a speech mask is all False here
+        return self._special.modality_mask(ids.reshape(-1).cpu(), self.modality)
 
     def _router_hook(self, component: str, layer: int):
         key = (component, layer)

@@ -340,10 +340,7 @@ def estimate_bytes(
     dtype = dtype or default_dtype(model)
     element = torch.empty(0, dtype=dtype).element_size()
     ids = np.asarray(input_ids.detach().cpu())
-    special = special_tokens(model)
-    modality_of = np.full(ids.shape, "text", dtype=object)
-    for name, token in special.media.items():
-        modality_of[ids == token] = name
+    modality_of = special_tokens(model).modality_names(ids)
     wanted = None if modality is None else ({modality} if isinstance(modality, str) else set(modality))
     selected = np.ones(ids.shape, dtype=bool)
     if positions is not None:

@@ -108,7 +108,7 @@ class AttentionRecorder(Recorder):
                     f"attention capture covers thinker, talker, audio_tower and vision_tower layers; "
                     f"got {component!r}"
                 )
-        self._media = {token: MODALITIES.index(kind) for kind, token in special_tokens(model).media.items()}
+        self._special = special_tokens(model)  # token ids -> modality
 
     def attach(self, recording: Recording) -> None:
         sites = {(s.component, s.layer): s for s in find_sites(recording.model) if s.kind == "attention"}
@@ -132,9 +132,8 @@ class AttentionRecorder(Recorder):
                 return
             codes = np.zeros(forward.length, dtype=np.int8)  # text
             if forward.input_ids is not None and component == "thinker":
-                ids = forward.input_ids.cpu().numpy()
-                for token, code in self._media.items():
-                    codes[ids == token] = code
+                names = self._special.modality_names(forward.input_ids)
+                codes[:] = [MODALITIES.index(name) for name in names.reshape(-1)]
             elif component == "talker" and forward.phase == "decode":
                 codes[:] = MODALITIES.index("speech")
             if forward.start == 0:

@@ -34,6 +34,26 @@ class SpecialTokens:
     def media(self) -> dict[str, int]:
         return {"audio": self.audio, "image": self.image, "video": self.video}
 
+    # The one place token ids become modalities: every instrument (recorders, interventions, edits,
+    # the budget, gradients) asks these.
+    def modality_names(self, ids) -> np.ndarray:
+        """Each prompt token's modality name, "text" unless it is a media placeholder; `ids` a numpy
+        array or tensor of any shape (generated speech is never in a prompt: callers label it)."""
+        ids = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+        names = np.full(ids.shape, "text", dtype=object)
+        for name, token in self.media.items():
+            names[ids == token] = name
+        return names
+
+    def modality_mask(self, ids: torch.Tensor, modality: str) -> torch.Tensor:
+        """Boolean tensor: which of `ids` are `modality`'s tokens ("text": every non-media token;
+        "speech": none, since prompts hold no speech)."""
+        if modality == "text":
+            return ~torch.isin(ids, torch.tensor(list(self.media.values()), device=ids.device))
+        if modality == "speech":
+            return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        return ids == self.media[modality]
+
 
 def thinker_config(model):
     thinker = model.thinker if hasattr(model, "thinker") else model
