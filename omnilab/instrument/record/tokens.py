@@ -197,9 +197,7 @@ def annotate_tokens(
     columns = {c: v[order] for c, v in columns.items()}
     ids = columns["token_id"]
     n = len(ids)
-    modality = np.full(n, "text", dtype=object)
-    for kind, token in special.media.items():
-        modality[ids == token] = kind
+    modality = special.modality_names(ids)
     if component == "talker":
         modality[columns["phase"] == "decode"] = "speech"
     # A media item is a run of its modality's tokens inside one <|vision_start|>/<|audio_start|> block.
