@@ -16,12 +16,14 @@ import numpy as np
 from omnilab import analysis
 from omnilab.errors import ConversationError, InterventionError, MediaError
 from omnilab.instrument.budget import MEMORY_BUDGET_BYTES, describe, estimate_capture_bytes
+from omnilab.instrument.units import head_ablation
 from omnilab.lab import OmniLab
 from omnilab.models.presets import system_prompt
 from omnilab.reply import Reply
 from omnilab.streaming import model_lock
 from omnilab.trace import COMPONENTS
 
+from .heads import parse_heads
 from .panels import ATTRIBUTION_METHODS, layer_count
 from .session import Session, Settings, Turn, number, show
 
@@ -231,6 +233,20 @@ def ablate_turn(lab: OmniLab, session: Session, component: str, spec) -> tuple[T
     with model_lock(lab.model), lab.intervene(ablate=ablate):
         reply = _generate(lab, last.conversation, last.settings)
     session.ablated = Turn(last.conversation, last.settings, reply, ablate=ablate)
+    return last, session.ablated
+
+
+def ablate_heads_turn(lab: OmniLab, session: Session, spec) -> tuple[Turn, Turn]:
+    """Rerun the session's last turn with the thinker's attention heads in `spec` zeroed ('1: 0, 3' =
+    layer 1, heads 0 and 3) through `lab.intervene(set=head_ablation(...))`; returns (original, ablated)
+    for the experts' side-by-side compare. An unknown layer or head is refused by name."""
+    if session.last is None:
+        raise ConversationError("there is no turn to rerun yet; send a message first")
+    last = session.last
+    zeroed = head_ablation(lab, parse_heads(spec))
+    with model_lock(lab.model), lab.intervene(set=zeroed):
+        reply = _generate(lab, last.conversation, last.settings)
+    session.ablated = Turn(last.conversation, last.settings, reply)
     return last, session.ablated
 
 

@@ -29,7 +29,7 @@ from omnilab.models.presets import system_prompt  # noqa: E402
 from omnilab.options import GenerationOptions  # noqa: E402
 from omnilab.trace import COMPONENTS  # noqa: E402
 
-from . import jobs, panels  # noqa: E402
+from . import heads, jobs, panels  # noqa: E402
 from . import session as sessions  # noqa: E402
 from .serve import DEFAULT_MODEL  # noqa: E402
 from .session import RANGES  # noqa: E402
@@ -277,6 +277,18 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
         return (*speech, *panels.comparison_figures(session, component))
 
     @_guard
+    def heads_shown(state):
+        table, figure, spec = heads.heads_view(_session(state))
+        return figure, table, spec
+
+    @_guard
+    def ablate_heads(state, spec):
+        session = _session(state)
+        original, ablated = (turn.reply for turn in jobs.ablate_heads_turn(lab, session, spec))
+        speech = (original.text, player(original.audio), ablated.text, player(ablated.audio))
+        return (*speech, *panels.comparison_figures(session, "thinker"))
+
+    @_guard
     def lens(state):
         session = _session(state)
         return panels.lens_figure(session, jobs.lens_turn(lab, session))
@@ -426,6 +438,28 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
                         ablated_audio = gr.Audio(label="ablated speech", interactive=False)
                         ablated_plot = gr.Plot(label="ablated routes")
                 agreement_plot = gr.Plot(label="routing agreement")
+            with gr.Tab("Heads"):
+                heads_button = gr.Button("Show the heads of the last turn", elem_id="heads")
+                heads_plot = gr.Plot(label="attention mass per head: audio and image", elem_id="heads-plot")
+                heads_table = gr.Dataframe(label="heads", interactive=False, elem_id="heads-table")
+                with gr.Row():
+                    heads_spec = gr.Textbox(
+                        label="heads to ablate (thinker)", placeholder="layer: heads; … e.g. 1: 0, 3",
+                        info="filled with the head that puts the most mass on audio", elem_id="heads-spec",
+                    )  # fmt: skip
+                    heads_ablate_button = gr.Button(
+                        "Ablate heads and rerun the last turn", elem_id="ablate-heads"
+                    )
+                with gr.Row():
+                    with gr.Column():
+                        heads_original_text = gr.Textbox(label="original reply", interactive=False)
+                        heads_original_audio = gr.Audio(label="original speech", interactive=False)
+                        heads_original_plot = gr.Plot(label="original routes")
+                    with gr.Column():
+                        heads_ablated_text = gr.Textbox(label="ablated reply", interactive=False)
+                        heads_ablated_audio = gr.Audio(label="ablated speech", interactive=False)
+                        heads_ablated_plot = gr.Plot(label="ablated routes")
+                heads_agreement_plot = gr.Plot(label="routing agreement")
             with gr.Tab("Download"):
                 with gr.Row():
                     zip_button = gr.Button("Trace (zip of Parquet files)")
@@ -483,6 +517,13 @@ def build_app(lab: OmniLab, *, max_upload_bytes: int = MAX_FILE_SIZE) -> gr.Bloc
             api_name="ablate", **job,
         )  # fmt: skip
         lens_button.click(lens, [session], [lens_plot], api_name="logit_lens", **job)
+        heads_button.click(heads_shown, [session], [heads_plot, heads_table, heads_spec], api_name="heads")
+        heads_ablate_button.click(
+            ablate_heads, [session, heads_spec],
+            [heads_original_text, heads_original_audio, heads_ablated_text, heads_ablated_audio,
+             heads_original_plot, heads_ablated_plot, heads_agreement_plot],
+            api_name="ablate_heads", **job,
+        )  # fmt: skip
         zip_button.click(
             _guard(lambda s: str(panels.trace_zip(_session(s)))), [session], [download], api_name="trace_zip"
         )
