@@ -36,7 +36,7 @@ def run(model: str = "small", device: str | None = None, tokens: int = 512, repe
             thinker(**inputs)
 
     def traced():
-        with lab.trace(capture=(), sites=SITES) as tracer, torch.inference_mode():
+        with lab.trace(capture=(), sites=SITES, dtype=torch.float16) as tracer, torch.inference_mode():
             thinker(**inputs)
         return tracer.trace
 
