@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("app_env")]
 
 def _open(browser, url: str):
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
-    page.set_default_timeout(120_000)
+    # Each send queues behind the model group's earlier jobs (the panels drawn after every turn and
+    # every Clear), so on a loaded 2-core machine a reply can take minutes: wait up to 5.
+    page.set_default_timeout(300_000)
     page.goto(url)
     page.wait_for_selector("#send")
     page.get_by_label("speak the reply").uncheck()  # the text is checked here; speech is tested elsewhere
