@@ -15,6 +15,7 @@ from PIL import Image
 
 import omnilab
 from omnilab import analysis
+from omnilab.analysis import intervals
 from omnilab.instrument.grad import logit_difference
 from omnilab.instrument.units import capture, expert_ablation, expert_output, head_ablation, unit_means
 
@@ -409,4 +410,4 @@ def test_the_organisms_corrupted_twins_keep_the_layout():
     assert noisy.shape == wave.shape and np.mean((noisy - wave) ** 2) == pytest.approx(
         np.mean(wave**2), rel=0.1
     )
-    assert circuits.wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook interval
+    assert intervals.wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook interval

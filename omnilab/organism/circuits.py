@@ -22,7 +22,6 @@ notebook only calls them:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import numpy as np
@@ -32,18 +31,11 @@ from PIL import Image
 
 from ..analysis.attribution_patching import agreement, attribution_patching
 from ..analysis.heads import head_scores
+from ..analysis.intervals import wilson
 from ..analysis.patching import patching_sweep
 from ..instrument.grad import token_id
 from ..instrument.units import capture, expert_ablation, head_ablation
 from . import train
-
-
-def wilson(right: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of `right` out of `n`."""
-    share = right / n
-    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def rate(lab, samples) -> dict:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from contextlib import contextmanager
 
@@ -20,6 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..analysis.intervals import rate
 from .model import SAEError, SparseAutoencoder
 from .train import DEFAULT_WHERE
 
@@ -69,23 +69,6 @@ def sae_quality(
         "dense_share": float((frequency > dense).mean()),
         "frequency": frequency,
     }
-
-
-def wilson(right: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of a share of `right` out of `n` (Wilson, 1927)."""
-    if n <= 0:
-        raise ValueError(f"a share needs at least one trial; got n={n}")
-    share = right / n
-    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def rate(hits) -> dict:
-    """{n, right, rate, low, high}: the share of true `hits` with its 95% Wilson interval."""
-    hits = [bool(h) for h in hits]
-    low, high = wilson(sum(hits), len(hits))
-    return {"n": len(hits), "right": sum(hits), "rate": sum(hits) / len(hits), "low": low, "high": high}
 
 
 def _site(sae: SparseAutoencoder) -> str:
