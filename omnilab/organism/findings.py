@@ -191,15 +191,7 @@ def shifted_accuracy(lab, samples, seconds: float) -> float:
     makes): the tokens, their order and the audio itself stay, so what breaks is what the model reads
     from the audio's time.
     """
-    right = []
-    for sample in samples:
-        batch, rows, positions, targets = train.collate([sample])
-        with train.shifted_audio(lab.model, batch, torch.tensor([float(seconds)])):
-            logits, _ = train.answer_logits(
-                lab.model.thinker, batch, rows, positions, use_audio_in_video=sample.use_audio_in_video
-            )
-        right.append(bool((logits.argmax(-1) == targets).all()))
-    return float(np.mean(right))
+    return float(np.mean(shifted_hits(lab, samples, seconds)))
 
 
 def top1_nmi_interval(source: dict, *, resamples: int = 200, seed: int = 0) -> pd.DataFrame:
